@@ -1,0 +1,1 @@
+"""shardvision's engine: config, distribution, the training loop, checkpoints and logging."""

@@ -1,0 +1,442 @@
+"""Run configuration: one typed dataclass per concern, a YAML file, and dotted CLI overrides.
+
+    python recipes/classification/train.py --config recipes/classification/configs/digits.yaml \
+        --optim.lr 3e-4 --loop.epochs 5 --output-dir runs/try1
+
+Precedence is dataclass default < YAML file < command line. Every key is checked against the
+dataclasses: an unknown key, a value of the wrong type or outside its choices stops the run with
+an error that names the key, where it came from, and the close matches. The resolved config is
+written to `<output_dir>/config.yaml` so every run can be reproduced from its own folder.
+
+Recipes extend `TrainConfig` with their own `model` and `data` dataclasses; the other concerns
+(optimizer, schedule, loop, checkpoint, distributed, logging) are shared by every task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key and where it came from."""
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A documented dataclass field; `help` doubles as the `--help` text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **metadata})
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------
+# The shared concerns. Recipes add `model` and `data` by subclassing ModelConfig / DataConfig.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("resnet18", "Model name in the recipe's model factory (e.g. a timm name).")
+    num_classes: int = option(1000, "Number of output classes.")
+    weights: Optional[str] = option(
+        None, "Local weights to start from (.safetensors, or .pt/.pth read with weights_only=True)."
+    )
+    weights_exclude: list[str] = option(
+        [], "Glob patterns of weight names to skip when loading `weights` (e.g. a new head: 'head.*')."
+    )
+    kwargs: dict[str, Any] = option({}, "Extra keyword arguments for the model constructor.")
+
+    def validate(self) -> None:
+        _check(self.num_classes >= 1, "model.num_classes", self.num_classes, "must be >= 1")
+        if self.weights is not None and not os.path.isfile(self.weights):
+            raise ConfigError(f"model.weights: file not found: {self.weights!r}")
+
+
+@dataclass
+class DataConfig:
+    micro_batch_size: int = option(32, "Samples per rank per forward pass (before accumulation).")
+    eval_micro_batch_size: Optional[int] = option(None, "Samples per rank per eval forward; default micro_batch_size.")
+    num_workers: int = option(2, "DataLoader worker processes per rank (0 loads in the main process).")
+    pin_memory: bool = option(True, "Pin host memory for faster host-to-GPU copies (ignored on CPU).")
+
+    def validate(self) -> None:
+        _check(self.micro_batch_size >= 1, "data.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        if self.eval_micro_batch_size is not None:
+            _check(self.eval_micro_batch_size >= 1, "data.eval_micro_batch_size", self.eval_micro_batch_size, "must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    name: str = option("adamw", "Optimizer, any name timm.optim.create_optimizer_v2 knows (adamw, sgd, momentum, lamb, ...).")
+    lr: float = option(1e-3, "Peak learning rate (after warmup) for the whole global batch.")
+    weight_decay: float = option(0.05, "Decoupled weight decay; never applied to norm layers and biases.")
+    momentum: float = option(0.9, "Momentum for SGD-style optimizers.")
+    betas: list[float] = option([0.9, 0.999], "Adam-style betas.")
+    eps: float = option(1e-8, "Adam-style epsilon.")
+    layer_decay: Optional[float] = option(None, "Layer-wise lr decay for ViT/ConvNeXt fine-tuning (e.g. 0.65).")
+    foreach: Optional[bool] = option(None, "Use the multi-tensor (foreach) kernels; None lets torch decide.")
+
+    def validate(self) -> None:
+        from timm.optim import list_optimizers
+
+        names = list_optimizers()
+        if self.name.lower() not in names:
+            raise ConfigError(_unknown("optim.name", self.name, names, "optimizer"))
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(self.betas) == 2, "optim.betas", self.betas, "must have two values")
+        if self.layer_decay is not None:
+            _check(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "must be in (0, 1]")
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "step", "constant"] = option("cosine", "LR shape after warmup.")
+    warmup_epochs: float = option(0.0, "Linear warmup length in epochs (converted to optimizer steps).")
+    warmup_steps: Optional[int] = option(None, "Warmup length in optimizer steps; overrides warmup_epochs.")
+    warmup_start_factor: float = option(0.01, "LR multiplier at the first optimizer step of warmup.")
+    min_lr_ratio: float = option(0.0, "Cosine floor as a fraction of the peak lr.")
+    milestones_epochs: list[float] = option([30.0, 60.0, 90.0], "Step schedule: epochs at which lr is multiplied by gamma.")
+    gamma: float = option(0.1, "Step schedule: lr multiplier at each milestone.")
+
+    def validate(self) -> None:
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        if self.warmup_steps is not None:
+            _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(0 < self.warmup_start_factor <= 1, "schedule.warmup_start_factor", self.warmup_start_factor, "must be in (0, 1]")
+        _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(0 < self.gamma <= 1, "schedule.gamma", self.gamma, "must be in (0, 1]")
+
+
+@dataclass
+class LoopConfig:
+    epochs: int = option(10, "Training epochs.")
+    max_steps: Optional[int] = option(None, "Stop after this many optimizer steps in total (for smoke runs and tests).")
+    grad_accum_steps: int = option(1, "Micro-batches accumulated per optimizer step.")
+    clip_grad_norm: Optional[float] = option(None, "Clip the global gradient norm to this value; None disables.")
+    precision: Literal["no", "bf16", "fp16"] = option("no", "Mixed precision. fp16 needs a GPU.")
+    ema_decay: Optional[float] = option(None, "Keep an exponential moving average of the weights with this decay.")
+    nonfinite_loss: Literal["error", "skip"] = option(
+        "error", "On a NaN/inf loss: stop with an error naming the step, or skip that optimizer step."
+    )
+    eval_every_epochs: int = option(1, "Evaluate every N epochs (and always after the last one).")
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "loop.epochs", self.epochs, "must be >= 1")
+        if self.max_steps is not None:
+            _check(self.max_steps >= 1, "loop.max_steps", self.max_steps, "must be >= 1")
+        _check(self.grad_accum_steps >= 1, "loop.grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        if self.clip_grad_norm is not None:
+            _check(self.clip_grad_norm > 0, "loop.clip_grad_norm", self.clip_grad_norm, "must be > 0")
+        if self.ema_decay is not None:
+            _check(0 < self.ema_decay < 1, "loop.ema_decay", self.ema_decay, "must be in (0, 1)")
+        _check(self.eval_every_epochs >= 1, "loop.eval_every_epochs", self.eval_every_epochs, "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = option(0, "Save every N optimizer steps (0: only at epoch end).")
+    at_epoch_end: bool = option(True, "Save at the end of every epoch.")
+    keep_last: int = option(3, "Complete checkpoints to keep (older ones are deleted after a new one is complete).")
+    resume: Optional[str] = option(None, "'auto' (newest complete checkpoint in output_dir, if any) or a checkpoint path.")
+    export_final: bool = option(True, "Write consolidated weights to <output_dir>/final/model.safetensors at the end.")
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "must be >= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = option(
+        "auto", "auto follows the launcher (accelerate config / deepspeed launcher); else must agree with it."
+    )
+    deepspeed_config: Optional[str] = option(
+        None, "DeepSpeed JSON (ds_configs/*.json); its \"auto\" values are filled from this config."
+    )
+    fsdp_reshard_after_forward: bool = option(True, "FSDP2: free gathered params after forward (ZeRO-3-like).")
+    fsdp_auto_wrap_classes: list[str] = option([], "FSDP2: module class names to shard as units (e.g. Block).")
+    fsdp_activation_checkpointing: bool = option(False, "FSDP2: recompute activations of wrapped blocks.")
+    find_unused_parameters: bool = option(False, "DDP: tolerate parameters that get no gradient.")
+    timeout_minutes: int = option(30, "Collective timeout before a hung rank fails the run.")
+
+    def validate(self) -> None:
+        if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
+            raise ConfigError(f"distributed.deepspeed_config: file not found: {self.deepspeed_config!r}")
+        _check(self.timeout_minutes >= 1, "distributed.timeout_minutes", self.timeout_minutes, "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = option(10, "Log training loss, lr and throughput every N optimizer steps.")
+    progress_bar: bool = option(True, "Show a tqdm progress bar on rank 0.")
+    tensorboard: bool = option(True, "Write TensorBoard events to <output_dir>/tensorboard.")
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 1, "logging.every_steps", self.every_steps, "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = option("runs/default", "Run folder: config, metrics, checkpoints, final weights.")
+    seed: int = option(0, "Base seed; each rank derives its own from it.")
+    eval_only: bool = option(False, "Only evaluate model.weights (or the resumed checkpoint), then exit.")
+    model: ModelConfig = section(ModelConfig, "Model.")
+    data: DataConfig = section(DataConfig, "Data.")
+    optim: OptimConfig = section(OptimConfig, "Optimizer.")
+    schedule: ScheduleConfig = section(ScheduleConfig, "Learning-rate schedule.")
+    loop: LoopConfig = section(LoopConfig, "Training loop.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpoints.")
+    distributed: DistributedConfig = section(DistributedConfig, "Distributed strategy.")
+    logging: LoggingConfig = section(LoggingConfig, "Logging.")
+
+    def validate(self) -> None:
+        if self.eval_only and self.model.weights is None and self.checkpoint.resume is None:
+            raise ConfigError("--eval-only needs --weights FILE or --resume auto|PATH: nothing to evaluate.")
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule}, got {value!r}")
+
+
+def _unknown(key: str, value: Any, valid: list[str], what: str) -> str:
+    close = difflib.get_close_matches(str(value), valid, n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    shown = ", ".join(valid) if len(valid) <= 30 else ", ".join(valid[:30]) + ", ..."
+    return f"{key}: unknown {what} {value!r}.{hint} Valid: {shown}"
+
+
+def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for name, (_, tp) in _fields(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; convert only where YAML is ambiguous."""
+
+    def fail(why: str = "") -> ConfigError:
+        return ConfigError(f"{source}: {key} expects {_type_name(tp)}, got {value!r}{why}")
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise fail()
+    if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as False
+            value = "no"
+        if value in args:
+            return value
+        raise ConfigError(_unknown(f"{source}: {key}", value, [str(a) for a in args], "value"))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is float:
+        if isinstance(value, str):  # YAML reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail()
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail(" (a list)")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail(" (a mapping)")
+        return dict(value)
+    raise fail(f" (unsupported annotation {tp})")
+
+
+def _apply(obj: Any, data: dict, prefix: str, source: str) -> None:
+    """Write a nested mapping onto a dataclass instance, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping, got {data!r}")
+    fields = _fields(type(obj))
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in fields:
+            valid = [prefix + f for f in fields]
+            raise ConfigError(_unknown(source, key, valid, "key"))
+        _, tp = fields[name]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(obj, name), value, key + ".", source)
+        else:
+            setattr(obj, name, _coerce(value, tp, key, source))
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _validate(obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        child = getattr(obj, f.name)
+        if dataclasses.is_dataclass(child):
+            _validate(child)
+    if hasattr(obj, "validate"):
+        obj.validate()
+
+
+def load_config(cls: type, yaml_path: Optional[str] = None, overrides: Optional[list[tuple[str, Any, str]]] = None):
+    """Build `cls` from defaults, then a YAML file, then (key, value, source) overrides; validate."""
+    cfg = cls()
+    if yaml_path is not None:
+        if not os.path.isfile(yaml_path):
+            raise ConfigError(f"--config: file not found: {yaml_path!r}")
+        try:
+            with open(yaml_path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{yaml_path}: not valid YAML: {e}") from None
+        _apply(cfg, data, "", yaml_path)
+    for key, value, source in overrides or []:
+        if key not in all_keys(cls):
+            raise ConfigError(_unknown(source, key, all_keys(cls), "key"))
+        _apply(cfg, _nest(key, value), "", source)
+    _validate(cfg)
+    return cfg
+
+
+def _split_overrides(tokens: list[str]) -> list[tuple[str, Any, str]]:
+    """`--a.b 3`, `--a.b=3` and a bare `--a.b` (true) into (key, YAML-parsed value, source)."""
+    out, i = [], 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--"):
+            raise ConfigError(f"unexpected argument {token!r}: overrides look like --section.key VALUE")
+        key, eq, raw = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                raw, i = tokens[i + 1], i + 1
+            else:
+                raw = "true"
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.replace("-", "_"), value, f"--{key}"))
+        i += 1
+    return out
+
+
+def describe(cls: type) -> str:
+    """Every key with its type, default and help: the text behind `--help`."""
+    lines, default = [], cls()
+
+    def walk(obj: Any, c: type, prefix: str) -> None:
+        for name, (f, tp) in _fields(c).items():
+            value = getattr(obj, name)
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"\n{prefix}{name}: {f.metadata.get('help', '')}")
+                walk(value, tp, f"{prefix}{name}.")
+            else:
+                lines.append(f"  --{prefix}{name} ({_type_name(tp)}, default {value!r})\n      {f.metadata.get('help', '')}")
+
+    walk(default, cls, "")
+    return "\n".join(lines)
+
+
+def parse_args(cls: type, argv: Optional[list[str]] = None):
+    """The command line every recipe shares; returns a validated `cls` instance."""
+    parser = argparse.ArgumentParser(
+        description="shardvision training entry point. Any config key can be overridden as --section.key VALUE.",
+        epilog=describe(cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file.")
+    parser.add_argument("--output-dir", help="Run folder (config key output_dir).")
+    parser.add_argument("--resume", help="'auto' or a checkpoint folder (config key checkpoint.resume).")
+    parser.add_argument("--eval-only", action="store_true", help="Evaluate and exit.")
+    parser.add_argument("--weights", help="Local weights file to load (config key model.weights).")
+    # The deepspeed launcher passes --local_rank=N; the rank itself is read from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+
+    overrides = _split_overrides(rest)
+    for flag, key in (("output_dir", "output_dir"), ("resume", "checkpoint.resume"), ("weights", "model.weights")):
+        if getattr(args, flag) is not None:
+            overrides.append((key, getattr(args, flag), f"--{flag.replace('_', '-')}"))
+    if args.eval_only:
+        overrides.append(("eval_only", True, "--eval-only"))
+    return load_config(cls, args.config, overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,276 @@
+"""Build the Accelerator for DDP, DeepSpeed ZeRO or FSDP from the run config and the launcher.
+
+Every distributed act in shardvision goes through the Accelerator this module builds, plus the
+few helpers below. Recipes never touch `torch.distributed` or `deepspeed`.
+
+Which strategy runs is decided once, here:
+- `accelerate launch --config_file accelerate_configs/deepspeed_*.yaml` sets ACCELERATE_USE_DEEPSPEED,
+  an FSDP accelerate config sets ACCELERATE_USE_FSDP, the `deepspeed` launcher sets CROSS_SIZE;
+- `distributed.strategy` in the run config either says `auto` (follow the launcher) or must agree
+  with it: a run config asking for ddp under a DeepSpeed launch is an error, never a silent pick.
+
+On a host without CUDA, the Accelerator is built with `cpu=True` (DDP) or a gloo process group
+(DeepSpeed), which is what makes `torchrun --nproc_per_node 2` and the repo's accelerate configs
+give a real 2-rank run on CPU; without it accelerate initialises the group but distributes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import logging
+import os
+import random
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+)
+
+from core.config import ConfigError, TrainConfig
+
+STRATEGIES = ("ddp", "deepspeed", "fsdp")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def launcher_strategy() -> str | None:
+    """The strategy the launcher asked for, or None when it leaves the choice to the run config."""
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if _env_true("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if "CROSS_SIZE" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return "deepspeed"  # the `deepspeed` launcher exports CROSS_RANK/CROSS_SIZE; torchrun does not
+    return None
+
+
+def resolve_strategy(cfg: TrainConfig) -> str:
+    asked, launched = cfg.distributed.strategy, launcher_strategy()
+    if asked == "auto":
+        if launched is not None:
+            return launched
+        return "deepspeed" if cfg.distributed.deepspeed_config else "ddp"
+    if launched is not None and launched != asked:
+        raise ConfigError(
+            f"distributed.strategy={asked!r} contradicts the launcher, which set up {launched!r}. "
+            f"Set distributed.strategy to 'auto' or {launched!r}, or launch with a matching config "
+            f"(accelerate_configs/ holds one per strategy)."
+        )
+    return asked
+
+
+def resolve_precision(cfg: TrainConfig, on_gpu: bool) -> str:
+    precision = cfg.loop.precision
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    # accelerate launch always exports a value ("no" by default); only a real choice can conflict.
+    if launched != "no" and launched != precision:
+        raise ConfigError(
+            f"loop.precision={precision!r} contradicts the launcher's mixed_precision={launched!r}; "
+            f"make them agree (e.g. --loop.precision {launched})."
+        )
+    if precision == "fp16" and not on_gpu:
+        raise ConfigError(
+            "loop.precision='fp16' needs a GPU: on CPU accelerate silently trains in fp32. "
+            "Use 'bf16' (CPU autocast) or 'no'."
+        )
+    return precision
+
+
+def deepspeed_config_path(cfg: TrainConfig) -> str:
+    from_cfg = cfg.distributed.deepspeed_config
+    from_launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if from_cfg and from_launcher and os.path.realpath(from_cfg) != os.path.realpath(from_launcher):
+        raise ConfigError(
+            f"distributed.deepspeed_config={from_cfg!r} contradicts the accelerate config's "
+            f"deepspeed_config_file={from_launcher!r}; give one of them."
+        )
+    path = from_cfg or from_launcher
+    if not path:
+        shipped = sorted(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "ds_configs", "*.json")))
+        raise ConfigError(
+            "DeepSpeed was asked for but no DeepSpeed JSON was given: set "
+            f"--distributed.deepspeed_config to one of {', '.join(shipped)}."
+        )
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config file not found: {path!r}")
+    return path
+
+
+def fill_deepspeed_config(ds: dict, cfg: TrainConfig, world_size: int, source: str) -> dict:
+    """Replace the batch, accumulation, clipping and precision "auto" values from the run config.
+
+    A value the JSON pins explicitly must equal the run config's, so a run cannot train with a
+    batch size or precision other than the one its own config.yaml records.
+    """
+    ds = copy.deepcopy(ds)
+    micro, accum = cfg.data.micro_batch_size, cfg.loop.grad_accum_steps
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": float(cfg.loop.clip_grad_norm or 0.0),
+    }
+    for key, value in wanted.items():
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = value
+        elif have != value:
+            raise ConfigError(f"{source}: {key}={have!r} contradicts the run config ({value!r}); set it to \"auto\".")
+    for section, on in (("bf16", cfg.loop.precision == "bf16"), ("fp16", cfg.loop.precision == "fp16")):
+        block = ds.setdefault(section, {})
+        have = block.get("enabled", "auto")
+        if have == "auto":
+            block["enabled"] = on
+        elif bool(have) != on:
+            raise ConfigError(
+                f"{source}: {section}.enabled={have!r} contradicts loop.precision={cfg.loop.precision!r}; set it to \"auto\"."
+            )
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(
+            f"{source}: remove the \"optimizer\"/\"scheduler\" sections: shardvision builds the optimizer "
+            "(optim.*) and steps the schedule itself so the lr is the same under every strategy."
+        )
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"{source}: shardvision cannot fill these \"auto\" values, give numbers: {', '.join(leftover)}")
+    return ds
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The one Accelerator of a run, for the strategy resolve_strategy() picks."""
+    on_gpu = torch.cuda.is_available()
+    strategy = resolve_strategy(cfg)
+    precision = resolve_precision(cfg, on_gpu)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    timeout = timedelta(minutes=cfg.distributed.timeout_minutes)
+
+    handlers: list[Any] = []
+    if world_size > 1:  # a backend given to a single process makes accelerate expect a process group
+        handlers.append(InitProcessGroupKwargs(backend=None if on_gpu else "gloo", timeout=timeout))
+    plugins: dict[str, Any] = {}
+    if strategy == "ddp":
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=cfg.distributed.find_unused_parameters))
+    elif strategy == "deepspeed":
+        path = deepspeed_config_path(cfg)
+        with open(path) as f:
+            try:
+                raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON: {e}") from None
+        ds = fill_deepspeed_config(raw, cfg, world_size, path)
+        if cfg.loop.ema_decay is not None and zero_stage(ds) == 3:
+            raise ConfigError(
+                "loop.ema_decay is not supported under ZeRO-3: each rank holds only a shard of every "
+                "weight, so there is no full model to average. Use ZeRO-1/2 or DDP for EMA runs."
+            )
+        if cfg.loop.nonfinite_loss == "skip":
+            raise ConfigError(
+                "loop.nonfinite_loss='skip' is not supported under DeepSpeed, which steps inside "
+                "backward; use 'error' (its fp16 loss scaler already skips overflowing steps)."
+            )
+        plugins["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+    elif strategy == "fsdp":
+        if not on_gpu:
+            raise ConfigError(
+                "distributed.strategy='fsdp' needs GPUs: accelerate enables FSDP only on accelerator "
+                "devices. On CPU use 'ddp' or 'deepspeed' (ZeRO-3 shards like FSDP)."
+            )
+        if launcher_strategy() != "fsdp":  # under an FSDP accelerate config, its fsdp_config is used as is
+            plugins["fsdp_plugin"] = build_fsdp_plugin(cfg)
+
+    return Accelerator(
+        cpu=not on_gpu and strategy == "ddp",
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.loop.grad_accum_steps,
+        kwargs_handlers=handlers,
+        # Data order is a function of (seed, epoch) alone, so resuming mid-epoch replays it exactly.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard")),
+        log_with="tensorboard" if cfg.logging.tensorboard else None,
+        **plugins,
+    )
+
+
+def build_fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
+    """accelerate's FSDP2 plugin. Checkpoints stay sharded (each rank writes its own part);
+    the final export gathers a full state dict through `accelerator.get_state_dict`."""
+    d = cfg.distributed
+    kwargs: dict[str, Any] = dict(
+        fsdp_version=2,
+        reshard_after_forward=d.fsdp_reshard_after_forward,
+        activation_checkpointing=d.fsdp_activation_checkpointing,
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
+    if d.fsdp_auto_wrap_classes:
+        kwargs.update(auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(d.fsdp_auto_wrap_classes))
+    return FullyShardedDataParallelPlugin(**kwargs)
+
+
+def strategy_of(accelerator: Accelerator) -> str:
+    from accelerate.utils import DistributedType
+
+    return {
+        DistributedType.DEEPSPEED: "deepspeed",
+        DistributedType.FSDP: "fsdp",
+    }.get(accelerator.distributed_type, "ddp" if accelerator.num_processes > 1 else "single")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) identically."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """A different stream per rank (dropout, augmentation), reproducible from the base seed."""
+    seed_everything(seed + 1000003 * rank)
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    """INFO on the main process, warnings and errors only on the others."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+        force=True,
+    )
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def reduce_mean(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a per-rank scalar over all ranks."""
+    return accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device), reduction="mean")[0]
+
+
+def all_ranks_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """True only when the loss is finite on every rank, so all ranks take the same branch."""
+    flag = torch.isfinite(loss.detach()).float().reshape(1).to(accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum")[0].item() == accelerator.num_processes)

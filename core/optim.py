@@ -1,0 +1,105 @@
+"""Optimizer and learning-rate schedule.
+
+The optimizer comes from timm's `create_optimizer_v2`, which already splits parameters into a
+decayed group and a no-decay group (norm weights, biases, and whatever the model lists in
+`no_weight_decay()`), and knows layer-wise lr decay.
+
+The schedule is defined in optimizer steps, not micro-batches or epochs, and is stepped by the
+trainer exactly once per optimizer step. It is therefore the same lr at the same optimizer step
+for any number of ranks and any accumulation. (A scheduler handed to `accelerator.prepare` steps
+once per process per call by default, a known trap, so shardvision never prepares it.) It is a
+closed-form factor of the step rather than a chain of torch schedulers so that resuming sets it
+from the step alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from timm.optim import create_optimizer_v2
+
+from core.config import OptimConfig, ScheduleConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    kwargs = {}
+    if cfg.name.lower() in ("adam", "adamw", "nadam", "nadamw", "radam", "lamb", "lambw", "adan"):
+        kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
+    optimizer = create_optimizer_v2(
+        model,
+        opt=cfg.name,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        foreach=cfg.foreach,
+        layer_decay=cfg.layer_decay,
+        filter_bias_and_bn=True,
+        **kwargs,
+    )
+    for group in optimizer.param_groups:
+        # timm's own schedulers apply lr_scale (layer decay) on every step; ours bakes it into the base lr.
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+    return optimizer
+
+
+def lr_factor(
+    step: int,
+    *,
+    name: str,
+    warmup_steps: int,
+    total_steps: int,
+    start_factor: float,
+    min_lr_ratio: float,
+    milestones: tuple[int, ...],
+    gamma: float,
+) -> float:
+    """Multiplier of the peak lr used by optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    if name == "constant":
+        return 1.0
+    if name == "step":
+        return gamma ** sum(step >= m for m in milestones)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_steps_of(cfg: ScheduleConfig, steps_per_epoch: int) -> int:
+    if cfg.warmup_steps is not None:
+        return cfg.warmup_steps
+    return int(round(cfg.warmup_epochs * steps_per_epoch))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    factor = functools.partial(
+        lr_factor,
+        name=cfg.name,
+        warmup_steps=warmup_steps_of(cfg, steps_per_epoch),
+        total_steps=total_steps,
+        start_factor=cfg.warmup_start_factor,
+        min_lr_ratio=cfg.min_lr_ratio,
+        milestones=tuple(int(round(m * steps_per_epoch)) for m in cfg.milestones_epochs),
+        gamma=cfg.gamma,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put the schedule at optimizer step `step` (used on resume)."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:
+    lines = []
+    for i, group in enumerate(optimizer.param_groups):
+        n = sum(p.numel() for p in group["params"])
+        lines.append(f"group {i}: {len(group['params'])} tensors, {n:,} values, lr {group['lr']:.3g}, weight_decay {group.get('weight_decay', 0.0):g}")
+    return lines

@@ -1,0 +1,58 @@
+"""The contract between a recipe and the engine.
+
+A recipe subclasses `Task` and fills in the model, the datasets and what one training and one
+evaluation step compute. The engine (core/trainer.py) owns everything else: devices, precision,
+distribution, accumulation, clipping, schedules, EMA, checkpoints and logging. A task never
+calls `backward`, never moves tensors between devices and never talks to other ranks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+
+class Metrics:
+    """Accumulates the per-sample outputs of `Task.evaluation_step`, already gathered from every
+    rank with each sample counted once, and turns them into named numbers."""
+
+    def update(self, outputs: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Task:
+    primary_metric: str = "loss"  # the metric "best" refers to
+    higher_is_better: bool = False
+    input_keys: tuple[str, ...] = ("image",)  # batch entries cast to the model dtype under DeepSpeed half precision
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def build_datasets(self) -> tuple[Dataset, Dataset]:
+        """(train, eval) map-style datasets that return transformed samples."""
+        raise NotImplementedError
+
+    def collate(self, samples: list) -> Any:
+        return default_collate(samples)
+
+    def training_step(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The mean loss of one micro-batch."""
+        raise NotImplementedError
+
+    def evaluation_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Per-sample outputs (first dimension = samples in the batch) for `Metrics.update`."""
+        raise NotImplementedError
+
+    def build_metrics(self) -> Metrics:
+        raise NotImplementedError
+
+    def batch_size(self, batch: Any) -> int:
+        return len(batch[self.input_keys[0]])

@@ -1,0 +1,314 @@
+"""The training loop, once for every task and every strategy.
+
+`Trainer(cfg, task).fit()` builds the Accelerator, the model, data, optimizer and schedule,
+resumes if asked, then alternates `train_one_epoch` and `evaluate`, saving checkpoints and
+finally exporting consolidated weights. The loop never knows how the model is parallelised: DDP,
+DeepSpeed ZeRO and FSDP differ only in the Accelerator that core/distributed.py builds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from core.checkpoint import CheckpointManager, TrainerState
+from core.config import TrainConfig, save_config, to_dict
+from core.data import build_loader
+from core.distributed import (
+    all_ranks_finite,
+    build_accelerator,
+    reduce_mean,
+    seed_everything,
+    seed_rank,
+    setup_logging,
+    strategy_of,
+    zero_stage,
+)
+from core.logging import RunLogger, Throughput, memory_mb, progress_bar
+from core.optim import build_optimizer, build_scheduler, describe_param_groups, set_schedule_step, warmup_steps_of
+from core.task import Task
+from core.weights import load_weights
+
+logger = logging.getLogger("shardvision")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, task: Task):
+        self.cfg, self.task = cfg, task
+        self.accelerator = acc = build_accelerator(cfg)
+        setup_logging(acc)
+        self.strategy = strategy_of(acc)
+        if acc.is_main_process:
+            save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+
+        # Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
+        # then a per-rank stream for dropout and mixup.
+        seed_everything(cfg.seed)
+        model = task.build_model()
+        if cfg.model.weights:
+            load_weights(model, cfg.model.weights, cfg.model.weights_exclude)
+        seed_rank(cfg.seed, acc.process_index)
+
+        self.train_set, self.eval_set = task.build_datasets()
+        loader_args = dict(num_workers=cfg.data.num_workers, collate_fn=task.collate, pin_memory=cfg.data.pin_memory)
+        train_loader = build_loader(self.train_set, batch_size=cfg.data.micro_batch_size, shuffle=True, drop_last=True, **loader_args)
+        eval_loader = build_loader(
+            self.eval_set, batch_size=cfg.data.eval_micro_batch_size or cfg.data.micro_batch_size, shuffle=False, **loader_args
+        )
+        optimizer = build_optimizer(model, cfg.optim)
+        self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(model, optimizer, train_loader, eval_loader)
+        if len(self.train_loader) == 0:
+            raise ValueError(
+                f"the training set ({len(self.train_set)} samples) is smaller than one global micro-batch "
+                f"({cfg.data.micro_batch_size} x {acc.num_processes} ranks)"
+            )
+
+        accum = cfg.loop.grad_accum_steps
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / accum)
+        self.total_steps = cfg.loop.epochs * self.steps_per_epoch
+        if cfg.loop.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.loop.max_steps)
+        # Built on the raw optimizer, not prepared: stepped once per optimizer step by us (see core/optim.py).
+        self.scheduler = build_scheduler(optimizer, cfg.schedule, self.steps_per_epoch, self.total_steps)
+
+        self.ema = None
+        if cfg.loop.ema_decay is not None:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=cfg.loop.ema_decay)
+
+        self.input_dtype = self._input_dtype()
+        if self.input_dtype is not None:
+            # DeepSpeed casts parameters but not buffers to bf16/fp16; norm statistics must follow
+            # or batch_norm rejects the mix (on CPU).
+            for buffer in self.model.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(self.input_dtype)
+        self.state = TrainerState(world_size=acc.num_processes, micro_batch_size=cfg.data.micro_batch_size, grad_accum_steps=accum)
+        self.checkpoints = CheckpointManager(acc, os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep_last)
+        resume_from = self.checkpoints.resolve(cfg.checkpoint.resume)
+        if resume_from is not None:
+            self.checkpoints.load(resume_from, self.state, self.ema)
+            set_schedule_step(self.scheduler, self.state.global_step)
+            self.state.world_size = acc.num_processes
+        elif cfg.checkpoint.resume == "auto":
+            logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
+        self.run_logger = RunLogger(acc, cfg.output_dir, to_dict(cfg), cfg.logging.tensorboard)
+
+    # ------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train to the end (or evaluate only), export the weights, return the last eval metrics."""
+        self._log_summary()
+        if self.cfg.eval_only:
+            metrics = self.evaluate_and_log()
+            self.run_logger.close()
+            return metrics
+
+        metrics: dict[str, float] = {}
+        for epoch in range(self.state.epoch, self.cfg.loop.epochs):
+            self.train_one_epoch(epoch)
+            last = epoch + 1 == self.cfg.loop.epochs or self._reached_max_steps()
+            if last or (epoch + 1) % self.cfg.loop.eval_every_epochs == 0:
+                metrics = self.evaluate_and_log()
+            if self.cfg.checkpoint.at_epoch_end or last:
+                self._save_checkpoint()
+            if last:
+                break
+        if not metrics:  # resumed from a finished run: nothing left to train
+            metrics = self.evaluate_and_log()
+        if self.cfg.checkpoint.export_final:
+            self.export_final(metrics)
+        self.run_logger.close()
+        return metrics
+
+    def train_one_epoch(self, epoch: int) -> None:
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        self.model.train()
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)
+        batches = self.train_loader
+        if state.batches_in_epoch:  # resumed mid-epoch: the order is a function of (seed, epoch)
+            batches = acc.skip_first_batches(self.train_loader, state.batches_in_epoch)
+        bar = progress_bar(acc, cfg.logging.progress_bar, self.steps_per_epoch, state.batches_in_epoch // cfg.loop.grad_accum_steps, f"epoch {epoch}")
+        loss_sum = torch.zeros((), device=acc.device)
+        loss_count, grad_norm = 0, None
+        window_ok = True  # False once a micro-batch of the current window had a non-finite loss
+        meter = Throughput(acc.num_processes)
+
+        for batch in batches:
+            batch = self._cast_inputs(batch)
+            with acc.accumulate(self.model):
+                loss = self.task.training_step(self.model, batch)
+                if not all_ranks_finite(acc, loss):
+                    window_ok = self._on_nonfinite_loss(loss, epoch)
+                if window_ok:
+                    acc.backward(loss)  # divides by grad_accum_steps (DeepSpeed divides inside)
+                    loss_sum += loss.detach().float()
+                    loss_count += 1
+                state.batches_in_epoch += 1
+                meter.add(self.task.batch_size(batch))
+
+                # Only the micro-batch that closes an accumulation window (or the epoch) may clip,
+                # step and schedule: the others just add to .grad, and under DDP skip the all-reduce.
+                if not acc.sync_gradients:
+                    continue
+                if window_ok:
+                    grad_norm = self._clip_gradients() or grad_norm
+                    self.optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update(acc.unwrap_model(self.model), step=state.global_step)
+                else:
+                    state.skipped_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()  # in lockstep with global_step, skipped steps included
+                state.global_step += 1
+                window_ok = True
+                bar.update(1)
+
+            if acc.sync_gradients and state.global_step % cfg.logging.every_steps == 0 and loss_count:
+                values = {
+                    "loss": reduce_mean(acc, loss_sum / loss_count).item(),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "images_per_sec": meter.images_per_sec(),
+                    "memory_mb": memory_mb(acc.device),
+                }
+                if grad_norm is not None:
+                    values["grad_norm"] = float(grad_norm)
+                self.run_logger.log("train", state.global_step, epoch + state.batches_in_epoch / len(self.train_loader), values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{values['images_per_sec']:.0f}")
+                loss_sum.zero_()
+                loss_count = 0
+                meter.reset()
+            if acc.sync_gradients and cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0:
+                self._save_checkpoint()
+            if acc.sync_gradients and self._reached_max_steps():
+                bar.close()
+                return
+        bar.close()
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+
+    @torch.no_grad()
+    def evaluate(self, model: Optional[torch.nn.Module] = None) -> dict[str, float]:
+        """Metrics over the whole eval set: each rank runs its shard, outputs are gathered with
+        the padding accelerate adds to even out the last batch dropped, so every sample counts once."""
+        model = model if model is not None else self.model
+        was_training = model.training
+        model.eval()
+        metrics = self.task.build_metrics()
+        for batch in self.eval_loader:
+            batch = self._cast_inputs(batch)
+            with self.accelerator.autocast():
+                outputs = self.task.evaluation_step(model, batch)
+            metrics.update(self.accelerator.gather_for_metrics(outputs))
+        model.train(was_training)
+        return metrics.compute()
+
+    def evaluate_and_log(self) -> dict[str, float]:
+        state = self.state
+        metrics = self.evaluate()
+        if self.ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
+        primary = metrics.get(self.task.primary_metric)
+        if primary is not None and not self.cfg.eval_only:
+            better = state.best_metric is None or (primary > state.best_metric if self.task.higher_is_better else primary < state.best_metric)
+            if better:
+                state.best_metric, state.best_step = primary, state.global_step
+        epoch = state.epoch + state.batches_in_epoch / max(1, len(self.train_loader))
+        self.run_logger.log("eval", state.global_step, epoch, metrics)
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        logger.info("eval step %d (epoch %.2f): %s", state.global_step, epoch, shown)
+        return metrics
+
+    def export_final(self, metrics: dict[str, float]) -> str:
+        """Consolidated weights in `<output_dir>/final/model.safetensors`, whatever the strategy:
+        gathered from ZeRO-3/FSDP shards on rank 0 (a collective, so every rank calls it)."""
+        acc = self.accelerator
+        final_dir = os.path.join(self.cfg.output_dir, "final")
+        acc.wait_for_everyone()
+        acc.save_model(self.model, final_dir, max_shard_size="10000GB", safe_serialization=True)
+        if acc.is_main_process:
+            if self.ema is not None:
+                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, os.path.join(final_dir, "model_ema.safetensors"))
+            save_config(self.cfg, os.path.join(final_dir, "config.yaml"))
+            with open(os.path.join(final_dir, "metrics.json"), "w") as f:
+                json.dump({"step": self.state.global_step, **metrics}, f, indent=2)
+            logger.info("exported %s", os.path.join(final_dir, "model.safetensors"))
+        acc.wait_for_everyone()
+        return final_dir
+
+    # ------------------------------------------------------------------------------------------
+
+    def _input_dtype(self) -> Optional[torch.dtype]:
+        """DeepSpeed casts the whole model to bf16/fp16, so inputs must follow; DDP autocasts."""
+        if self.strategy != "deepspeed":
+            return None
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.loop.precision)
+
+    def _cast_inputs(self, batch: Any) -> Any:
+        if self.input_dtype is None:
+            return batch
+
+        def cast(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                return x.to(self.input_dtype)
+            if isinstance(x, (list, tuple)):
+                return type(x)(cast(v) for v in x)
+            return x
+
+        return {k: cast(v) if k in self.task.input_keys else v for k, v in batch.items()}
+
+    def _clip_gradients(self) -> Optional[torch.Tensor]:
+        # DeepSpeed clips inside its own step, from "gradient_clipping" in its filled-in config.
+        if self.cfg.loop.clip_grad_norm is None or self.strategy == "deepspeed":
+            return None
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.loop.clip_grad_norm)
+
+    def _on_nonfinite_loss(self, loss: torch.Tensor, epoch: int) -> bool:
+        where = f"optimizer step {self.state.global_step} (epoch {epoch}, micro-batch {self.state.batches_in_epoch})"
+        if self.cfg.loop.nonfinite_loss == "error":
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at {where} on at least one rank. Lower optim.lr, set "
+                "loop.clip_grad_norm, check the data, or set loop.nonfinite_loss=skip."
+            )
+        logger.warning("non-finite loss at %s: skipping this optimizer step", where)
+        self.optimizer.zero_grad(set_to_none=True)
+        return False
+
+    def _reached_max_steps(self) -> bool:
+        return self.cfg.loop.max_steps is not None and self.state.global_step >= self.cfg.loop.max_steps
+
+    def _save_checkpoint(self) -> None:
+        if self.checkpoints.last_saved_step != self.state.global_step:
+            self.checkpoints.save(self.state, self.ema)
+
+    def _log_summary(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        strategy = self.strategy
+        if strategy == "deepspeed":
+            strategy += f" (ZeRO-{zero_stage(acc.state.deepspeed_plugin.deepspeed_config)})"
+        micro, accum = cfg.data.micro_batch_size, cfg.loop.grad_accum_steps
+        lines = [
+            f"world size {acc.num_processes} | strategy {strategy} | precision {cfg.loop.precision} | device {acc.device}",
+            f"micro batch {micro} per rank | accumulation {accum} | global batch {micro * accum * acc.num_processes}",
+            f"train samples {len(self.train_set)} | eval samples {len(self.eval_set)}",
+            f"optimizer steps: {self.steps_per_epoch} per epoch, {self.total_steps} in total | "
+            f"warmup {warmup_steps_of(cfg.schedule, self.steps_per_epoch)} steps | schedule {cfg.schedule.name}",
+            f"model {cfg.model.name}: {sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()):,} parameters"
+            + (" (this rank's shard under ZeRO-3/FSDP)" if strategy.endswith("ZeRO-3)") or strategy == "fsdp" else ""),
+            *describe_param_groups(self.optimizer),
+        ]
+        if self.ema is not None:
+            lines.append(f"EMA of weights, decay {cfg.loop.ema_decay}")
+        logger.info("run summary\n  %s", "\n  ".join(lines))

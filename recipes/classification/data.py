@@ -1,0 +1,166 @@
+"""Classification data: the built-in digits demo, ImageFolder trees, and `datasets` from disk or
+local files, all turned into (PIL image, label) pairs and then into tensors by timm's transforms."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from core.config import ConfigError, DataConfig, option
+from core.data import SeededTransforms
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@dataclass
+class ClassificationDataConfig(DataConfig):
+    source: Literal["digits", "imagefolder", "hf_disk", "hf_files"] = option(
+        "digits",
+        "digits: scikit-learn's handwritten digits (built in); imagefolder: root/<split>/<class>/*.jpg; "
+        "hf_disk: a `datasets` DatasetDict saved with save_to_disk; hf_files: local files read by a `datasets` builder.",
+    )
+    root: Optional[str] = option(None, "Dataset folder (not used by digits).")
+    train_split: str = option("train", "Training split: a subfolder (imagefolder) or a split name (datasets).")
+    eval_split: str = option("val", "Evaluation split, as train_split.")
+    hf_builder: str = option("imagefolder", "hf_files: the `datasets` builder (imagefolder, parquet, arrow, ...).")
+    image_column: str = option("image", "datasets: the image column.")
+    label_column: str = option("label", "datasets: the integer label column.")
+    image_size: int = option(224, "Square input size in pixels.")
+    crop_pct: float = option(0.875, "Eval: resize to image_size / crop_pct, then center-crop.")
+    interpolation: str = option("bilinear", "Resize interpolation (bilinear, bicubic, ...).")
+    mean: list[float] = option(IMAGENET_MEAN, "Normalisation mean per channel.")
+    std: list[float] = option(IMAGENET_STD, "Normalisation std per channel.")
+    scale: list[float] = option([0.08, 1.0], "RandomResizedCrop area range.")
+    ratio: list[float] = option([0.75, 1.3333333], "RandomResizedCrop aspect-ratio range.")
+    hflip: float = option(0.5, "Horizontal flip probability.")
+    color_jitter: float = option(0.0, "Color jitter strength (0 disables).")
+    auto_augment: Optional[str] = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1.")
+    random_erasing: float = option(0.0, "Random erasing probability.")
+    mixup_alpha: float = option(0.0, "Mixup alpha (0 disables).")
+    cutmix_alpha: float = option(0.0, "CutMix alpha (0 disables).")
+    mixup_prob: float = option(1.0, "Probability of applying mixup or cutmix to a batch.")
+    label_smoothing: float = option(0.0, "Label smoothing of the training targets.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.source != "digits" and not self.root:
+            raise ConfigError(f"data.root is required for data.source={self.source!r}")
+        if self.root and not os.path.exists(self.root):
+            raise ConfigError(f"data.root: no such folder: {self.root!r}")
+        if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
+            if self.micro_batch_size % 2:
+                raise ConfigError(f"data.micro_batch_size must be even with mixup/cutmix, got {self.micro_batch_size}")
+        for key in ("hflip", "mixup_prob", "random_erasing", "label_smoothing"):
+            value = getattr(self, key)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"data.{key} must be in [0, 1], got {value!r}")
+
+
+class Digits(Dataset):
+    """scikit-learn's 1,797 real 8x8 handwritten digits, split 80/20 train/val, stratified and
+    deterministic; shipped with scikit-learn, so nothing is downloaded."""
+
+    def __init__(self, split: str):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        index = np.arange(len(digits.target))
+        train_idx, val_idx = train_test_split(index, test_size=0.2, random_state=0, stratify=digits.target)
+        chosen = {"train": train_idx, "val": val_idx}[split]
+        self.images = (digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8)
+        self.labels = digits.target[chosen].astype(np.int64)
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[i], mode="L").convert("RGB"), int(self.labels[i])
+
+
+class HFImages(Dataset):
+    """A `datasets` split as (PIL image, label) pairs."""
+
+    def __init__(self, ds: Any, image_column: str, label_column: str, where: str):
+        for column in (image_column, label_column):
+            if column not in ds.column_names:
+                raise ConfigError(f"{where}: no column {column!r}; columns are {ds.column_names} (set data.image_column / data.label_column)")
+        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+        feature = ds.features[label_column]
+        self.classes = list(getattr(feature, "names", None) or [str(c) for c in sorted(set(ds[label_column]))])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        row = self.ds[int(i)]
+        return row[self.image_column].convert("RGB"), int(row[self.label_column])
+
+
+def _load_raw(cfg: ClassificationDataConfig) -> tuple[Dataset, Dataset]:
+    if cfg.source == "digits":
+        return Digits("train"), Digits("val")
+    if cfg.source == "imagefolder":
+        from torchvision.datasets import ImageFolder
+
+        sets = []
+        for split in (cfg.train_split, cfg.eval_split):
+            folder = os.path.join(cfg.root, split)
+            if not os.path.isdir(folder):
+                raise ConfigError(f"data.root: {folder!r} is missing; an ImageFolder root needs {cfg.train_split}/ and {cfg.eval_split}/ with one subfolder per class")
+            sets.append(ImageFolder(folder))
+        if sets[0].classes != sets[1].classes:
+            raise ConfigError(f"{cfg.root}: class folders differ between {cfg.train_split}/ and {cfg.eval_split}/")
+        return sets[0], sets[1]
+
+    import datasets
+
+    if cfg.source == "hf_disk":
+        loaded = datasets.load_from_disk(cfg.root)
+    else:
+        loaded = datasets.load_dataset(cfg.hf_builder, data_dir=cfg.root)
+    out = []
+    for split in (cfg.train_split, cfg.eval_split):
+        if split not in loaded:
+            raise ConfigError(f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)")
+        out.append(HFImages(loaded[split], cfg.image_column, cfg.label_column, f"{cfg.root} [{split}]"))
+    return out[0], out[1]
+
+
+class ToSample:
+    """(PIL image, label) -> {"image": tensor, "label": int}; a class so workers can pickle it."""
+
+    def __init__(self, transform: Any):
+        self.transform = transform
+
+    def __call__(self, pair: tuple[Image.Image, int]) -> dict:
+        image, label = pair
+        return {"image": self.transform(image), "label": label}
+
+
+def build_datasets(cfg: ClassificationDataConfig, num_classes: int, seed: int) -> tuple[Dataset, Dataset]:
+    from timm.data import create_transform
+
+    train_raw, eval_raw = _load_raw(cfg)
+    classes = len(getattr(train_raw, "classes", [])) or num_classes
+    if classes > num_classes:
+        raise ConfigError(f"the dataset has {classes} classes but model.num_classes is {num_classes}")
+    common = dict(input_size=(3, cfg.image_size, cfg.image_size), interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    train_tf = create_transform(
+        is_training=True,
+        scale=tuple(cfg.scale),
+        ratio=tuple(cfg.ratio),
+        hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter or None,
+        auto_augment=cfg.auto_augment,
+        re_prob=cfg.random_erasing,
+        **common,
+    )
+    eval_tf = create_transform(is_training=False, crop_pct=cfg.crop_pct, **common)
+    return SeededTransforms(train_raw, ToSample(train_tf), seed), SeededTransforms(eval_raw, ToSample(eval_tf), seed)

@@ -1,0 +1,65 @@
+"""The classification task: what one training and one evaluation step compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+
+from core.config import TrainConfig, section
+from core.task import Task
+from recipes.classification.data import ClassificationDataConfig, build_datasets
+from recipes.classification.metrics import ClassificationMetrics
+from recipes.classification.models import ClassificationModelConfig, build_model, logits_of
+
+
+@dataclass
+class ClassificationConfig(TrainConfig):
+    model: ClassificationModelConfig = section(ClassificationModelConfig, "Model.")
+    data: ClassificationDataConfig = section(ClassificationDataConfig, "Data.")
+
+
+class ClassificationTask(Task):
+    primary_metric = "top1"
+    higher_is_better = True
+
+    def __init__(self, cfg: ClassificationConfig):
+        super().__init__(cfg)
+        d = cfg.data
+        self.mixup = None
+        if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
+            self.mixup = Mixup(
+                mixup_alpha=d.mixup_alpha,
+                cutmix_alpha=d.cutmix_alpha,
+                prob=d.mixup_prob,
+                label_smoothing=d.label_smoothing,
+                num_classes=cfg.model.num_classes,
+            )
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.cfg.model)
+
+    def build_datasets(self):
+        return build_datasets(self.cfg.data, self.cfg.model.num_classes, self.cfg.seed)
+
+    def training_step(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        if self.mixup is not None:  # soft targets, label smoothing folded in
+            images, targets = self.mixup(images, labels)
+            return SoftTargetCrossEntropy()(logits_of(model(images)).float(), targets)
+        return F.cross_entropy(logits_of(model(images)).float(), labels, label_smoothing=self.cfg.data.label_smoothing)
+
+    def evaluation_step(self, model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        logits = logits_of(model(batch["image"])).float()
+        k = min(5, logits.shape[1])
+        return {
+            "loss": F.cross_entropy(logits, batch["label"], reduction="none"),
+            "topk": logits.topk(k, dim=1).indices,
+            "target": batch["label"],
+        }
+
+    def build_metrics(self) -> ClassificationMetrics:
+        return ClassificationMetrics()

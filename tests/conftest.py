@@ -1,0 +1,82 @@
+"""Helpers shared by the tests: free ports, launching recipes as a user would, reading run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSIFY = "recipes/classification/train.py"
+DIGITS = "recipes/classification/configs/digits.yaml"
+# Small, quick and quiet: what every test run adds to the recipe's own config.
+QUICK = ["--logging.progress_bar", "false", "--logging.tensorboard", "false", "--data.num_workers", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(args: list[str], launcher: str = "torchrun", nproc: int = 2, script: str = CLASSIFY, accelerate_config: str | None = None) -> list[str]:
+    """The command line a user would type for `launcher`, with a free port of its own."""
+    port = str(free_port())
+    py = sys.executable
+    if launcher == "torchrun":
+        return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port, script, *args]
+    if launcher == "accelerate":
+        return [py, "-m", "accelerate.commands.launch", "--config_file", accelerate_config, "--num_processes", str(nproc), "--main_process_port", port, script, *args]
+    if launcher == "deepspeed":
+        return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port, script, *args]
+    if launcher == "python":
+        return [py, script, *args]
+    if launcher == "module":
+        return [py, "-m", script.removesuffix(".py").replace("/", "."), *args]
+    raise ValueError(launcher)
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in [k for k in env if k.startswith(("ACCELERATE_", "MASTER_", "LOCAL_RANK", "WORLD_SIZE", "RANK"))]:
+        del env[key]
+    env["PYTHONPATH"] = str(REPO)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def launch(args: list[str], launcher: str = "torchrun", nproc: int = 2, check: bool = True, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    cmd = launch_command(args, launcher, nproc, **kwargs)
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path, split: str) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [row for row in map(json.loads, f) if row["split"] == split]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """In-process Accelerator tests: start from and leave behind a clean accelerate singleton."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    saved = dict(os.environ)
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        del os.environ[key]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    os.environ.clear()
+    os.environ.update(saved)

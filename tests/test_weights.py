@@ -1,0 +1,58 @@
+"""Loading local weights: safetensors, weights_only torch files, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from core.weights import WeightsError, load_weights
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+
+
+def test_safetensors_and_pt_round_trip(tmp_path):
+    src = make_model()
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    torch.save({"model": src.state_dict()}, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        dst = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+        load_weights(dst, str(tmp_path / name))
+        for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(WeightsError, match=r"evil\.pt: cannot be read with torch\.load\(weights_only=True\)"):
+        load_weights(make_model(), str(tmp_path / "evil.pt"))
+
+
+def test_new_head_needs_exclude_and_errors_name_the_keys(tmp_path):
+    src = make_model()
+    state = src.state_dict()
+    state["2.weight"] = torch.zeros(5, 8)  # a 5-class head
+    state["2.bias"] = torch.zeros(5)
+    save_file(state, tmp_path / "w.safetensors")
+    with pytest.raises(WeightsError, match=r"w\.safetensors does not fit the model.*2\.weight: file \(5, 8\) vs model \(3, 8\).*weights_exclude"):
+        load_weights(make_model(), str(tmp_path / "w.safetensors"))
+    dst = make_model()
+    head_before = dst[2].weight.clone()
+    load_weights(dst, str(tmp_path / "w.safetensors"), exclude=["2.*"])
+    assert torch.equal(dst[0].weight, src[0].weight) and torch.equal(dst[2].weight, head_before)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(WeightsError, match="weights file not found"):
+        load_weights(make_model(), str(tmp_path / "nope.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError, match=r"bad\.safetensors: not a readable safetensors file"):
+        load_weights(make_model(), str(tmp_path / "bad.safetensors"))
