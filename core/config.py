@@ -220,7 +220,8 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
 
 
 def _unknown(key: str, value: Any, valid: list[str], what: str) -> str:
-    close = difflib.get_close_matches(str(value), valid, n=3)
+    # Dotted keys share long prefixes, so they need a stricter match than short values do.
+    close = difflib.get_close_matches(str(value), valid, n=3, cutoff=0.8 if what == "key" else 0.6)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     shown = ", ".join(valid) if len(valid) <= 30 else ", ".join(valid[:30]) + ", ..."
     return f"{key}: unknown {what} {value!r}.{hint} Valid: {shown}"
@@ -252,11 +253,16 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _where(source: str, key: str) -> str:
+    """'--loop.epochs' for a flag, 'file.yaml: loop.epochs' for a file."""
+    return source if source.replace("-", "_") == f"__{key}" else f"{source}: {key}"
+
+
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; convert only where YAML is ambiguous."""
 
     def fail(why: str = "") -> ConfigError:
-        return ConfigError(f"{source}: {key} expects {_type_name(tp)}, got {value!r}{why}")
+        return ConfigError(f"{_where(source, key)} expects {_type_name(tp)}, got {value!r}{why}")
 
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
@@ -275,7 +281,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             value = "no"
         if value in args:
             return value
-        raise ConfigError(_unknown(f"{source}: {key}", value, [str(a) for a in args], "value"))
+        raise ConfigError(_unknown(_where(source, key), value, [str(a) for a in args], "value"))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -359,8 +365,11 @@ def load_config(cls: type, yaml_path: Optional[str] = None, overrides: Optional[
             raise ConfigError(f"{yaml_path}: not valid YAML: {e}") from None
         _apply(cfg, data, "", yaml_path)
     for key, value, source in overrides or []:
-        if key not in all_keys(cls):
-            raise ConfigError(_unknown(source, key, all_keys(cls), "key"))
+        keys = all_keys(cls)
+        if key not in keys:
+            section = key.rpartition(".")[0]
+            siblings = [k for k in keys if k.rpartition(".")[0] == section] or keys
+            raise ConfigError(_unknown(source, key, siblings, "key"))
         _apply(cfg, _nest(key, value), "", source)
     _validate(cfg)
     return cfg

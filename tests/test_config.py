@@ -51,7 +51,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 
 
 def test_wrong_type_names_key_and_expected_type():
-    with pytest.raises(ConfigError, match=r"--loop\.epochs: loop\.epochs expects int, got 'three'"):
+    with pytest.raises(ConfigError, match=r"--loop\.epochs expects int, got 'three'"):
         parse("--loop.epochs", "three")
     with pytest.raises(ConfigError, match=r"loop\.epochs expects int, got 2\.5"):
         parse("--loop.epochs", "2.5")
@@ -103,3 +103,11 @@ def test_every_shipped_recipe_config_parses(path, monkeypatch):
     monkeypatch.setattr(os.path, "isfile", lambda p: real_isfile(p) or not str(p).endswith(".yaml"))
     cfg = load_config(ClassificationConfig, path)
     assert cfg.model.name == data["model"]["name"]
+
+
+def test_configuration_reference_names_every_key():
+    from core.config import all_keys
+
+    text = (REPO / "docs" / "configuration.md").read_text()
+    missing = [k for k in all_keys(ClassificationConfig) if f"`{k}`" not in text]
+    assert not missing, f"docs/configuration.md lacks {missing}"

@@ -1,0 +1,192 @@
+"""Real multi-process runs of the classification recipe on CPU (2 gloo ranks), through the same
+launchers a user types: torchrun, accelerate launch with the repo's configs, the deepspeed
+launcher, and plain python."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import DIGITS, QUICK, REPO, launch, launch_command, read_metrics, run_env
+
+pytestmark = pytest.mark.slow
+
+# Two short epochs of the digits demo, logging every step; dropout on, so resuming must also
+# restore the RNG, and random-resized-crop on, so it must also replay the augmentations.
+TRAJECTORY = [
+    "--config", DIGITS, *QUICK,
+    "--loop.epochs", "2",
+    "--logging.every_steps", "1",
+    "--model.kwargs", "{drop_rate: 0.2}",
+    "--checkpoint.at_epoch_end", "false",
+]
+
+
+def accelerate_config(name: str) -> str:
+    return str(REPO / "accelerate_configs" / name)
+
+
+def train_losses(run_dir: Path) -> dict[int, list[float]]:
+    losses: dict[int, list[float]] = {}
+    for row in read_metrics(run_dir, "train"):
+        losses.setdefault(row["step"], []).append(row["loss"])
+    return losses
+
+
+def run_killed_after_checkpoint(args: list[str], run_dir: Path, step: int, **launch_kwargs) -> None:
+    """Start a run, SIGKILL its whole process group once checkpoint `step` is complete."""
+    cmd = launch_command(args, **launch_kwargs)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    marker = run_dir / "checkpoints" / str(step) / "manifest.json"
+    deadline = time.time() + 400
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (exit {proc.returncode}) before checkpoint {step}:\n{proc.stderr.read().decode()[-4000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"no checkpoint {step} within the time limit")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank DDP run (torchrun): the trajectory the others must reproduce."""
+    run_dir = tmp_path_factory.mktemp("ddp_reference")
+    proc = launch([*TRAJECTORY, "--output-dir", str(run_dir)], launcher="torchrun")
+    assert "world size 2 | strategy ddp" in proc.stderr
+    return run_dir
+
+
+def test_ddp_killed_and_resumed_run_equals_uninterrupted_run(ddp_reference, tmp_path):
+    args = [*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "7"]
+    run_killed_after_checkpoint(args, tmp_path, step=7, launcher="torchrun")
+    launch([*args, "--resume", "auto"], launcher="torchrun")
+
+    expected, got = train_losses(ddp_reference), train_losses(tmp_path)
+    assert sorted(got) == sorted(expected) == list(range(1, 23))
+    for step, losses in got.items():  # rows from before the kill and after the resume alike
+        assert all(loss == expected[step][0] for loss in losses), (step, losses, expected[step])
+    a = load_file(ddp_reference / "final" / "model.safetensors")
+    b = load_file(tmp_path / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_killed_and_resumed_run_equals_uninterrupted(ddp_reference, tmp_path, stage):
+    """ZeRO-2/3 (accelerate launch + the repo's DeepSpeed configs) train, checkpoint ZeRO shards,
+    resume mid-epoch after a SIGKILL and continue on their own uninterrupted trajectory."""
+    kwargs = dict(launcher="accelerate", accelerate_config=accelerate_config(f"deepspeed_zero{stage}.yaml"))
+    reference = tmp_path / "uninterrupted"
+    launch([*TRAJECTORY, "--output-dir", str(reference)], **kwargs)
+    resumed = tmp_path / "resumed"
+    args = [*TRAJECTORY, "--output-dir", str(resumed), "--checkpoint.every_steps", "7"]
+    run_killed_after_checkpoint(args, resumed, step=7, **kwargs)
+    assert (resumed / "checkpoints" / "7" / "pytorch_model").is_dir()  # ZeRO shards
+    assert (resumed / "checkpoints" / "7" / "zero_to_fp32.py").is_file()
+    proc = launch([*args, "--resume", "auto"], **kwargs)
+    assert f"strategy deepspeed (ZeRO-{stage})" in proc.stderr
+    assert "resumed from" in proc.stderr
+
+    expected, got = train_losses(reference), train_losses(resumed)
+    assert sorted(got) == sorted(expected) == list(range(1, 23))
+    for step, losses in got.items():
+        assert all(loss == pytest.approx(expected[step][0], rel=1e-5) for loss in losses), (step, losses, expected[step])
+    a = load_file(reference / "final" / "model.safetensors")
+    b = load_file(resumed / "final" / "model.safetensors")  # consolidated from the shards
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+    # Same model, data and optimizer as DDP: the first steps agree before fp32 reduction-order
+    # noise compounds (Adam amplifies it in near-zero gradients).
+    ddp = train_losses(ddp_reference)
+    for step in range(1, 6):
+        assert expected[step][0] == pytest.approx(ddp[step][0], rel=1e-3), step
+
+
+def eval_row(run_dir: Path) -> dict:
+    return read_metrics(run_dir, "eval")[-1]
+
+
+def test_two_rank_evaluation_equals_one_process(ddp_reference, tmp_path):
+    """Eval batch 7 leaves 360 samples unevenly split over 2 ranks: accelerate pads the last
+    batch, and each sample must still count exactly once."""
+    weights = str(ddp_reference / "final" / "model.safetensors")
+    common = ["--config", DIGITS, *QUICK, "--eval-only", "--weights", weights, "--data.eval_micro_batch_size", "7"]
+    two = launch([*common, "--output-dir", str(tmp_path / "two")], launcher="accelerate", accelerate_config=accelerate_config("multi_gpu_ddp.yaml"))
+    assert "world size 2 | strategy ddp" in two.stderr
+    launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python")
+    m2, m1 = eval_row(tmp_path / "two"), eval_row(tmp_path / "one")
+    assert m1["samples"] == m2["samples"] == 360
+    assert m1["top1"] == m2["top1"] and m1["top5"] == m2["top5"]
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-6)
+    trained = json.load(open(ddp_reference / "final" / "metrics.json"))  # same weights, batch 64
+    assert trained["top1"] == m1["top1"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_accumulation_equals_one_larger_batch(tmp_path, strategy):
+    """4 micro-batches of 8 per rank give the same update as one batch of 32 per rank.
+    A LayerNorm ViT, so no statistic depends on the micro-batch size; SGD, whose update is linear
+    in the gradient (Adam's first step is lr * sign(g), which turns rounding noise in near-zero
+    gradients into full-size differences)."""
+    common = [
+        "--config", DIGITS, *QUICK, "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}",
+        "--optim.name", "sgd", "--optim.lr", "0.1", "--loop.max_steps", "1",
+        "--schedule.name", "constant", "--schedule.warmup_steps", "0",
+    ]
+    kwargs = dict(launcher="torchrun") if strategy == "ddp" else dict(launcher="accelerate", accelerate_config=accelerate_config("deepspeed_zero2.yaml"))
+    for name, micro, accum in (("accumulated", 8, 4), ("large", 32, 1)):
+        launch([*common, "--output-dir", str(tmp_path / name), "--data.micro_batch_size", str(micro), "--loop.grad_accum_steps", str(accum)], **kwargs)
+    a = load_file(tmp_path / "accumulated" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "large" / "final" / "model.safetensors")
+
+    import timm
+
+    from core.distributed import seed_everything
+
+    seed_everything(0)  # the trainer's initial weights
+    init = timm.create_model("test_vit", num_classes=10, img_size=32).state_dict()
+    for k in a:
+        update_a, update_b = a[k] - init[k], b[k] - init[k]
+        assert update_a.norm() > 0, f"{k}: no optimizer step happened"
+        assert (update_a - update_b).norm() <= 1e-4 * update_a.norm(), k
+
+
+def test_demo_reaches_95_percent(tmp_path):
+    """The README's demo: digits, 2 ranks, default config."""
+    launch(["--config", DIGITS, "--output-dir", str(tmp_path), "--logging.progress_bar", "false"], launcher="torchrun")
+    metrics = json.load(open(tmp_path / "final" / "metrics.json"))
+    assert metrics["top1"] >= 95.0, metrics
+    assert (tmp_path / "config.yaml").is_file()
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    rows = read_metrics(tmp_path, "eval")
+    assert {"step", "epoch", "split", "loss", "top1", "top5"} <= set(rows[-1])
+
+
+def test_deepspeed_launcher_and_python_module(tmp_path):
+    ds = launch(
+        ["--config", DIGITS, *QUICK, "--loop.max_steps", "2", "--output-dir", str(tmp_path / "ds"), "--distributed.deepspeed_config", "ds_configs/zero2.json"],
+        launcher="deepspeed",
+    )
+    assert "world size 2 | strategy deepspeed (ZeRO-2)" in ds.stdout + ds.stderr
+    single = launch(["--config", DIGITS, *QUICK, "--loop.max_steps", "2", "--output-dir", str(tmp_path / "py")], launcher="module")
+    assert "world size 1 | strategy single" in single.stderr
+    assert (tmp_path / "py" / "final" / "model.safetensors").is_file()
+
+
+def test_bad_config_exits_2_with_the_message(tmp_path):
+    proc = launch(["--config", DIGITS, "--optim.lrr", "0.1"], launcher="python", check=False)
+    assert proc.returncode == 2
+    assert "shardvision: error: --optim.lrr: unknown key 'optim.lrr'. Did you mean 'optim.lr'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
