@@ -98,7 +98,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(acc, os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep_last)
         resume_from = self.checkpoints.resolve(cfg.checkpoint.resume)
         if resume_from is not None:
-            self.checkpoints.load(resume_from, self.state, self.ema)
+            self.checkpoints.load(resume_from, self.state, self._ema_weights())
             set_schedule_step(self.scheduler, self.state.global_step)
             self.state.world_size = acc.num_processes
         elif cfg.checkpoint.resume == "auto":
@@ -286,12 +286,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return False
 
+    def _ema_weights(self) -> Optional[torch.nn.Module]:
+        return self.ema.module if self.ema is not None else None
+
     def _reached_max_steps(self) -> bool:
         return self.cfg.loop.max_steps is not None and self.state.global_step >= self.cfg.loop.max_steps
 
     def _save_checkpoint(self) -> None:
         if self.checkpoints.last_saved_step != self.state.global_step:
-            self.checkpoints.save(self.state, self.ema)
+            self.checkpoints.save(self.state, self._ema_weights())
 
     def _log_summary(self) -> None:
         cfg, acc = self.cfg, self.accelerator

@@ -5,6 +5,7 @@ launcher, and plain python."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -114,6 +115,23 @@ def test_zero_killed_and_resumed_run_equals_uninterrupted(ddp_reference, tmp_pat
         assert expected[step][0] == pytest.approx(ddp[step][0], rel=1e-3), step
 
 
+def test_lr_per_optimizer_step_ignores_ranks_and_accumulation(ddp_reference, tmp_path):
+    """1 process x 32 x 4 accumulation against the reference's 2 ranks x 64: the same global
+    batch of 128, hence the same optimizer steps and the same lr at each of them."""
+    launch([*TRAJECTORY, "--output-dir", str(tmp_path), "--data.micro_batch_size", "32", "--loop.grad_accum_steps", "4"], launcher="python")
+    lr = {row["step"]: row["lr"] for row in read_metrics(tmp_path, "train")}
+    reference = {row["step"]: row["lr"] for row in read_metrics(ddp_reference, "train")}
+    assert lr == reference and len(lr) == 22
+    # digits.yaml: peak 2e-3, warmup 1 epoch = 11 steps from 0.01x, then cosine to 0 over 11 steps.
+    # The logged lr is the one the next step will use, i.e. the schedule at `step`.
+    for step, value in lr.items():
+        if step < 11:
+            expected = 2e-3 * (0.01 + 0.99 * step / 11)
+        else:
+            expected = 2e-3 * 0.5 * (1 + math.cos(math.pi * (step - 11) / 11))
+        assert value == pytest.approx(expected, abs=1e-12), step
+
+
 def eval_row(run_dir: Path) -> dict:
     return read_metrics(run_dir, "eval")[-1]
 
@@ -174,14 +192,12 @@ def test_demo_reaches_95_percent(tmp_path):
     assert {"step", "epoch", "split", "loss", "top1", "top5"} <= set(rows[-1])
 
 
-def test_deepspeed_launcher_and_python_module(tmp_path):
-    ds = launch(
-        ["--config", DIGITS, *QUICK, "--loop.max_steps", "2", "--output-dir", str(tmp_path / "ds"), "--distributed.deepspeed_config", "ds_configs/zero2.json"],
-        launcher="deepspeed",
-    )
-    assert "world size 2 | strategy deepspeed (ZeRO-2)" in ds.stdout + ds.stderr
-    single = launch(["--config", DIGITS, *QUICK, "--loop.max_steps", "2", "--output-dir", str(tmp_path / "py")], launcher="module")
-    assert "world size 1 | strategy single" in single.stderr
+def test_deepspeed_launcher_and_python_module_in_bf16(tmp_path):
+    common = ["--config", DIGITS, *QUICK, "--loop.max_steps", "2", "--loop.precision", "bf16"]
+    ds = launch([*common, "--output-dir", str(tmp_path / "ds"), "--distributed.deepspeed_config", "ds_configs/zero2.json"], launcher="deepspeed")
+    assert "world size 2 | strategy deepspeed (ZeRO-2) | precision bf16" in ds.stdout + ds.stderr
+    single = launch([*common, "--output-dir", str(tmp_path / "py")], launcher="module")  # CPU autocast
+    assert "world size 1 | strategy single | precision bf16" in single.stderr
     assert (tmp_path / "py" / "final" / "model.safetensors").is_file()
 
 

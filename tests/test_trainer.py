@@ -1,0 +1,119 @@
+"""The trainer in-process, on a tiny task: non-finite losses, EMA, export and eval-only."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from core.config import TrainConfig
+from core.task import Metrics, Task
+from core.trainer import NonFiniteLossError, Trainer
+
+
+class MeanLoss(Metrics):
+    def __init__(self):
+        self.losses = []
+
+    def update(self, outputs):
+        self.losses.append(outputs["loss"])
+
+    def compute(self):
+        return {"loss": torch.cat(self.losses).mean().item()}
+
+
+class TinyTask(Task):
+    """Two-class linear data; `nan_at` makes the loss of that training call NaN."""
+
+    def __init__(self, cfg, nan_at=None):
+        super().__init__(cfg)
+        self.nan_at, self.calls = nan_at, 0
+
+    def build_model(self):
+        return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+
+    def build_datasets(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(96, 4, generator=g)
+        samples = [{"image": xi, "label": int(xi.sum() > 0)} for xi in x]
+        return samples[:64], samples[64:]
+
+    def training_step(self, model, batch):
+        loss = F.cross_entropy(model(batch["image"]), batch["label"])
+        self.calls += 1
+        return loss * float("nan") if self.calls == self.nan_at else loss
+
+    def evaluation_step(self, model, batch):
+        return {"loss": F.cross_entropy(model(batch["image"]), batch["label"], reduction="none")}
+
+    def build_metrics(self):
+        return MeanLoss()
+
+
+def tiny_config(tmp_path, **loop) -> TrainConfig:
+    cfg = TrainConfig(output_dir=str(tmp_path))
+    cfg.data.micro_batch_size, cfg.data.num_workers = 8, 0
+    cfg.optim.lr = 0.05
+    cfg.loop.epochs = 2
+    for key, value in loop.items():
+        setattr(cfg.loop, key, value)
+    cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 1
+    return cfg
+
+
+def test_nonfinite_loss_stops_with_the_step(fresh_accelerate_state, tmp_path):
+    trainer = Trainer(tiny_config(tmp_path), TinyTask(None, nan_at=4))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at optimizer step 3 \(epoch 0, micro-batch 3\)"):
+        trainer.fit()
+
+
+def test_nonfinite_loss_skip_drops_exactly_that_step(fresh_accelerate_state, tmp_path):
+    cfg = tiny_config(tmp_path, nonfinite_loss="skip", grad_accum_steps=2)
+    task = TinyTask(cfg, nan_at=3)  # the first micro-batch of the second window
+    trainer = Trainer(cfg, task)
+    trainer.fit()
+    assert trainer.state.skipped_steps == 1
+    assert trainer.state.global_step == 8  # 2 epochs x 4 windows: the skipped one still counts
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 3, 4, 5, 6, 7, 8]  # step 2 had no finite loss
+
+
+def test_ema_is_exported_checkpointed_and_restored(fresh_accelerate_state, tmp_path):
+    cfg = tiny_config(tmp_path, ema_decay=0.9)
+    trainer = Trainer(cfg, TinyTask(cfg))
+    metrics = trainer.fit()
+    assert "ema_loss" in metrics
+    final, ema = load_file(tmp_path / "final" / "model.safetensors"), load_file(tmp_path / "final" / "model_ema.safetensors")
+    assert final.keys() == ema.keys() and any(not torch.equal(final[k], ema[k]) for k in final)
+    checkpoint = tmp_path / "checkpoints" / str(trainer.state.global_step)
+    saved_ema = load_file(checkpoint / "ema.safetensors")
+    assert all(torch.equal(v, ema[k]) for k, v in saved_ema.items())  # the last checkpoint is the end state
+
+    fresh_accelerate_state_reset()
+    cfg.checkpoint.resume = "auto"
+    resumed = Trainer(cfg, TinyTask(cfg))
+    assert all(torch.equal(v, resumed.ema.module.state_dict()[k]) for k, v in saved_ema.items())
+
+
+def fresh_accelerate_state_reset():
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def test_eval_only_evaluates_exported_weights(fresh_accelerate_state, tmp_path):
+    cfg = tiny_config(tmp_path / "train")
+    trained = Trainer(cfg, TinyTask(cfg)).fit()
+    fresh_accelerate_state_reset()
+    eval_cfg = tiny_config(tmp_path / "eval")
+    eval_cfg.eval_only, eval_cfg.model.weights = True, str(tmp_path / "train" / "final" / "model.safetensors")
+    evaluated = Trainer(eval_cfg, TinyTask(eval_cfg)).fit()
+    assert evaluated["loss"] == pytest.approx(trained["loss"], rel=1e-6)
+    assert not os.path.exists(tmp_path / "eval" / "checkpoints")
