@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.checkpoint import CheckpointManager, TrainerState
-from core.config import TrainConfig, save_config, to_dict
+from core.config import ConfigError, TrainConfig, save_config, to_dict
 from core.data import build_loader
 from core.distributed import (
     all_ranks_finite,
@@ -68,9 +68,9 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim)
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(model, optimizer, train_loader, eval_loader)
         if len(self.train_loader) == 0:
-            raise ValueError(
-                f"the training set ({len(self.train_set)} samples) is smaller than one global micro-batch "
-                f"({cfg.data.micro_batch_size} x {acc.num_processes} ranks)"
+            raise ConfigError(
+                f"data.micro_batch_size={cfg.data.micro_batch_size} x {acc.num_processes} ranks is more than the "
+                f"{len(self.train_set)} training samples: not one batch per epoch"
             )
 
         accum = cfg.loop.grad_accum_steps
@@ -117,6 +117,8 @@ class Trainer:
 
         metrics: dict[str, float] = {}
         for epoch in range(self.state.epoch, self.cfg.loop.epochs):
+            if self._reached_max_steps():  # resumed from the run's last checkpoint
+                break
             self.train_one_epoch(epoch)
             last = epoch + 1 == self.cfg.loop.epochs or self._reached_max_steps()
             if last or (epoch + 1) % self.cfg.loop.eval_every_epochs == 0:
