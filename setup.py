@@ -49,6 +49,6 @@ setup(
             "numpy",
         ]
     ),
-    extras_require={"dev": pinned(["pytest", "pytest-timeout", "torchmetrics"])},
+    extras_require={"dev": pinned(["pytest", "pytest-timeout", "torchmetrics", "psutil"])},
     entry_points={"console_scripts": ["shardvision=core.cli:main"]},
 )
