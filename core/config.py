@@ -134,6 +134,7 @@ class LoopConfig:
         "error", "On a NaN/inf loss: stop with an error naming the step, or skip that optimizer step."
     )
     eval_every_epochs: int = option(1, "Evaluate every N epochs (and always after the last one).")
+    eval_at_start: bool = option(False, "Also evaluate the starting weights before training (a baseline at step 0).")
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "loop.epochs", self.epochs, "must be >= 1")

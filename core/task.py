@@ -24,6 +24,10 @@ class Metrics:
     def compute(self) -> dict[str, float]:
         raise NotImplementedError
 
+    def table(self) -> str:
+        """An optional human-readable breakdown (e.g. per-class IoU) logged after each evaluation."""
+        return ""
+
 
 class Task:
     primary_metric: str = "loss"  # the metric "best" refers to

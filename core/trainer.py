@@ -116,6 +116,8 @@ class Trainer:
             return metrics
 
         metrics: dict[str, float] = {}
+        if self.cfg.loop.eval_at_start and self.state.global_step == 0:
+            self.evaluate_and_log()
         for epoch in range(self.state.epoch, self.cfg.loop.epochs):
             if self._reached_max_steps():  # resumed from the run's last checkpoint
                 break
@@ -215,6 +217,8 @@ class Trainer:
                 outputs = self.task.evaluation_step(model, batch)
             metrics.update(self.accelerator.gather_for_metrics(outputs))
         model.train(was_training)
+        if metrics.table():
+            logger.info("per-class results\n%s", metrics.table())
         return metrics.compute()
 
     def evaluate_and_log(self) -> dict[str, float]:
@@ -229,7 +233,7 @@ class Trainer:
                 state.best_metric, state.best_step = primary, state.global_step
         epoch = state.epoch + state.batches_in_epoch / max(1, len(self.train_loader))
         self.run_logger.log("eval", state.global_step, epoch, metrics)
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)  # per-class values: in the table
         logger.info("eval step %d (epoch %.2f): %s", state.global_step, epoch, shown)
         return metrics
 

@@ -7,8 +7,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +63,33 @@ def launch(args: list[str], launcher: str = "torchrun", nproc: int = 2, check: b
 def read_metrics(run_dir: Path, split: str) -> list[dict]:
     with open(run_dir / "metrics.jsonl") as f:
         return [row for row in map(json.loads, f) if row["split"] == split]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every rank under it, as when a node dies. (The launchers start their
+    workers in sessions of their own, so killing the launcher's process group is not enough.)"""
+    parent = psutil.Process(pid)
+    procs = [parent, *parent.children(recursive=True)]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
+def run_killed_after_checkpoint(args: list[str], run_dir: Path, step: int, **launch_kwargs) -> None:
+    """Start a run, SIGKILL all its processes once checkpoint `step` is complete."""
+    cmd = launch_command(args, **launch_kwargs)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = run_dir / "checkpoints" / str(step) / "manifest.json"
+    deadline = time.time() + 400
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (exit {proc.returncode}) before checkpoint {step}:\n{proc.stderr.read().decode()[-4000:]}")
+        if time.time() > deadline:
+            kill_tree(proc.pid)
+            raise AssertionError(f"no checkpoint {step} within the time limit")
+        time.sleep(0.05)
+    kill_tree(proc.pid)
+    proc.wait()
 
 
 @pytest.fixture

@@ -93,6 +93,12 @@ def test_resolved_config_round_trips(tmp_path):
     assert yaml.safe_load(path.read_text())["loop"]["precision"] == "bf16"
 
 
+def config_class(recipe: str) -> type:
+    from recipes.segmentation.task import SegmentationConfig
+
+    return {"classification": ClassificationConfig, "segmentation": SegmentationConfig}[recipe]
+
+
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "recipes/*/configs/*.yaml"))), ids=lambda p: p.split("recipes/")[1])
 def test_every_shipped_recipe_config_parses(path, monkeypatch):
     """Drift guard: a config that no longer matches the dataclasses fails here, not on a cluster.
@@ -101,13 +107,14 @@ def test_every_shipped_recipe_config_parses(path, monkeypatch):
     real_isfile = os.path.isfile
     monkeypatch.setattr(os.path, "exists", lambda p: True)
     monkeypatch.setattr(os.path, "isfile", lambda p: real_isfile(p) or not str(p).endswith(".yaml"))
-    cfg = load_config(ClassificationConfig, path)
+    cfg = load_config(config_class(path.split("recipes/")[1].split("/")[0]), path)
     assert cfg.model.name == data["model"]["name"]
 
 
-def test_configuration_reference_names_every_key():
+@pytest.mark.parametrize("recipe", ["classification", "segmentation"])
+def test_configuration_reference_names_every_key(recipe):
     from core.config import all_keys
 
     text = (REPO / "docs" / "configuration.md").read_text()
-    missing = [k for k in all_keys(ClassificationConfig) if f"`{k}`" not in text]
+    missing = [k for k in all_keys(config_class(recipe)) if f"`{k}`" not in text]
     assert not missing, f"docs/configuration.md lacks {missing}"

@@ -1,0 +1,290 @@
+"""Segmentation data: image + index-mask pairs from VOC or ADE20K folders, `datasets` saved to
+disk, or the built-in synthetic shapes (written as real JPEG/PNG files in the VOC layout, so the
+demo goes through the same loader as real data). Joint image/mask augmentations come from
+torchvision's transforms v2, which resize `tv_tensors.Mask` with nearest-neighbour."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from core.config import ConfigError, DataConfig, option
+from core.data import SeededTransforms
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+SHAPES_CLASSES = ["background", "square", "circle", "triangle"]
+
+
+class DataError(ValueError):
+    """A sample that cannot be used; the message names the file."""
+
+
+@dataclass
+class SegmentationDataConfig(DataConfig):
+    source: Literal["shapes", "voc", "ade20k", "hf_disk"] = option(
+        "shapes",
+        "shapes: built-in synthetic set written as VOC-layout files; voc: JPEGImages/ + SegmentationClass/ + "
+        "ImageSets/Segmentation/<split>.txt; ade20k: images/<split>/ + annotations/<split>/; hf_disk: a DatasetDict saved to disk.",
+    )
+    root: Optional[str] = option(None, "Dataset folder. For shapes: where the files are written (default ~/.cache/shardvision).")
+    train_split: str = option("train", "Training split (voc: train, ade20k: training, datasets: a split name).")
+    eval_split: str = option("val", "Evaluation split (voc: val, ade20k: validation).")
+    image_column: str = option("image", "hf_disk: the image column.")
+    mask_column: str = option("mask", "hf_disk: the index-mask column.")
+    ignore_index: int = option(255, "Mask value that is neither trained on nor scored (VOC borders, padding).")
+    reduce_zero_label: bool = option(False, "ADE20K: label 0 ('other') becomes ignore_index and 1..N become 0..N-1.")
+    image_size: int = option(512, "Training crop size; evaluation resizes the shorter side to it.")
+    scale_range: list[float] = option([0.5, 2.0], "Training scale jitter around image_size.")
+    hflip: float = option(0.5, "Horizontal flip probability.")
+    mean: list[float] = option(IMAGENET_MEAN, "Normalisation mean per channel.")
+    std: list[float] = option(IMAGENET_STD, "Normalisation std per channel.")
+    eval_mode: Literal["whole", "slide"] = option("whole", "whole: one forward per image; slide: overlapping windows (large images).")
+    slide_stride: int = option(341, "slide: window stride in pixels (windows are image_size).")
+    shapes_count: list[int] = option([200, 50], "shapes: number of train and val images.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.source != "shapes" and not self.root:
+            raise ConfigError(f"data.root is required for data.source={self.source!r}")
+        if self.source != "shapes" and not os.path.exists(self.root):
+            raise ConfigError(f"data.root: no such folder: {self.root!r}")
+        if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
+            raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {self.scale_range!r}")
+        if not 0 <= self.hflip <= 1:
+            raise ConfigError(f"data.hflip must be in [0, 1], got {self.hflip!r}")
+        if self.eval_mode == "slide" and self.eval_micro_batch_size not in (None, 1):
+            raise ConfigError("data.eval_mode=slide evaluates one image at a time: set data.eval_micro_batch_size 1")
+
+
+# --------------------------------------------------------------------------------------------
+# Raw pairs: (PIL image, index mask as a uint8/int array, names of both files)
+# --------------------------------------------------------------------------------------------
+
+
+def _read_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+
+
+def _read_mask(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16"):
+                raise DataError(f"{path}: a mask must be a single-channel index PNG (mode P or L), got mode {img.mode}")
+            return np.array(img, dtype=np.int64)
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: cannot read mask ({e})") from None
+
+
+class PairFolder(Dataset):
+    """Image/mask file pairs, checked for size and label range when read."""
+
+    def __init__(self, pairs: list[tuple[str, str]], num_classes: int, ignore_index: int, reduce_zero_label: bool):
+        self.pairs, self.num_classes, self.ignore_index, self.reduce_zero_label = pairs, num_classes, ignore_index, reduce_zero_label
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        image_path, mask_path = self.pairs[i]
+        return self.check(_read_image(image_path), _read_mask(mask_path), image_path, mask_path)
+
+    def check(self, image: Image.Image, mask: np.ndarray, image_name: str, mask_name: str) -> tuple[Image.Image, np.ndarray]:
+        if mask.shape != (image.height, image.width):
+            raise DataError(f"{mask_name}: mask is {mask.shape[1]}x{mask.shape[0]} but {image_name} is {image.width}x{image.height}")
+        if self.reduce_zero_label:
+            reduced = mask - 1
+            reduced[(mask == 0) | (mask == self.ignore_index)] = self.ignore_index
+            mask = reduced
+        bad = ((mask >= self.num_classes) & (mask != self.ignore_index)) | (mask < 0)
+        if bad.any():
+            values = sorted(set(np.unique(mask[bad]).tolist()))[:5]
+            raise DataError(
+                f"{mask_name}: mask values {values} are outside 0..{self.num_classes - 1} and not ignore_index "
+                f"({self.ignore_index}); check model.num_classes, data.ignore_index, data.reduce_zero_label"
+            )
+        return image, mask
+
+
+class HFPairs(PairFolder):
+    def __init__(self, ds: Any, image_column: str, mask_column: str, where: str, **kwargs: Any):
+        for column in (image_column, mask_column):
+            if column not in ds.column_names:
+                raise ConfigError(f"{where}: no column {column!r}; columns are {ds.column_names} (set data.image_column / data.mask_column)")
+        super().__init__([], **kwargs)
+        self.ds, self.image_column, self.mask_column, self.where = ds, image_column, mask_column, where
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        row = self.ds[int(i)]
+        name = f"{self.where} row {i}"
+        return self.check(row[self.image_column].convert("RGB"), np.array(row[self.mask_column], dtype=np.int64), name, name)
+
+
+def voc_pairs(root: str, split: str) -> list[tuple[str, str]]:
+    listing = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
+    if not os.path.isfile(listing):
+        raise ConfigError(f"data.root: {listing} is missing (VOC layout: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt)")
+    with open(listing) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    return [(os.path.join(root, "JPEGImages", f"{i}.jpg"), os.path.join(root, "SegmentationClass", f"{i}.png")) for i in ids]
+
+
+def ade20k_pairs(root: str, split: str) -> list[tuple[str, str]]:
+    images, masks = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
+    for folder in (images, masks):
+        if not os.path.isdir(folder):
+            raise ConfigError(f"data.root: {folder} is missing (ADE20K layout: images/<split>/*.jpg, annotations/<split>/*.png)")
+    names = sorted(os.path.splitext(n)[0] for n in os.listdir(images) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+    pairs = [(os.path.join(images, n + ".jpg"), os.path.join(masks, n + ".png")) for n in names]
+    missing = [m for _, m in pairs if not os.path.isfile(m)]
+    if missing:
+        raise ConfigError(f"data.root: {len(missing)} images have no annotation, e.g. {missing[0]}")
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------
+# The synthetic shapes set
+# --------------------------------------------------------------------------------------------
+
+
+def write_shapes(root: str, counts: tuple[int, int], size: int = 96) -> None:
+    """Deterministic scenes of squares, circles and triangles on textured backgrounds, written in
+    the VOC layout with 255 on a 1-pixel border around every shape, as VOC marks its borders."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(1234)
+    os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".shapes-", dir=os.path.dirname(root) or ".")
+    for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
+        os.makedirs(os.path.join(tmp, sub))
+    for split, count in zip(("train", "val"), counts):
+        ids = []
+        for k in range(count):
+            noise = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+            image = Image.fromarray(noise + rng.integers(0, 120, 3, dtype=np.uint8))
+            mask = Image.new("L", (size, size), 0)
+            draw, draw_mask = ImageDraw.Draw(image), ImageDraw.Draw(mask)
+            for _ in range(rng.integers(1, 4)):
+                cls = int(rng.integers(1, 4))
+                r = int(rng.integers(10, 24))
+                cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+                color = tuple(int(c) for c in rng.integers(130, 256, 3))
+                box = [cx - r, cy - r, cx + r, cy + r]
+                for d, fill, outline in ((draw, color, None), (draw_mask, cls, 255)):
+                    if cls == 1:
+                        d.rectangle(box, fill=fill, outline=outline)
+                    elif cls == 2:
+                        d.ellipse(box, fill=fill, outline=outline)
+                    else:
+                        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill, outline=outline)
+            name = f"{split}_{k:05d}"
+            image.save(os.path.join(tmp, "JPEGImages", name + ".jpg"), quality=95)
+            mask.save(os.path.join(tmp, "SegmentationClass", name + ".png"))
+            ids.append(name)
+        with open(os.path.join(tmp, "ImageSets", "Segmentation", f"{split}.txt"), "w") as f:
+            f.write("\n".join(ids) + "\n")
+    try:
+        os.rename(tmp, root)  # atomic; a concurrent rank that got there first wrote the same files
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shapes_root(cfg: SegmentationDataConfig) -> str:
+    base = cfg.root or os.path.join(os.path.expanduser("~"), ".cache", "shardvision")
+    root = os.path.join(base, f"shapes-seg-v1-{cfg.shapes_count[0]}-{cfg.shapes_count[1]}")
+    if not os.path.isdir(root):
+        write_shapes(root, (cfg.shapes_count[0], cfg.shapes_count[1]))
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms and collate
+# --------------------------------------------------------------------------------------------
+
+
+class TrainTransform:
+    """Scale jitter, crop (padding the mask with ignore_index), flip, normalise: image and mask together."""
+
+    def __init__(self, cfg: SegmentationDataConfig):
+        size = cfg.image_size
+        self.transform = v2.Compose(
+            [
+                v2.ScaleJitter(target_size=(size, size), scale_range=tuple(cfg.scale_range), antialias=True),
+                v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: cfg.ignore_index}),
+                v2.RandomHorizontalFlip(cfg.hflip),
+                v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64}, scale=True),
+                v2.Normalize(cfg.mean, cfg.std),
+            ]
+        )
+
+    def __call__(self, pair: tuple[Image.Image, np.ndarray]) -> dict:
+        image, mask = pair
+        image, mask = self.transform(tv_tensors.Image(v2.functional.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(mask)))
+        return {"image": image.as_subclass(torch.Tensor), "mask": mask.as_subclass(torch.Tensor)}
+
+
+class EvalTransform:
+    """Resize the image (shorter side = image_size); keep the mask at its original resolution,
+    where the metrics are computed."""
+
+    def __init__(self, cfg: SegmentationDataConfig):
+        self.transform = v2.Compose(
+            [
+                v2.Resize(cfg.image_size, antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(cfg.mean, cfg.std),
+            ]
+        )
+
+    def __call__(self, pair: tuple[Image.Image, np.ndarray]) -> dict:
+        image, mask = pair
+        image = self.transform(tv_tensors.Image(v2.functional.pil_to_tensor(image))).as_subclass(torch.Tensor)
+        return {"image": image, "mask": torch.from_numpy(mask)}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack training crops; pad eval images of different sizes to the largest, recording each
+    image's own extent, and keep masks at their original size in a list."""
+    if all(s["image"].shape == samples[0]["image"].shape for s in samples) and all(s["mask"].shape == samples[0]["mask"].shape for s in samples):
+        images = torch.stack([s["image"] for s in samples])
+        return {"image": images, "mask": torch.stack([s["mask"] for s in samples]), "extent": torch.tensor([s["image"].shape[1:] for s in samples])}
+    h = max(s["image"].shape[1] for s in samples)
+    w = max(s["image"].shape[2] for s in samples)
+    images = torch.zeros(len(samples), 3, h, w)
+    for i, s in enumerate(samples):
+        images[i, :, : s["image"].shape[1], : s["image"].shape[2]] = s["image"]
+    return {"image": images, "mask": [s["mask"] for s in samples], "extent": torch.tensor([s["image"].shape[1:] for s in samples])}
+
+
+def build_datasets(cfg: SegmentationDataConfig, num_classes: int, seed: int) -> tuple[Dataset, Dataset]:
+    checks = dict(num_classes=num_classes, ignore_index=cfg.ignore_index, reduce_zero_label=cfg.reduce_zero_label)
+    if cfg.source == "hf_disk":
+        import datasets
+
+        loaded = datasets.load_from_disk(cfg.root)
+        raw = []
+        for split in (cfg.train_split, cfg.eval_split):
+            if split not in loaded:
+                raise ConfigError(f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)")
+            raw.append(HFPairs(loaded[split], cfg.image_column, cfg.mask_column, f"{cfg.root} [{split}]", **checks))
+    else:
+        root = shapes_root(cfg) if cfg.source == "shapes" else cfg.root
+        pairs_of = ade20k_pairs if cfg.source == "ade20k" else voc_pairs
+        raw = [PairFolder(pairs_of(root, split), **checks) for split in (cfg.train_split, cfg.eval_split)]
+    return SeededTransforms(raw[0], TrainTransform(cfg), seed), SeededTransforms(raw[1], EvalTransform(cfg), seed)
