@@ -144,7 +144,7 @@ def test_datasets_on_disk(tmp_path):
     assert val[1]["mask"].unique().tolist() == [1]
 
 
-@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"])
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50"])
 def test_torchvision_models(name):
     model = build_model(SegmentationModelConfig(name=name, num_classes=5)).eval()
     main, aux = logits_of(model, torch.randn(1, 3, 64, 64))
@@ -168,3 +168,28 @@ def test_transformers_upernet_from_local_config(tmp_path):
     assert type(model).__name__ == "UperNetForSemanticSegmentation"
     main, _ = logits_of(model, torch.randn(2, 3, 64, 64))
     assert main.shape == (2, 4, 64, 64)
+
+
+class PixelModel(torch.nn.Module):
+    """Per-pixel logits (a 1x1 conv): windowed inference must reproduce whole-image inference."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return {"out": self.conv(x)}
+
+
+def test_sliding_window_inference():
+    from recipes.segmentation.task import slide_logits
+
+    model = PixelModel().eval()
+    with torch.no_grad():
+        for h, w in ((50, 70), (20, 30)):  # larger than the window, and smaller (padded)
+            image = torch.randn(1, 3, h, w)
+            whole = model(image)["out"]
+            slid = slide_logits(model, image, window=32, stride=21, num_classes=4)
+            assert slid.shape == whole.shape
+            assert torch.allclose(slid, whole, atol=1e-5)
