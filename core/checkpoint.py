@@ -1,14 +1,18 @@
 """Checkpoints: `accelerator.save_state` into `<output_dir>/checkpoints/<step>/`, made visible only
 when complete, plus the trainer's own position so a resumed run continues where it stopped.
 
-A checkpoint is written under `checkpoints/.tmp-<step>/` by every rank, then rank 0 adds the
-trainer state and a manifest of every file with its size, and only then renames the folder to
-`checkpoints/<step>/`. A crash during a save therefore leaves at most a `.tmp-*` folder, which is
-ignored and later removed; `--resume auto` only ever sees complete checkpoints. Old checkpoints
-are pruned after the new one is in place, never before. (The folder must be on a filesystem all
-ranks share, as usual for multi-node runs.)
+A checkpoint is written under `checkpoints/.tmp-<step>/` by every rank; after a barrier rank 0
+adds the trainer state and a manifest of every file with its size and CRC-32, then renames the
+folder to `checkpoints/<step>/`. A crash during a save therefore leaves at most a `.tmp-*` folder,
+which is ignored and later removed; `--resume auto` only considers published checkpoints, checks
+them against their manifest and falls back to the previous one if the newest is damaged. Old
+checkpoints are pruned after the new one is in place, never before, and never the newest.
+(accelerate's `total_limit` deletes first, and DeepSpeed writes its `latest` pointer before its
+final barrier: neither is relied on.) The folder must be on a filesystem all ranks share.
 
 The trainer state is JSON and the EMA weights are safetensors: nothing of shardvision's is pickled.
+accelerate reads its own files with `weights_only=True`; DeepSpeed and FSDP checkpoints are
+pickles and are loaded only from this run's own folder unless `checkpoint.allow_pickle` is set.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import json
 import logging
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -30,6 +36,7 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 EMA_WEIGHTS = "ema.safetensors"
+PICKLED_FORMATS = {"pytorch_model": "DeepSpeed", "pytorch_model_fsdp_0": "FSDP"}
 
 
 class CheckpointError(RuntimeError):
@@ -44,18 +51,50 @@ class TrainerState:
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss
     best_metric: Optional[float] = None
     best_step: Optional[int] = None
+    eval_metric: Optional[float] = None  # the primary metric of the latest evaluation (keep_best ranks by it)
     world_size: int = 1  # the geometry the position was recorded under
     micro_batch_size: int = 0
     grad_accum_steps: int = 1
 
 
+def _crc32(path: str) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def verify(path: str) -> None:
+    """Raise CheckpointError unless every file in the manifest is there, whole and unchanged."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        raise CheckpointError(f"{path} is not a complete shardvision checkpoint: {MANIFEST} is missing")
+    with open(manifest) as f:
+        files = json.load(f)["files"]
+    for rel, expected in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            raise CheckpointError(f"{path}: {rel} is listed in {MANIFEST} but missing")
+        if os.path.getsize(full) != expected["bytes"]:
+            raise CheckpointError(f"{path}: {rel} has {os.path.getsize(full)} bytes, {MANIFEST} says {expected['bytes']}")
+        if _crc32(full) != expected["crc32"]:
+            raise CheckpointError(f"{path}: {rel} is damaged (CRC-32 differs from {MANIFEST})")
+
+
+def pickled_format(path: str) -> Optional[str]:
+    """'DeepSpeed' or 'FSDP' when the checkpoint's model state is stored as Python pickles."""
+    return next((fmt for sub, fmt in PICKLED_FORMATS.items() if os.path.isdir(os.path.join(path, sub))), None)
+
+
 class CheckpointManager:
-    def __init__(self, accelerator: Accelerator, root: str, keep_last: int):
-        self.accelerator, self.root, self.keep_last = accelerator, root, keep_last
+    def __init__(self, accelerator: Accelerator, root: str, keep_last: int, keep_best: int = 0, higher_is_better: bool = True):
+        self.accelerator, self.root = accelerator, root
+        self.keep_last, self.keep_best, self.higher_is_better = keep_last, keep_best, higher_is_better
         self.last_saved_step: Optional[int] = None
 
     def complete(self) -> list[tuple[int, str]]:
-        """(step, path) of every complete checkpoint, oldest first."""
+        """(step, path) of every published checkpoint, oldest first."""
         if not os.path.isdir(self.root):
             return []
         found = []
@@ -66,19 +105,40 @@ class CheckpointManager:
         return sorted(found)
 
     def resolve(self, resume: Optional[str]) -> Optional[str]:
-        """The checkpoint folder `--resume` points at; None for a fresh start."""
+        """The checkpoint folder `--resume` means, verified; None for a fresh start. Rank 0 reads
+        the files and every rank gets its answer, so all ranks resume from the same folder."""
+        answer: list = [None]
+        if self.accelerator.is_main_process:
+            try:
+                answer[0] = ("ok", self._resolve_on_main(resume))
+            except CheckpointError as e:
+                answer[0] = ("error", str(e))
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(answer, from_process=0)
+        status, value = answer[0]
+        if status == "error":
+            raise CheckpointError(value)
+        return value
+
+    def _resolve_on_main(self, resume: Optional[str]) -> Optional[str]:
         if resume is None:
             return None
         if resume == "auto":
-            found = self.complete()
-            return found[-1][1] if found else None
+            for _, path in reversed(self.complete()):
+                try:
+                    verify(path)
+                    return path
+                except CheckpointError as e:
+                    logger.warning("--resume auto: skipping %s, falling back to the previous checkpoint", e)
+            return None
         if os.path.isdir(os.path.join(resume, "checkpoints")):  # a run folder: take its newest
             found = CheckpointManager(self.accelerator, os.path.join(resume, "checkpoints"), 1).complete()
             if not found:
                 raise CheckpointError(f"--resume {resume}: the run folder has no complete checkpoint")
-            return found[-1][1]
+            resume = found[-1][1]
         if not os.path.isdir(resume):
             raise CheckpointError(f"--resume {resume}: no such checkpoint folder")
+        verify(resume)
         return resume
 
     def save(self, state: TrainerState, ema: Optional[torch.nn.Module] = None) -> str:
@@ -106,28 +166,39 @@ class CheckpointManager:
             else:
                 os.replace(tmp, final)
             _fsync_dir(self.root)
-            self._prune(keep=final)
+            self._prune(newest=final)
         acc.wait_for_everyone()
         self.last_saved_step = step
         logger.info("saved checkpoint %s", final)
         return final
 
-    def load(self, path: str, state: TrainerState, ema: Optional[torch.nn.Module] = None) -> None:
-        self.verify(path)
+    def load(self, path: str, state: TrainerState, allow_pickle: bool, ema: Optional[torch.nn.Module] = None) -> None:
+        """Restore `path` (already verified by resolve) into the accelerator, `state` and `ema`."""
         with open(os.path.join(path, TRAINER_STATE)) as f:
             saved = json.load(f)
         unknown = set(saved) - {f.name for f in dataclasses.fields(TrainerState)}
         if unknown:
             raise CheckpointError(f"{path}/{TRAINER_STATE}: unknown fields {sorted(unknown)}")
+        fmt = pickled_format(path)
+        own = os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep)
+        if fmt and not own and not allow_pickle:
+            raise CheckpointError(
+                f"{path} is a {fmt} checkpoint from outside this run's folder; its files are Python pickles "
+                "and loading them runs code stored in them. If you trust it, set --checkpoint.allow_pickle true."
+            )
+        world, saved_world = self.accelerator.num_processes, saved["world_size"]
+        if fmt and saved_world != world:
+            raise CheckpointError(
+                f"{path} holds {fmt} shards of {saved_world} ranks and cannot be loaded on {world}. Resume on "
+                f"{saved_world} ranks, or export its weights (`shardvision export {path} OUT --allow-pickle`) and "
+                "start a new run from them with --weights OUT/model.safetensors (the optimizer state starts anew)."
+            )
+        new_geometry = dict(world_size=world, micro_batch_size=state.micro_batch_size, grad_accum_steps=state.grad_accum_steps)
         for key, value in saved.items():
             setattr(state, key, value)
-        world = self.accelerator.num_processes
-        if state.world_size != world and state.batches_in_epoch > 0:
-            raise CheckpointError(
-                f"{path} was saved mid-epoch by {state.world_size} ranks; resuming it on {world} ranks "
-                "cannot place the data position. Resume with the same number of ranks."
-            )
+        self._remap_position(state, **new_geometry)
         self.accelerator.load_state(path)
+        self._check_rng_restored(path)
         if ema is not None:
             ema_file = os.path.join(path, EMA_WEIGHTS)
             if not os.path.isfile(ema_file):
@@ -136,18 +207,35 @@ class CheckpointManager:
         self.last_saved_step = state.global_step
         logger.info("resumed from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
 
-    def verify(self, path: str) -> None:
-        manifest = os.path.join(path, MANIFEST)
-        if not os.path.isfile(manifest):
-            raise CheckpointError(f"{path} is not a complete shardvision checkpoint: {MANIFEST} is missing")
-        with open(manifest) as f:
-            files = json.load(f)["files"]
-        for rel, size in files.items():
-            full = os.path.join(path, rel)
-            if not os.path.isfile(full):
-                raise CheckpointError(f"{path}: {rel} is listed in {MANIFEST} but missing")
-            if os.path.getsize(full) != size:
-                raise CheckpointError(f"{path}: {rel} has {os.path.getsize(full)} bytes, {MANIFEST} says {size}")
+    def _remap_position(self, state: TrainerState, world_size: int, micro_batch_size: int, grad_accum_steps: int) -> None:
+        """Carry the position in the epoch over to another number of ranks or micro-batch size.
+
+        The data order is one permutation per epoch, cut into micro-batches that are dealt to the
+        ranks in turn, so `batches x micro x ranks` samples are consumed whatever the geometry."""
+        old = (state.world_size, state.micro_batch_size, state.grad_accum_steps)
+        if old == (world_size, micro_batch_size, grad_accum_steps):
+            return
+        old_global = old[0] * old[1] * old[2]
+        new_global = world_size * micro_batch_size * grad_accum_steps
+        if old_global != new_global:
+            logger.warning(
+                "the global batch changes from %d to %d samples: the optimizer-step count and the lr schedule "
+                "continue from step %d but no longer describe the same data", old_global, new_global, state.global_step,
+            )
+        consumed = state.batches_in_epoch * old[0] * old[1]
+        per_window = world_size * micro_batch_size * grad_accum_steps
+        windows, leftover = divmod(consumed, per_window)
+        state.batches_in_epoch = windows * grad_accum_steps
+        if leftover:
+            logger.warning("%d samples of epoch %d will be trained on again: the new geometry cannot stop where the old one did", leftover, state.epoch)
+        logger.info("resuming a %d-rank checkpoint on %d ranks: %d samples of epoch %d already done", old[0], world_size, consumed - leftover, state.epoch)
+        state.world_size, state.micro_batch_size, state.grad_accum_steps = world_size, micro_batch_size, grad_accum_steps
+
+    def _check_rng_restored(self, path: str) -> None:
+        """accelerate logs a failed RNG restore at INFO and carries on; make it visible."""
+        rank = self.accelerator.process_index
+        if not os.path.isfile(os.path.join(path, f"random_states_{rank}.pkl")):
+            logger.warning("rank %d: %s has no saved RNG state for this rank; it continues from the seeded state", rank, path)
 
     def _write_manifest(self, folder: str) -> None:
         files = {}
@@ -156,20 +244,30 @@ class CheckpointManager:
                 full = os.path.join(dirpath, name)
                 with open(full, "rb") as f:
                     os.fsync(f.fileno())
-                files[os.path.relpath(full, folder)] = os.path.getsize(full)
+                files[os.path.relpath(full, folder)] = {"bytes": os.path.getsize(full), "crc32": _crc32(full)}
         path = os.path.join(folder, MANIFEST)
         with open(path, "w") as f:
             json.dump({"files": files}, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
 
-    def _prune(self, keep: str) -> None:
+    def _prune(self, newest: str) -> None:
         complete = self.complete()
-        for _, path in complete[: max(0, len(complete) - self.keep_last)]:
-            if path != keep:
+        keep = {path for _, path in complete[-self.keep_last :]} | {newest}
+        if self.keep_best:
+            scored = []
+            for _, path in complete:
+                with open(os.path.join(path, TRAINER_STATE)) as f:
+                    metric = json.load(f).get("eval_metric")
+                if metric is not None:
+                    scored.append((metric, path))
+            scored.sort(reverse=self.higher_is_better)
+            keep |= {path for _, path in scored[: self.keep_best]}
+        for _, path in complete:
+            if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
         for name in os.listdir(self.root):  # leftovers of saves that crashed
-            if name.startswith((".tmp-", ".old-")) and os.path.join(self.root, name) != keep:
+            if name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
 

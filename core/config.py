@@ -152,13 +152,20 @@ class LoopConfig:
 class CheckpointConfig:
     every_steps: int = option(0, "Save every N optimizer steps (0: only at epoch end).")
     at_epoch_end: bool = option(True, "Save at the end of every epoch.")
-    keep_last: int = option(3, "Complete checkpoints to keep (older ones are deleted after a new one is complete).")
-    resume: Optional[str] = option(None, "'auto' (newest complete checkpoint in output_dir, if any) or a checkpoint path.")
+    keep_last: int = option(3, "Newest complete checkpoints to keep (older ones are deleted after a new one is complete).")
+    keep_best: int = option(0, "Also keep this many checkpoints with the best eval metric (the task's primary metric).")
+    resume: Optional[str] = option(None, "'auto' (newest intact checkpoint in output_dir, if any) or a checkpoint path.")
+    allow_pickle: bool = option(
+        False,
+        "Allow resuming a DeepSpeed/FSDP checkpoint from outside this run's output_dir: their files are Python "
+        "pickles, and loading one runs code stored in it.",
+    )
     export_final: bool = option(True, "Write consolidated weights to <output_dir>/final/model.safetensors at the end.")
 
     def validate(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "must be >= 0")
         _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "must be >= 1")
+        _check(self.keep_best >= 0, "checkpoint.keep_best", self.keep_best, "must be >= 0")
 
 
 @dataclass

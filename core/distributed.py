@@ -270,7 +270,9 @@ def reduce_mean(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device), reduction="mean")[0]
 
 
-def all_ranks_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
-    """True only when the loss is finite on every rank, so all ranks take the same branch."""
-    flag = torch.isfinite(loss.detach()).float().reshape(1).to(accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum")[0].item() == accelerator.num_processes)
+def agree(accelerator: Accelerator, loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """(loss finite on every rank, a stop requested on any rank): one small all-reduce, so every
+    rank takes the same branch."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()), torch.tensor(float(stop_requested), device=loss.device)])
+    flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum").tolist()
+    return flags[0] == 0, flags[1] > 0

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import signal
 from typing import Any, Optional
 
 import torch
@@ -21,7 +22,7 @@ from core.checkpoint import CheckpointManager, TrainerState
 from core.config import ConfigError, TrainConfig, save_config, to_dict
 from core.data import build_loader
 from core.distributed import (
-    all_ranks_finite,
+    agree,
     build_accelerator,
     reduce_mean,
     seed_everything,
@@ -38,8 +39,16 @@ from core.weights import load_weights
 logger = logging.getLogger("shardvision")
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; schedulers can requeue on it
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and cloud schedulers send before a kill
+
+
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(Exception):
+    """Raised after a stop signal once the checkpoint of the current step is written."""
 
 
 class Trainer:
@@ -95,20 +104,25 @@ class Trainer:
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(self.input_dtype)
         self.state = TrainerState(world_size=acc.num_processes, micro_batch_size=cfg.data.micro_batch_size, grad_accum_steps=accum)
-        self.checkpoints = CheckpointManager(acc, os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(
+            acc, os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, task.higher_is_better
+        )
         resume_from = self.checkpoints.resolve(cfg.checkpoint.resume)
         if resume_from is not None:
-            self.checkpoints.load(resume_from, self.state, self._ema_weights())
+            self.checkpoints.load(resume_from, self.state, cfg.checkpoint.allow_pickle, self._ema_weights())
             set_schedule_step(self.scheduler, self.state.global_step)
-            self.state.world_size = acc.num_processes
         elif cfg.checkpoint.resume == "auto":
             logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
         self.run_logger = RunLogger(acc, cfg.output_dir, to_dict(cfg), cfg.logging.tensorboard)
+        self.stop_signal: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
-        """Train to the end (or evaluate only), export the weights, return the last eval metrics."""
+        """Train to the end (or evaluate only), export the weights, return the last eval metrics.
+        SIGTERM/SIGUSR1 end the run after the current optimizer step with a checkpoint (Preempted)."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request_stop)
         self._log_summary()
         if self.cfg.eval_only:
             metrics = self.evaluate_and_log()
@@ -155,7 +169,8 @@ class Trainer:
             batch = self._cast_inputs(batch)
             with acc.accumulate(self.model):
                 loss = self.task.training_step(self.model, batch)
-                if not all_ranks_finite(acc, loss):
+                finite, stop = agree(acc, loss, self.stop_signal is not None)
+                if not finite:
                     window_ok = self._on_nonfinite_loss(loss, epoch)
                 if window_ok:
                     acc.backward(loss)  # divides by grad_accum_steps (DeepSpeed divides inside)
@@ -195,8 +210,11 @@ class Trainer:
                 loss_sum.zero_()
                 loss_count = 0
                 meter.reset()
-            if acc.sync_gradients and cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0:
+            if acc.sync_gradients and (stop or cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0):
                 self._save_checkpoint()
+            if acc.sync_gradients and stop:
+                bar.close()
+                raise Preempted(f"stopped by {self.stop_signal or 'a signal on another rank'} at step {state.global_step}")
             if acc.sync_gradients and self._reached_max_steps():
                 bar.close()
                 return
@@ -227,6 +245,7 @@ class Trainer:
         if self.ema is not None:
             metrics.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
         primary = metrics.get(self.task.primary_metric)
+        state.eval_metric = primary
         if primary is not None and not self.cfg.eval_only:
             better = state.best_metric is None or (primary > state.best_metric if self.task.higher_is_better else primary < state.best_metric)
             if better:
@@ -291,6 +310,10 @@ class Trainer:
         logger.warning("non-finite loss at %s: skipping this optimizer step", where)
         self.optimizer.zero_grad(set_to_none=True)
         return False
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        logger.warning("%s received: stopping after this optimizer step, with a checkpoint", self.stop_signal)
 
     def _ema_weights(self) -> Optional[torch.nn.Module]:
         return self.ema.module if self.ema is not None else None

@@ -75,21 +75,25 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def run_killed_after_checkpoint(args: list[str], run_dir: Path, step: int, **launch_kwargs) -> None:
-    """Start a run, SIGKILL all its processes once checkpoint `step` is complete."""
+def run_killed_when(args: list[str], marker: Path, **launch_kwargs) -> None:
+    """Start a run and SIGKILL all its processes as soon as `marker` exists."""
     cmd = launch_command(args, **launch_kwargs)
     proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    marker = run_dir / "checkpoints" / str(step) / "manifest.json"
     deadline = time.time() + 400
     while not marker.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {proc.returncode}) before checkpoint {step}:\n{proc.stderr.read().decode()[-4000:]}")
+            raise AssertionError(f"run ended (exit {proc.returncode}) before {marker} appeared:\n{proc.stderr.read().decode()[-4000:]}")
         if time.time() > deadline:
             kill_tree(proc.pid)
-            raise AssertionError(f"no checkpoint {step} within the time limit")
-        time.sleep(0.05)
+            raise AssertionError(f"no {marker} within the time limit")
+        time.sleep(0.01)
     kill_tree(proc.pid)
     proc.wait()
+
+
+def run_killed_after_checkpoint(args: list[str], run_dir: Path, step: int, **launch_kwargs) -> None:
+    """Start a run, SIGKILL all its processes once checkpoint `step` is complete."""
+    run_killed_when(args, run_dir / "checkpoints" / str(step) / "manifest.json", **launch_kwargs)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from core.checkpoint import CheckpointError, CheckpointManager, TrainerState
+from core.checkpoint import CheckpointError, CheckpointManager, TrainerState, verify
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_partial_checkpoints_are_invisible_to_auto_resume(setup):
     assert manager.resolve(os.path.dirname(manager.root)) == os.path.join(manager.root, "3")  # a run folder
     assert CheckpointManager(acc, os.path.join(manager.root, "none"), 1).resolve("auto") is None
     with pytest.raises(CheckpointError, match="manifest.json is missing"):
-        manager.load(os.path.join(manager.root, "5"), TrainerState())
+        manager.resolve(os.path.join(manager.root, "5"))
 
 
 def test_damaged_or_missing_files_are_named(setup):
@@ -61,13 +61,61 @@ def test_damaged_or_missing_files_are_named(setup):
     path = manager.save(TrainerState(global_step=1))
     weights = os.path.join(path, "model.safetensors")
     size = os.path.getsize(weights)
+    with open(weights, "r+b") as f:  # same size, one byte flipped
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is damaged \(CRC-32 differs"):
+        manager.resolve(path)
     with open(weights, "r+b") as f:
         f.truncate(size // 2)
     with pytest.raises(CheckpointError, match=rf"model\.safetensors has {size // 2} bytes, manifest\.json says {size}"):
-        manager.load(path, TrainerState())
+        verify(path)
     os.remove(weights)
     with pytest.raises(CheckpointError, match=r"model\.safetensors is listed in manifest\.json but missing"):
-        manager.load(path, TrainerState())
+        verify(path)
+
+
+def test_auto_resume_falls_back_past_a_damaged_newest(setup, caplog):
+    acc, model, optimizer, manager = setup
+    manager.save(TrainerState(global_step=1))
+    newest = manager.save(TrainerState(global_step=2))
+    os.remove(os.path.join(newest, "optimizer.bin"))
+    assert manager.resolve("auto") == os.path.join(manager.root, "1")
+    assert "optimizer.bin is listed in manifest.json but missing" in caplog.text
+    with pytest.raises(CheckpointError, match="optimizer.bin is listed"):
+        manager.resolve(newest)  # an explicit path never falls back
+
+
+def test_keep_best_keeps_the_best_and_never_the_newest_out(setup):
+    acc, model, optimizer, manager = setup
+    manager.keep_last, manager.keep_best = 1, 2
+    for step, metric in ((1, 50.0), (2, 90.0), (3, 70.0), (4, 80.0), (5, 10.0)):
+        manager.save(TrainerState(global_step=step, eval_metric=metric))
+    assert [s for s, _ in manager.complete()] == [2, 4, 5]  # best two (90, 80) + the newest
+
+
+def test_pickled_checkpoints_from_elsewhere_need_opt_in(setup, tmp_path):
+    acc, model, optimizer, manager = setup
+    foreign = tmp_path / "elsewhere" / "7"
+    (foreign / "pytorch_model").mkdir(parents=True)
+    (foreign / "trainer_state.json").write_text('{"global_step": 7, "world_size": 1}')
+    with pytest.raises(CheckpointError, match=r"DeepSpeed checkpoint from outside this run's folder.*--checkpoint\.allow_pickle true"):
+        manager.load(str(foreign), TrainerState(), allow_pickle=False)
+    (foreign / "trainer_state.json").write_text('{"global_step": 7, "world_size": 4}')
+    with pytest.raises(CheckpointError, match=r"holds DeepSpeed shards of 4 ranks and cannot be loaded on 1.*shardvision export"):
+        manager.load(str(foreign), TrainerState(), allow_pickle=True)
+
+
+def test_position_carries_over_to_another_geometry(setup):
+    acc, model, optimizer, manager = setup
+    state = TrainerState(epoch=1, batches_in_epoch=7, world_size=2, micro_batch_size=64, grad_accum_steps=1)
+    manager._remap_position(state, world_size=1, micro_batch_size=128, grad_accum_steps=1)
+    assert state.batches_in_epoch == 7 and state.world_size == 1  # 7 x 64 x 2 = 7 x 128 samples
+    state = TrainerState(batches_in_epoch=7, world_size=1, micro_batch_size=32, grad_accum_steps=1)
+    manager._remap_position(state, world_size=2, micro_batch_size=32, grad_accum_steps=1)
+    assert state.batches_in_epoch == 3  # 224 samples: 3 batches of 2 x 32 done, 32 samples seen again
 
 
 def test_load_restores_weights_optimizer_and_position(setup):
@@ -79,14 +127,9 @@ def test_load_restores_weights_optimizer_and_position(setup):
     moment = optimizer.state_dict()["state"][0]["exp_avg"].clone()
     train_step(model, optimizer)  # move away from the checkpoint
     state = TrainerState()
-    manager.load(path, state)
+    manager.load(path, state, allow_pickle=False)
     assert state == saved
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moment)
 
 
-def test_mid_epoch_checkpoint_on_another_world_size_is_refused(setup):
-    acc, model, optimizer, manager = setup
-    path = manager.save(TrainerState(global_step=4, batches_in_epoch=4, world_size=2))
-    with pytest.raises(CheckpointError, match="saved mid-epoch by 2 ranks; resuming it on 1 ranks"):
-        manager.load(path, TrainerState())

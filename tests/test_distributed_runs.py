@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DIGITS, QUICK, REPO, launch, read_metrics, run_killed_after_checkpoint
+from tests.conftest import DIGITS, QUICK, REPO, launch, launch_command, read_metrics, run_env, run_killed_after_checkpoint, run_killed_when
 
 pytestmark = pytest.mark.slow
 
@@ -185,3 +190,120 @@ def test_bad_config_exits_2_with_the_message(tmp_path):
     assert proc.returncode == 2
     assert "shardvision: error: --optim.lrr: unknown key 'optim.lrr'. Did you mean 'optim.lr'?" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes, preemption, another cluster size, export
+# ---------------------------------------------------------------------------------------------
+
+
+def final_weights_equal(a: Path, b: Path) -> bool:
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(ddp_reference, tmp_path):
+    args = [*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "7"]
+    run_killed_when(args, tmp_path / "checkpoints" / ".tmp-14", launcher="torchrun")  # killed while writing step 14
+    assert not (tmp_path / "checkpoints" / "14").exists()
+    proc = launch([*args, "--resume", "auto"], launcher="torchrun")
+    assert f"resumed from {tmp_path / 'checkpoints' / '7'}" in proc.stderr
+    assert not (tmp_path / "checkpoints" / ".tmp-14").exists()  # cleaned up by the next save
+    expected = train_losses(ddp_reference)
+    assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
+    assert final_weights_equal(ddp_reference, tmp_path)
+
+
+def wait_for_train_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in read_metrics(run_dir, "train")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never logged step {step}")
+
+
+def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(ddp_reference, tmp_path):
+    """SLURM and cloud schedulers send SIGTERM (or SIGUSR1) to every rank before killing them."""
+    args = [*TRAJECTORY, "--output-dir", str(tmp_path)]
+    proc = subprocess.Popen(launch_command(args, "torchrun"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_train_step(tmp_path, 4, proc)
+    for worker in psutil.Process(proc.pid).children(recursive=True):
+        if "train.py" in " ".join(worker.cmdline()):
+            worker.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert "exitcode  : 75" in stderr, stderr[-3000:]
+    assert "checkpoint saved, rerun with --resume auto" in stderr
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and 4 <= saved[0] < 11, saved  # mid-epoch 0
+    launch([*args, "--resume", "auto"], launcher="torchrun")
+    expected = train_losses(ddp_reference)
+    assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
+    assert final_weights_equal(ddp_reference, tmp_path)
+
+
+def test_single_process_sigterm_exit_code(tmp_path):
+    args = ["--config", DIGITS, *QUICK, "--output-dir", str(tmp_path), "--logging.every_steps", "1"]
+    proc = subprocess.Popen(launch_command(args, "python"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_train_step(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGUSR1)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr[-3000:]
+    assert "stopped by SIGUSR1" in stderr
+
+
+# LayerNorm ViT, no dropout, SGD: a step's update depends only on which samples it sees, not on
+# how they are spread over ranks, so runs on different numbers of ranks follow one trajectory.
+GEOMETRY = [
+    "--config", DIGITS, *QUICK, "--loop.epochs", "2", "--logging.every_steps", "1", "--checkpoint.at_epoch_end", "false",
+    "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}", "--optim.name", "sgd", "--optim.lr", "0.05",
+]
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2-to-1-ranks", "1-to-2-ranks"])
+def test_ddp_checkpoint_resumes_on_another_number_of_ranks(tmp_path_factory, tmp_path, before, after):
+    reference = tmp_path_factory.getbasetemp() / "geometry_reference"
+    if not (reference / "final").exists():
+        launch([*GEOMETRY, "--output-dir", str(reference)], launcher="torchrun")  # 2 ranks x 64
+    micro = {1: "128", 2: "64"}  # the same global batch of 128 either way
+    args = [*GEOMETRY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "7"]
+    run_killed_after_checkpoint([*args, "--data.micro_batch_size", micro[before]], tmp_path, step=7, launcher="torchrun", nproc=before)
+    proc = launch([*args, "--data.micro_batch_size", micro[after], "--resume", "auto"], launcher="torchrun", nproc=after)
+    assert f"resuming a {before}-rank checkpoint on {after} ranks" in proc.stderr
+    expected, got = train_losses(reference), train_losses(tmp_path)
+    assert sorted(got) == list(range(1, 23))
+    for step, losses in got.items():
+        assert losses[-1] == pytest.approx(expected[step][0], rel=1e-4), step
+
+
+def test_zero3_export_equals_deepspeeds_own_consolidation(tmp_path):
+    zero3 = dict(launcher="accelerate", accelerate_config=accelerate_config("deepspeed_zero3.yaml"))
+    run = tmp_path / "run"
+    launch(["--config", DIGITS, *QUICK, "--loop.max_steps", "3", "--output-dir", str(run)], **zero3)
+    checkpoint = run / "checkpoints" / "3"
+    shardvision = str(Path(sys.executable).parent / "shardvision")
+
+    refused = subprocess.run([shardvision, "export", str(checkpoint), str(tmp_path / "ours")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "DeepSpeed checkpoint: its shards are Python pickles" in refused.stderr
+    subprocess.run([shardvision, "export", str(checkpoint), str(tmp_path / "ours"), "--allow-pickle"], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(checkpoint / "zero_to_fp32.py"), str(checkpoint), str(tmp_path / "theirs"), "--safe_serialization"], check=True, capture_output=True)
+    ours, theirs = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (tmp_path / "ours" / "config.yaml").is_file()
+
+    import timm
+
+    from core.weights import load_weights
+
+    load_weights(timm.create_model("resnet18", num_classes=10), str(tmp_path / "ours" / "model.safetensors"))  # strict
+
+    other_size = launch(["--config", DIGITS, *QUICK, "--output-dir", str(run), "--resume", "auto"], nproc=1, check=False, **zero3)
+    assert other_size.returncode != 0
+    assert "holds DeepSpeed shards of 2 ranks and cannot be loaded on 1" in other_size.stderr
+
+
+def test_ddp_export_equals_the_final_weights(ddp_reference, tmp_path):
+    shardvision = str(Path(sys.executable).parent / "shardvision")
+    subprocess.run([shardvision, "export", str(ddp_reference / "checkpoints" / "22"), str(tmp_path)], check=True, capture_output=True)
+    a, b = load_file(tmp_path / "model.safetensors"), load_file(ddp_reference / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

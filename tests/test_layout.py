@@ -46,3 +46,13 @@ def test_console_script(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--optim.lr (float, default 0.001)" in out and "--distributed.strategy" in out
+
+
+def test_slurm_template_parses_and_matches_the_exit_code():
+    import subprocess
+
+    from core.trainer import PREEMPTED_EXIT_CODE
+
+    path = REPO / "launchers" / "slurm.sbatch"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    assert f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}" in path.read_text()
