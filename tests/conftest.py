@@ -68,15 +68,22 @@ def read_metrics(run_dir: Path, split: str) -> list[dict]:
 def kill_tree(pid: int) -> None:
     """SIGKILL a launcher and every rank under it, as when a node dies. (The launchers start their
     workers in sessions of their own, so killing the launcher's process group is not enough.)"""
-    parent = psutil.Process(pid)
-    procs = [parent, *parent.children(recursive=True)]
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
     for p in procs:
-        p.kill()
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
     psutil.wait_procs(procs, timeout=30)
 
 
-def run_killed_when(args: list[str], marker: Path, **launch_kwargs) -> None:
-    """Start a run and SIGKILL all its processes as soon as `marker` exists."""
+def run_killed_when(args: list[str], marker: Path, one_rank: bool = False, **launch_kwargs) -> None:
+    """Start a run and SIGKILL all its processes as soon as `marker` exists, or with `one_rank`
+    a single rank, leaving it to the launcher to notice and stop the others."""
     cmd = launch_command(args, **launch_kwargs)
     proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 400
@@ -87,6 +94,15 @@ def run_killed_when(args: list[str], marker: Path, **launch_kwargs) -> None:
             kill_tree(proc.pid)
             raise AssertionError(f"no {marker} within the time limit")
         time.sleep(0.01)
+    if one_rank:
+        rank = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline()))
+        rank.kill()
+        try:
+            proc.wait(timeout=120)
+        finally:
+            kill_tree(proc.pid)
+        assert proc.returncode != 0
+        return
     kill_tree(proc.pid)
     proc.wait()
 
