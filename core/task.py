@@ -28,6 +28,9 @@ class Metrics:
         """An optional human-readable breakdown (e.g. per-class IoU) logged after each evaluation."""
         return ""
 
+    def write(self, folder: str, values: dict[str, float]) -> None:
+        """Optional files (e.g. predictions) the main process writes after each evaluation."""
+
 
 class Task:
     primary_metric: str = "loss"  # the metric "best" refers to
@@ -51,8 +54,9 @@ class Task:
         """The mean loss of one micro-batch."""
         raise NotImplementedError
 
-    def evaluation_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        """Per-sample outputs (first dimension = samples in the batch) for `Metrics.update`."""
+    def evaluation_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor] | list:
+        """Per-sample outputs for `Metrics.update`: tensors whose first dimension is the batch, or
+        a list with one entry per sample (gathered as Python objects)."""
         raise NotImplementedError
 
     def build_metrics(self) -> Metrics:

@@ -222,9 +222,10 @@ class Trainer:
         state.epoch, state.batches_in_epoch = epoch + 1, 0
 
     @torch.no_grad()
-    def evaluate(self, model: Optional[torch.nn.Module] = None) -> dict[str, float]:
+    def evaluate(self, model: Optional[torch.nn.Module] = None, tag: str = "") -> dict[str, float]:
         """Metrics over the whole eval set: each rank runs its shard, outputs are gathered with
-        the padding accelerate adds to even out the last batch dropped, so every sample counts once."""
+        the padding accelerate adds to even out the last batch dropped, so every sample counts once.
+        Files the metrics write go to <output_dir>/eval/step-<N><tag>/."""
         model = model if model is not None else self.model
         was_training = model.training
         model.eval()
@@ -235,15 +236,18 @@ class Trainer:
                 outputs = self.task.evaluation_step(model, batch)
             metrics.update(self.accelerator.gather_for_metrics(outputs))
         model.train(was_training)
+        values = metrics.compute()
         if metrics.table():
             logger.info("per-class results\n%s", metrics.table())
-        return metrics.compute()
+        if self.accelerator.is_main_process:
+            metrics.write(os.path.join(self.cfg.output_dir, "eval", f"step-{self.state.global_step}{tag}"), values)
+        return values
 
     def evaluate_and_log(self) -> dict[str, float]:
         state = self.state
         metrics = self.evaluate()
         if self.ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
+            metrics.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module, tag="-ema").items()})
         primary = metrics.get(self.task.primary_metric)
         state.eval_metric = primary
         if primary is not None and not self.cfg.eval_only:

@@ -94,9 +94,10 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def config_class(recipe: str) -> type:
+    from recipes.detection.task import DetectionConfig
     from recipes.segmentation.task import SegmentationConfig
 
-    return {"classification": ClassificationConfig, "segmentation": SegmentationConfig}[recipe]
+    return {"classification": ClassificationConfig, "detection": DetectionConfig, "segmentation": SegmentationConfig}[recipe]
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "recipes/*/configs/*.yaml"))), ids=lambda p: p.split("recipes/")[1])
@@ -111,7 +112,7 @@ def test_every_shipped_recipe_config_parses(path, monkeypatch):
     assert cfg.model.name == data["model"]["name"]
 
 
-@pytest.mark.parametrize("recipe", ["classification", "segmentation"])
+@pytest.mark.parametrize("recipe", ["classification", "detection", "segmentation"])
 def test_configuration_reference_names_every_key(recipe):
     from core.config import all_keys
 

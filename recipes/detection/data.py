@@ -1,0 +1,244 @@
+"""Detection data in the COCO layout (an images folder and an `instances_*.json`), read with
+pycocotools. The built-in synthetic shapes set is written in that same layout, so the demo and
+the tests go through the real loader. Box-aware augmentations come from torchvision's
+transforms v2 on `tv_tensors.BoundingBoxes`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from core.config import ConfigError, DataConfig, option
+from core.data import SeededTransforms
+
+logger = logging.getLogger(__name__)
+SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}]
+
+
+class DataError(ValueError):
+    """An image or annotation that cannot be used; the message names it."""
+
+
+@dataclass
+class DetectionDataConfig(DataConfig):
+    source: Literal["coco", "shapes"] = option("shapes", "coco: images folder + instances json; shapes: built-in synthetic set in COCO layout.")
+    root: Optional[str] = option(None, "coco: dataset folder; shapes: where it is written (default ~/.cache/shardvision).")
+    train_images: str = option("train2017", "Training images folder, relative to root.")
+    train_annotations: str = option("annotations/instances_train2017.json", "Training annotations, relative to root.")
+    eval_images: str = option("val2017", "Evaluation images folder, relative to root.")
+    eval_annotations: str = option("annotations/instances_val2017.json", "Evaluation annotations, relative to root.")
+    bad_annotations: Literal["error", "drop"] = option(
+        "error", "Boxes outside the image, of zero area or with an unknown category: stop naming them, or drop them with a logged count."
+    )
+    min_size: int = option(800, "Shorter image side after resizing.")
+    max_size: int = option(1333, "Cap on the longer side after resizing.")
+    scale_jitter: list[float] = option([1.0, 1.0], "Training: random factor range applied to min_size/max_size.")
+    hflip: float = option(0.5, "Training: horizontal flip probability.")
+    shapes_count: list[int] = option([240, 60], "shapes: number of train and val images.")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.source == "coco":
+            if not self.root:
+                raise ConfigError("data.root is required for data.source='coco'")
+            for key in ("train_images", "train_annotations", "eval_images", "eval_annotations"):
+                path = os.path.join(self.root, getattr(self, key))
+                if not os.path.exists(path):
+                    raise ConfigError(f"data.{key}: {path} does not exist")
+        if len(self.scale_jitter) != 2 or not 0 < self.scale_jitter[0] <= self.scale_jitter[1]:
+            raise ConfigError(f"data.scale_jitter must be [low, high] with 0 < low <= high, got {self.scale_jitter!r}")
+        if not 0 <= self.hflip <= 1:
+            raise ConfigError(f"data.hflip must be in [0, 1], got {self.hflip!r}")
+
+
+class CocoDetection(Dataset):
+    """(image, target) pairs from a COCO json; annotations are checked once, when loaded.
+
+    Labels are contiguous 1..K in the json's category order (0 is the detectors' background);
+    `category_ids[label - 1]` maps back for COCO-format results. Crowd annotations are skipped
+    for training, as usual; images without annotations are kept (negatives)."""
+
+    def __init__(self, images: str, annotations: str, bad_annotations: str, training: bool):
+        from pycocotools.coco import COCO
+
+        self.images_dir, self.annotations_file = images, annotations
+        with _quiet():
+            self.coco = COCO(annotations)
+        self.category_ids = sorted(self.coco.getCatIds())
+        self.label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        self.category_names = [self.coco.cats[c]["name"] for c in self.category_ids]
+        self.ids = sorted(self.coco.getImgIds())
+        missing = [i for i in self.ids if not os.path.isfile(os.path.join(images, self.coco.imgs[i]["file_name"]))]
+        if missing:
+            first = os.path.join(images, self.coco.imgs[missing[0]]["file_name"])
+            if bad_annotations == "error":
+                raise DataError(f"{annotations}: {len(missing)} images are missing, e.g. image {missing[0]}: {first} (set data.bad_annotations: drop to skip them)")
+            logger.warning("dropped %d images of %s whose files are missing, e.g. %s", len(missing), annotations, first)
+            self.ids = [i for i in self.ids if i not in set(missing)]
+        self.targets = {image_id: self._checked(image_id, bad_annotations, training) for image_id in self.ids}
+
+    def _checked(self, image_id: int, policy: str, training: bool) -> dict:
+        info = self.coco.imgs[image_id]
+        boxes, labels, dropped = [], [], []
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            if ann.get("iscrowd", 0) and training:
+                continue
+            x, y, w, h = ann["bbox"]
+            problem = None
+            if ann["category_id"] not in self.label_of:
+                problem = f"unknown category_id {ann['category_id']}"
+            elif w <= 0 or h <= 0:
+                problem = f"zero-area box {ann['bbox']}"
+            elif x < 0 or y < 0 or x + w > info["width"] + 0.5 or y + h > info["height"] + 0.5:
+                problem = f"box {ann['bbox']} outside the {info['width']}x{info['height']} image"
+            if problem:
+                where = f"{self.annotations_file}: annotation {ann['id']} of image {image_id} ({info['file_name']}): {problem}"
+                if policy == "error":
+                    raise DataError(where + " (set data.bad_annotations: drop to skip such annotations)")
+                dropped.append(where)
+                continue
+            boxes.append([x, y, x + w, y + h])
+            labels.append(self.label_of[ann["category_id"]])
+        if dropped:
+            self.dropped = getattr(self, "dropped", 0) + len(dropped)
+            logger.warning("dropped %d bad annotations, e.g. %s", len(dropped), dropped[0])
+        return {"boxes": boxes, "labels": labels, "size": (info["height"], info["width"]), "file": info["file_name"]}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, dict]:
+        image_id = self.ids[i]
+        target = self.targets[image_id]
+        path = os.path.join(self.images_dir, target["file"])
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{path} (image {image_id} of {self.annotations_file}): cannot read image ({e})") from None
+        if (image.height, image.width) != target["size"]:
+            raise DataError(f"{path}: image is {image.width}x{image.height} but {self.annotations_file} says {target['size'][1]}x{target['size'][0]}")
+        return image, {"image_id": image_id, "boxes": target["boxes"], "labels": target["labels"]}
+
+
+class _quiet:
+    """pycocotools prints progress to stdout; keep it out of the run's log."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self._redirect = contextlib.redirect_stdout(io.StringIO())
+        self._redirect.__enter__()
+
+    def __exit__(self, *exc):
+        self._redirect.__exit__(*exc)
+
+
+class DetectionTransform:
+    """Training: scale jitter around min_size and a horizontal flip, boxes kept in step with the
+    image. Evaluation: the image as it is; the detector resizes it to min_size itself and maps its
+    boxes back to the original size, where COCO scores them."""
+
+    def __init__(self, cfg: DetectionDataConfig, training: bool):
+        steps: list[Any] = []
+        if training:
+            low, high = cfg.scale_jitter
+            sizes = sorted({max(1, round(cfg.min_size * f)) for f in np.linspace(low, high, 5)})
+            steps += [v2.RandomShortestSize(sizes, max_size=cfg.max_size, antialias=True), v2.RandomHorizontalFlip(cfg.hflip)]
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1.0)]
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, pair: tuple[Image.Image, dict]) -> dict:
+        image, target = pair
+        canvas = (image.height, image.width)
+        boxes = tv_tensors.BoundingBoxes(torch.tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=canvas)
+        out_image, out = self.transform(
+            tv_tensors.Image(v2.functional.pil_to_tensor(image)), {"boxes": boxes, "labels": torch.tensor(target["labels"], dtype=torch.int64)}
+        )
+        return {
+            "image": out_image.as_subclass(torch.Tensor),
+            "boxes": out["boxes"].as_subclass(torch.Tensor),
+            "labels": out["labels"],
+            "image_id": target["image_id"],
+            "original_size": torch.tensor(canvas),
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    """Images differ in size: lists, which the detectors batch themselves."""
+    return {
+        "image": [s["image"] for s in samples],
+        "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
+        "image_id": torch.tensor([s["image_id"] for s in samples]),
+        "original_size": torch.stack([s["original_size"] for s in samples]),
+    }
+
+
+def write_shapes(root: str, counts: tuple[int, int], size: int = 128) -> None:
+    """Deterministic scenes of squares, circles and triangles, in the COCO layout, with a few
+    images that have no object at all (negatives)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(4321)
+    os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".shapes-", dir=os.path.dirname(root) or ".")
+    os.makedirs(os.path.join(tmp, "annotations"))
+    ann_id = 1
+    for split, count in zip(("train", "val"), counts):
+        os.makedirs(os.path.join(tmp, split))
+        images, annotations = [], []
+        for k in range(count):
+            image_id = k + 1
+            img = Image.fromarray(rng.integers(0, 60, (size, size, 3), dtype=np.uint8) + rng.integers(0, 100, 3, dtype=np.uint8))
+            draw = ImageDraw.Draw(img)
+            n = 0 if k % 10 == 9 else int(rng.integers(1, 4))
+            for _ in range(n):
+                cat = int(rng.integers(1, 4))
+                r = int(rng.integers(8, 28))
+                cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
+                color = tuple(int(c) for c in rng.integers(140, 256, 3))
+                if cat == 1:
+                    draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+                elif cat == 2:
+                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+                else:
+                    draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+                annotations.append({"id": ann_id, "image_id": image_id, "category_id": cat, "bbox": [cx - r, cy - r, 2 * r + 1, 2 * r + 1], "area": float((2 * r + 1) ** 2), "iscrowd": 0})
+                ann_id += 1
+            name = f"{image_id:06d}.jpg"
+            img.save(os.path.join(tmp, split, name), quality=95)
+            images.append({"id": image_id, "file_name": name, "width": size, "height": size})
+        with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": SHAPES_CATEGORIES}, f)
+    try:
+        os.rename(tmp, root)  # atomic; a concurrent rank that got there first wrote the same files
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_datasets(cfg: DetectionDataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    if cfg.source == "shapes":
+        base = cfg.root or os.path.join(os.path.expanduser("~"), ".cache", "shardvision")
+        root = os.path.join(base, f"shapes-det-v1-{cfg.shapes_count[0]}-{cfg.shapes_count[1]}")
+        if not os.path.isdir(root):
+            write_shapes(root, (cfg.shapes_count[0], cfg.shapes_count[1]))
+        paths = ("train", "annotations/instances_train.json", "val", "annotations/instances_val.json")
+    else:
+        root = cfg.root
+        paths = (cfg.train_images, cfg.train_annotations, cfg.eval_images, cfg.eval_annotations)
+    train = CocoDetection(os.path.join(root, paths[0]), os.path.join(root, paths[1]), cfg.bad_annotations, training=True)
+    val = CocoDetection(os.path.join(root, paths[2]), os.path.join(root, paths[3]), cfg.bad_annotations, training=False)
+    return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(val, DetectionTransform(cfg, False), seed)

@@ -1,0 +1,67 @@
+"""COCO box mAP with pycocotools, from per-image predictions gathered across ranks.
+
+Every image's predictions arrive once (accelerate drops the padding it adds to the last batch),
+in original image coordinates, and are scored against the evaluation json by COCOeval. Each rank
+holds the same gathered predictions, so each computes the same numbers; only the main process
+writes them, with the predictions in the COCO results format, which any COCO tool can re-score."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import torch
+
+from core.task import Metrics
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def to_coco_results(prediction: dict, category_ids: list[int]) -> list[dict]:
+    boxes = prediction["boxes"].float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    return [
+        {"image_id": int(prediction["image_id"]), "category_id": category_ids[int(label) - 1], "bbox": [round(v, 3) for v in box], "score": round(float(score), 5)}
+        for box, score, label in zip(xywh, prediction["scores"].float().cpu().tolist(), prediction["labels"].cpu().tolist())
+        if 1 <= int(label) <= len(category_ids)
+    ]
+
+
+def coco_map(coco_gt, results: list[dict], image_ids: list[int]) -> dict[str, float]:
+    """COCOeval bbox stats over `image_ids`; 0 for every stat when there is no prediction."""
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        return {name: 0.0 for name in STAT_NAMES}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        evaluator.params.imgIds = sorted(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:6])}
+
+
+class CocoMetrics(Metrics):
+    def __init__(self, coco_gt, category_ids: list[int]):
+        self.coco_gt, self.category_ids = coco_gt, category_ids
+        self.results: list[dict] = []
+        self.image_ids: list[int] = []
+
+    def update(self, outputs: list[dict]) -> None:
+        for prediction in outputs:
+            self.image_ids.append(int(prediction["image_id"]))
+            self.results += to_coco_results(prediction, self.category_ids)
+
+    def compute(self) -> dict[str, float]:
+        return {**coco_map(self.coco_gt, self.results, self.image_ids), "images": float(len(self.image_ids))}
+
+    def write(self, folder: str, values: dict[str, float]) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "predictions.json"), "w") as f:
+            json.dump(self.results, f)
+        with open(os.path.join(folder, "metrics.json"), "w") as f:
+            json.dump(values, f, indent=2)

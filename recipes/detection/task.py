@@ -1,0 +1,54 @@
+"""The detection task: what one training and one evaluation step compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.config import TrainConfig, section
+from core.task import Task
+from recipes.detection.data import DetectionDataConfig, build_datasets, collate
+from recipes.detection.metrics import CocoMetrics
+from recipes.detection.models import DetectionModelConfig, build_model
+
+
+@dataclass
+class DetectionConfig(TrainConfig):
+    model: DetectionModelConfig = section(DetectionModelConfig, "Model.")
+    data: DetectionDataConfig = section(DetectionDataConfig, "Data.")
+
+
+class DetectionTask(Task):
+    primary_metric = "AP"
+    higher_is_better = True
+
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.cfg.model, self.cfg.data.min_size, self.cfg.data.max_size)
+
+    def build_datasets(self):
+        train, val = build_datasets(self.cfg.data, self.cfg.seed)
+        categories = len(val.base.category_ids)
+        if categories > self.cfg.model.num_classes:
+            from core.config import ConfigError
+
+            raise ConfigError(f"{val.base.annotations_file} has {categories} categories but model.num_classes is {self.cfg.model.num_classes}")
+        self.eval_set = val.base
+        return train, val
+
+    def collate(self, samples: list[dict]) -> dict:
+        return collate(samples)
+
+    def training_step(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        losses = model(batch["image"], batch["targets"])  # the detector's own dict of losses
+        return sum(losses.values())
+
+    def evaluation_step(self, model: torch.nn.Module, batch: dict) -> list[dict]:
+        detections = model(batch["image"])  # boxes already mapped back to each image's own size
+        return [
+            {"image_id": int(image_id), "boxes": d["boxes"].cpu(), "scores": d["scores"].cpu(), "labels": d["labels"].cpu()}
+            for image_id, d in zip(batch["image_id"], detections)
+        ]
+
+    def build_metrics(self) -> CocoMetrics:
+        return CocoMetrics(self.eval_set.coco, self.eval_set.category_ids)

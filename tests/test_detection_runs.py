@@ -1,0 +1,73 @@
+"""The detection recipe end to end: 2 gloo ranks on the synthetic shapes (real JPEG files and a
+COCO json through the real loader), killed and resumed, against an untrained baseline; the
+written predictions re-scored by pycocotools; 2-rank evaluation against 1 process; ZeRO-2."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, launch, read_metrics, run_killed_after_checkpoint
+from tests.test_detection import pycocotools_direct
+
+pytestmark = pytest.mark.slow
+
+DETECT = "recipes/detection/train.py"
+SHAPES = ["--config", "recipes/detection/configs/shapes.yaml", "--logging.progress_bar", "false", "--logging.tensorboard", "false"]
+VAL_JSON = Path.home() / ".cache" / "shardvision" / "shapes-det-v1-240-60" / "annotations" / "instances_val.json"
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory) -> Path:
+    """8 epochs of the demo, killed after a mid-epoch checkpoint, then resumed to the end."""
+    run_dir = tmp_path_factory.mktemp("shapes_det")
+    args = [*SHAPES, "--output-dir", str(run_dir), "--loop.epochs", "8", "--loop.eval_at_start", "true", "--checkpoint.every_steps", "50"]
+    run_killed_after_checkpoint(args, run_dir, step=50, launcher="torchrun", script=DETECT)
+    proc = launch([*args, "--resume", "auto"], launcher="torchrun", script=DETECT)
+    assert "world size 2 | strategy ddp" in proc.stderr and "resumed from" in proc.stderr
+    return run_dir
+
+
+def test_trains_resumes_and_beats_the_untrained_model(shapes_run):
+    rows = read_metrics(shapes_run, "eval")
+    untrained, final = rows[0], rows[-1]
+    assert untrained["step"] == 0 and final["step"] == 120
+    assert untrained["images"] == final["images"] == 60  # every val image exactly once over 2 ranks
+    assert final["AP50"] >= 0.15 and final["AP50"] >= untrained["AP50"] + 0.1, (untrained, final)
+    assert (shapes_run / "final" / "model.safetensors").is_file()
+
+
+def test_written_predictions_rescore_to_the_reported_metrics(shapes_run):
+    folder = shapes_run / "eval" / "step-120"
+    reported = json.load(open(folder / "metrics.json"))
+    direct = pycocotools_direct(VAL_JSON, folder / "predictions.json")
+    assert [reported[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == pytest.approx(list(direct[:6]))
+    assert {p["image_id"] for p in json.load(open(folder / "predictions.json"))} <= set(range(1, 61))
+
+
+def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
+    common = [*SHAPES, "--eval-only", "--weights", str(shapes_run / "final" / "model.safetensors"), "--data.eval_micro_batch_size", "7"]
+    launch([*common, "--output-dir", str(tmp_path / "two")], launcher="torchrun", script=DETECT)
+    launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python", script=DETECT)
+    two, one = read_metrics(tmp_path / "two", "eval")[-1], read_metrics(tmp_path / "one", "eval")[-1]
+    assert two["images"] == one["images"] == 60
+    for key in ("AP", "AP50", "AP75"):
+        assert two[key] == pytest.approx(one[key], abs=1e-6), key
+    p2 = json.load(open(tmp_path / "two" / "eval" / "step-0" / "predictions.json"))
+    p1 = json.load(open(tmp_path / "one" / "eval" / "step-0" / "predictions.json"))
+    assert len(p2) == len(p1)
+
+
+def test_zero2_trains_checkpoints_and_resumes(tmp_path):
+    kwargs = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs/deepspeed_zero2.yaml"), script=DETECT)
+    args = [*SHAPES, "--output-dir", str(tmp_path), "--loop.epochs", "1", "--checkpoint.every_steps", "5"]
+    run_killed_after_checkpoint(args, tmp_path, step=5, **kwargs)
+    assert (tmp_path / "checkpoints" / "5" / "pytorch_model").is_dir()
+    proc = launch([*args, "--resume", "auto"], **kwargs)
+    assert "strategy deepspeed (ZeRO-2)" in proc.stderr and "resumed from" in proc.stderr
+    total = int(re.search(r"(\d+) in total", proc.stderr).group(1))
+    assert read_metrics(tmp_path, "eval")[-1]["step"] == total
+    assert (tmp_path / "eval" / f"step-{total}" / "predictions.json").is_file()
