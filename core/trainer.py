@@ -178,44 +178,26 @@ class Trainer:
                     loss_count += 1
                 state.batches_in_epoch += 1
                 meter.add(self.task.batch_size(batch))
-
                 # Only the micro-batch that closes an accumulation window (or the epoch) may clip,
                 # step and schedule: the others just add to .grad, and under DDP skip the all-reduce.
-                if not acc.sync_gradients:
-                    continue
-                if window_ok:
-                    grad_norm = self._clip_gradients() or grad_norm
-                    self.optimizer.step()
-                    if self.ema is not None:
-                        self.ema.update(acc.unwrap_model(self.model), step=state.global_step)
-                else:
-                    state.skipped_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()  # in lockstep with global_step, skipped steps included
-                state.global_step += 1
-                window_ok = True
-                bar.update(1)
-
-            if acc.sync_gradients and state.global_step % cfg.logging.every_steps == 0 and loss_count:
-                values = {
-                    "loss": reduce_mean(acc, loss_sum / loss_count).item(),
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "images_per_sec": meter.images_per_sec(),
-                    "memory_mb": memory_mb(acc.device),
-                }
-                if grad_norm is not None:
-                    values["grad_norm"] = float(grad_norm)
-                self.run_logger.log("train", state.global_step, epoch + state.batches_in_epoch / len(self.train_loader), values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{values['images_per_sec']:.0f}")
+                if acc.sync_gradients:
+                    step_norm = self._optimizer_step(window_ok)
+                    grad_norm = grad_norm if step_norm is None else step_norm
+                    window_ok = True
+            if not acc.sync_gradients:
+                continue
+            bar.update(1)
+            if state.global_step % cfg.logging.every_steps == 0 and loss_count:
+                self._log_train(epoch, reduce_mean(acc, loss_sum / loss_count).item(), meter.images_per_sec(), grad_norm, bar)
                 loss_sum.zero_()
                 loss_count = 0
                 meter.reset()
-            if acc.sync_gradients and (stop or cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0):
+            if stop or (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0):
                 self._save_checkpoint()
-            if acc.sync_gradients and stop:
+            if stop:
                 bar.close()
                 raise Preempted(f"stopped by {self.stop_signal or 'a signal on another rank'} at step {state.global_step}")
-            if acc.sync_gradients and self._reached_max_steps():
+            if self._reached_max_steps():
                 bar.close()
                 return
         bar.close()
@@ -278,6 +260,29 @@ class Trainer:
         return final_dir
 
     # ------------------------------------------------------------------------------------------
+
+    def _optimizer_step(self, window_ok: bool) -> Optional[torch.Tensor]:
+        """Close an accumulation window: clip, step, EMA (or drop the step), schedule. Returns the
+        gradient norm when it was computed."""
+        grad_norm = None
+        if window_ok:
+            grad_norm = self._clip_gradients()
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.accelerator.unwrap_model(self.model), step=self.state.global_step)
+        else:
+            self.state.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # in lockstep with global_step, skipped steps included
+        self.state.global_step += 1
+        return grad_norm
+
+    def _log_train(self, epoch: int, loss: float, images_per_sec: float, grad_norm: Optional[torch.Tensor], bar: Any) -> None:
+        values = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "images_per_sec": images_per_sec, "memory_mb": memory_mb(self.accelerator.device)}
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        self.run_logger.log("train", self.state.global_step, epoch + self.state.batches_in_epoch / len(self.train_loader), values)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{images_per_sec:.0f}")
 
     def _input_dtype(self) -> Optional[torch.dtype]:
         """DeepSpeed casts the whole model to bf16/fp16, so inputs must follow; DDP autocasts."""
