@@ -160,22 +160,25 @@ class Trainer:
         if state.batches_in_epoch:  # resumed mid-epoch: the order is a function of (seed, epoch)
             batches = acc.skip_first_batches(self.train_loader, state.batches_in_epoch)
         bar = progress_bar(acc, cfg.logging.progress_bar, self.steps_per_epoch, state.batches_in_epoch // cfg.loop.grad_accum_steps, f"epoch {epoch}")
-        loss_sum = torch.zeros((), device=acc.device)
-        loss_count, grad_norm = 0, None
-        window_ok = True  # False once a micro-batch of the current window had a non-finite loss
+        loss_sum = torch.zeros((), device=acc.device)  # finite windows since the last log, summed on the device
+        loss_count, grad_norm, stop = 0, None, False
+        window_sum, window_count = torch.zeros((), device=acc.device), 0
         meter = Throughput(acc.num_processes)
 
         for batch in batches:
             batch = self._cast_inputs(batch)
             with acc.accumulate(self.model):
                 loss = self.task.training_step(self.model, batch)
-                finite, stop = agree(acc, loss, self.stop_signal is not None)
-                if not finite:
-                    window_ok = self._on_nonfinite_loss(loss, epoch)
+                window_sum += loss.detach().float()
+                window_count += 1
+                window_ok = True
+                if acc.sync_gradients:
+                    # One small all-reduce (and host read) per optimizer step, before the last
+                    # backward: DeepSpeed steps inside it, and every rank must take the same branch.
+                    finite, stop = agree(acc, window_sum, self.stop_signal is not None)
+                    window_ok = finite or self._on_nonfinite_loss(window_sum, epoch)
                 if window_ok:
                     acc.backward(loss)  # divides by grad_accum_steps (DeepSpeed divides inside)
-                    loss_sum += loss.detach().float()
-                    loss_count += 1
                 state.batches_in_epoch += 1
                 meter.add(self.task.batch_size(batch))
                 # Only the micro-batch that closes an accumulation window (or the epoch) may clip,
@@ -183,7 +186,11 @@ class Trainer:
                 if acc.sync_gradients:
                     step_norm = self._optimizer_step(window_ok)
                     grad_norm = grad_norm if step_norm is None else step_norm
-                    window_ok = True
+                    if window_ok:
+                        loss_sum += window_sum
+                        loss_count += window_count
+                    window_sum.zero_()
+                    window_count = 0
             if not acc.sync_gradients:
                 continue
             bar.update(1)
@@ -309,15 +316,15 @@ class Trainer:
             return None
         return self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.loop.clip_grad_norm)
 
-    def _on_nonfinite_loss(self, loss: torch.Tensor, epoch: int) -> bool:
-        where = f"optimizer step {self.state.global_step} (epoch {epoch}, micro-batch {self.state.batches_in_epoch})"
+    def _on_nonfinite_loss(self, window_loss: torch.Tensor, epoch: int) -> bool:
+        """False (drop the step) in skip mode; raises in error mode. All ranks get here together."""
+        where = f"optimizer step {self.state.global_step} (epoch {epoch}, accumulation window ending at micro-batch {self.state.batches_in_epoch})"
         if self.cfg.loop.nonfinite_loss == "error":
             raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at {where} on at least one rank. Lower optim.lr, set "
+                f"non-finite loss ({window_loss.item()}) at {where} on at least one rank. Lower optim.lr, set "
                 "loop.clip_grad_norm, check the data, or set loop.nonfinite_loss=skip."
             )
         logger.warning("non-finite loss at %s: skipping this optimizer step", where)
-        self.optimizer.zero_grad(set_to_none=True)
         return False
 
     def _request_stop(self, signum: int, frame: Any) -> None:

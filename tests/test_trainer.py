@@ -67,7 +67,7 @@ def tiny_config(tmp_path, **loop) -> TrainConfig:
 
 def test_nonfinite_loss_stops_with_the_step(fresh_accelerate_state, tmp_path):
     trainer = Trainer(tiny_config(tmp_path), TinyTask(None, nan_at=4))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at optimizer step 3 \(epoch 0, micro-batch 3\)"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at optimizer step 3 \(epoch 0, accumulation window ending at micro-batch 3\)"):
         trainer.fit()
 
 
