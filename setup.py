@@ -47,6 +47,7 @@ setup(
             "tqdm",
             "pillow",
             "numpy",
+            "xxhash",
         ]
     ),
     extras_require={"dev": pinned(["pytest", "pytest-timeout", "torchmetrics", "psutil"])},

@@ -66,7 +66,7 @@ def test_damaged_or_missing_files_are_named(setup):
         byte = f.read(1)
         f.seek(size // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors is damaged \(CRC-32 differs"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is damaged \(its checksum differs"):
         manager.resolve(path)
     with open(weights, "r+b") as f:
         f.truncate(size // 2)

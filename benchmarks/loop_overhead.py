@@ -1,0 +1,127 @@
+"""Does the shardvision trainer cost anything over a minimal hand-written accelerate loop?
+
+    python benchmarks/loop_overhead.py                 # ResNet-18, 64 px, batch 32, in memory
+    python benchmarks/loop_overhead.py --steps 20 --repeats 3
+
+Both loops train the same model on the same in-memory batches with AdamW, one process, in fp32
+and in bf16 autocast. They alternate in A B B A order and the median images/s of each is
+compared, so load changes and warm-up effects on a noisy machine hit both alike. Last line: the lower of the two ratios
+(target: >= 0.97).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState, PartialState
+
+from core.config import TrainConfig
+from core.task import Metrics, Task
+from core.trainer import Trainer
+
+
+def make_samples(n: int, size: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.randn(3, size, size, generator=g), "label": int(i % 10)} for i in range(n)]
+
+
+class InMemoryTask(Task):
+    def __init__(self, cfg, samples, model_name):
+        super().__init__(cfg)
+        self.samples, self.model_name = samples, model_name
+
+    def build_model(self):
+        return timm.create_model(self.model_name, num_classes=10)
+
+    def build_datasets(self):
+        return self.samples, self.samples[:32]
+
+    def training_step(self, model, batch):
+        return F.cross_entropy(model(batch["image"]), batch["label"])
+
+    def evaluation_step(self, model, batch):
+        return {"loss": F.cross_entropy(model(batch["image"]), batch["label"], reduction="none")}
+
+    def build_metrics(self) -> Metrics:
+        raise NotImplementedError  # not evaluated here
+
+
+def reset_accelerate() -> None:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def shardvision_images_per_sec(samples, args, precision: str) -> float:
+    reset_accelerate()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(output_dir=out)
+        cfg.model.name = args.model
+        cfg.data.micro_batch_size, cfg.data.num_workers = args.batch, 0
+        cfg.loop.precision, cfg.loop.epochs = precision, 2
+        cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 10**9
+        trainer = Trainer(cfg, InMemoryTask(cfg, samples, args.model))
+        trainer.train_one_epoch(0)  # warm-up epoch
+        start = time.perf_counter()
+        trainer.train_one_epoch(1)
+        return len(samples) / (time.perf_counter() - start)
+
+
+def handwritten_images_per_sec(samples, args, precision: str) -> float:
+    reset_accelerate()
+    accelerator = Accelerator(cpu=True, mixed_precision=precision)
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader = torch.utils.data.DataLoader(samples, batch_size=args.batch, shuffle=True, drop_last=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model.train()
+
+    def epoch() -> None:
+        for batch in loader:
+            loss = F.cross_entropy(model(batch["image"]), batch["label"])
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    epoch()  # warm-up epoch
+    start = time.perf_counter()
+    epoch()
+    return len(samples) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per timed epoch")
+    parser.add_argument("--repeats", type=int, default=4)
+    args = parser.parse_args()
+    samples = make_samples(args.batch * args.steps, args.image_size)
+
+    print(f"{args.model}, {args.image_size} px, batch {args.batch}, {args.steps} steps per epoch, {args.repeats} alternating (ABBA) repeats, {torch.get_num_threads()} threads")
+    print(f"{'precision':<10} {'hand-written img/s':>19} {'shardvision img/s':>18} {'ratio':>7}")
+    ratios = []
+    for precision in ("no", "bf16"):
+        hand, ours = [], []
+        for repeat in range(args.repeats):
+            order = (hand, ours) if repeat % 2 == 0 else (ours, hand)
+            for results in order:
+                measure = handwritten_images_per_sec if results is hand else shardvision_images_per_sec
+                results.append(measure(samples, args, precision))
+        ratio = statistics.median(ours) / statistics.median(hand)
+        ratios.append(ratio)
+        print(f"{'fp32' if precision == 'no' else precision:<10} {statistics.median(hand):19.1f} {statistics.median(ours):18.1f} {ratio:7.3f}")
+    print(f"ratio shardvision / hand-written (lower of fp32, bf16): {min(ratios):.3f} (target >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()
