@@ -7,13 +7,12 @@ import contextlib
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from recipes.detection.data import DataError, DetectionDataConfig, build_datasets, collate
-from recipes.detection.metrics import CocoMetrics, coco_map
+from recipes.detection.metrics import CocoMetrics
 from recipes.detection.models import DetectionModelConfig, build_model
 
 
@@ -115,7 +114,7 @@ def test_coco_loader_checks_and_policies(tmp_path):
         {"id": 91, "image_id": 2, "category_id": 1, "bbox": [1, 1, 0, 5], "area": 0, "iscrowd": 0},
         {"id": 92, "image_id": 2, "category_id": 1, "bbox": [50, 40, 30, 30], "area": 900, "iscrowd": 0},
     ]
-    path = write_coco(tmp_path, GT, extra_annotations=bad)
+    write_coco(tmp_path, GT, extra_annotations=bad)
     cfg = DetectionDataConfig(source="coco", root=str(tmp_path), train_images="images", train_annotations="instances.json",
                               eval_images="images", eval_annotations="instances.json", min_size=48, max_size=64)
     with pytest.raises(DataError, match=r"instances\.json: annotation 90 of image 1 \(1\.jpg\): unknown category_id 7"):
