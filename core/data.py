@@ -8,8 +8,12 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
-from typing import Any, Callable
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -69,3 +73,24 @@ def build_loader(
         # resumed run's dropout would drift from the uninterrupted one.
         generator=torch.Generator().manual_seed(0),
     )
+
+
+@contextlib.contextmanager
+def folder_written_once(root: str) -> Iterator[str]:
+    """Yield a temporary folder beside `root`, renamed to `root` when the block succeeds.
+
+    For generated data sets that every rank may build at the same moment: each writes its own
+    copy, the first rename wins and the others are discarded, and a reader never sees a
+    half-written `root`."""
+    parent = os.path.dirname(root) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another rank published the same folder first
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -155,3 +155,13 @@ def test_model_options():
     with torch.no_grad():
         out = model([torch.rand(3, 50, 70)])
     assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_shapes_are_generated_once_deterministically(tmp_path):
+    for name in ("a", "b"):
+        cfg = DetectionDataConfig(source="shapes", root=str(tmp_path / name), shapes_count=[4, 2], min_size=64, max_size=64)
+        train, val = build_datasets(cfg, 0)
+    assert (len(train), len(val)) == (4, 2)
+    a = tmp_path / "a" / "shapes-det-v1-4-2" / "annotations" / "instances_train.json"
+    assert a.read_bytes() == (tmp_path / "b" / "shapes-det-v1-4-2" / "annotations" / "instances_train.json").read_bytes()
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["shapes-det-v1-4-2"]

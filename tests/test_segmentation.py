@@ -193,3 +193,15 @@ def test_sliding_window_inference():
             slid = slide_logits(model, image, window=32, stride=21, num_classes=4)
             assert slid.shape == whole.shape
             assert torch.allclose(slid, whole, atol=1e-5)
+
+
+def test_shapes_are_generated_once_deterministically(tmp_path):
+    cfg = SegmentationDataConfig(source="shapes", root=str(tmp_path / "a"), shapes_count=[3, 2], image_size=32)
+    train, val = build_datasets(cfg, num_classes=4, seed=0)
+    assert (len(train), len(val)) == (3, 2)
+    build_datasets(SegmentationDataConfig(source="shapes", root=str(tmp_path / "b"), shapes_count=[3, 2]), 4, 0)
+    written = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(written) == 5
+    for rel in written:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["shapes-seg-v1-3-2"]  # no partial folder left

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -21,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from core.config import ConfigError, DataConfig, option
-from core.data import SeededTransforms
+from core.data import SeededTransforms, folder_written_once
 
 logger = logging.getLogger(__name__)
 SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}]
@@ -190,11 +188,14 @@ def collate(samples: list[dict]) -> dict:
 def write_shapes(root: str, counts: tuple[int, int], size: int = 128) -> None:
     """Deterministic scenes of squares, circles and triangles, in the COCO layout, with a few
     images that have no object at all (negatives)."""
+    rng = np.random.default_rng(4321)
+    with folder_written_once(root) as tmp:
+        _write_shapes_into(tmp, rng, counts, size)
+
+
+def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, int], size: int) -> None:
     from PIL import ImageDraw
 
-    rng = np.random.default_rng(4321)
-    os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".shapes-", dir=os.path.dirname(root) or ".")
     os.makedirs(os.path.join(tmp, "annotations"))
     ann_id = 1
     for split, count in zip(("train", "val"), counts):
@@ -223,10 +224,6 @@ def write_shapes(root: str, counts: tuple[int, int], size: int = 128) -> None:
             images.append({"id": image_id, "file_name": name, "width": size, "height": size})
         with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
             json.dump({"images": images, "annotations": annotations, "categories": SHAPES_CATEGORIES}, f)
-    try:
-        os.rename(tmp, root)  # atomic; a concurrent rank that got there first wrote the same files
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_datasets(cfg: DetectionDataConfig, seed: int) -> tuple[Dataset, Dataset]:

@@ -6,8 +6,6 @@ torchvision's transforms v2, which resize `tv_tensors.Mask` with nearest-neighbo
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -19,7 +17,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from core.config import ConfigError, DataConfig, option
-from core.data import SeededTransforms
+from core.data import SeededTransforms, folder_written_once
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SHAPES_CLASSES = ["background", "square", "circle", "triangle"]
@@ -166,11 +164,14 @@ def ade20k_pairs(root: str, split: str) -> list[tuple[str, str]]:
 def write_shapes(root: str, counts: tuple[int, int], size: int = 96) -> None:
     """Deterministic scenes of squares, circles and triangles on textured backgrounds, written in
     the VOC layout with 255 on a 1-pixel border around every shape, as VOC marks its borders."""
+    rng = np.random.default_rng(1234)
+    with folder_written_once(root) as tmp:
+        _write_shapes_into(tmp, rng, counts, size)
+
+
+def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, int], size: int) -> None:
     from PIL import ImageDraw
 
-    rng = np.random.default_rng(1234)
-    os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".shapes-", dir=os.path.dirname(root) or ".")
     for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
         os.makedirs(os.path.join(tmp, sub))
     for split, count in zip(("train", "val"), counts):
@@ -199,10 +200,6 @@ def write_shapes(root: str, counts: tuple[int, int], size: int = 96) -> None:
             ids.append(name)
         with open(os.path.join(tmp, "ImageSets", "Segmentation", f"{split}.txt"), "w") as f:
             f.write("\n".join(ids) + "\n")
-    try:
-        os.rename(tmp, root)  # atomic; a concurrent rank that got there first wrote the same files
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def shapes_root(cfg: SegmentationDataConfig) -> str:
