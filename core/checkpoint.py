@@ -224,8 +224,7 @@ class CheckpointManager:
                 "continue from step %d but no longer describe the same data", old_global, new_global, state.global_step,
             )
         consumed = state.batches_in_epoch * old[0] * old[1]
-        per_window = world_size * micro_batch_size * grad_accum_steps
-        windows, leftover = divmod(consumed, per_window)
+        windows, leftover = divmod(consumed, new_global)
         state.batches_in_epoch = windows * grad_accum_steps
         if leftover:
             logger.warning("%d samples of epoch %d will be trained on again: the new geometry cannot stop where the old one did", leftover, state.epoch)

@@ -226,8 +226,9 @@ class Trainer:
             metrics.update(self.accelerator.gather_for_metrics(outputs))
         model.train(was_training)
         values = metrics.compute()
-        if metrics.table():
-            logger.info("per-class results\n%s", metrics.table())
+        table = metrics.table()
+        if table:
+            logger.info("per-class results\n%s", table)
         if self.accelerator.is_main_process:
             metrics.write(os.path.join(self.cfg.output_dir, "eval", f"step-{self.state.global_step}{tag}"), values)
         return values

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.config import TrainConfig, section
+from core.config import ConfigError, TrainConfig, section
 from core.task import Task
 from recipes.detection.data import DetectionDataConfig, build_datasets, collate
 from recipes.detection.metrics import CocoMetrics
@@ -30,8 +30,6 @@ class DetectionTask(Task):
         train, val = build_datasets(self.cfg.data, self.cfg.seed)
         categories = len(val.base.category_ids)
         if categories > self.cfg.model.num_classes:
-            from core.config import ConfigError
-
             raise ConfigError(f"{val.base.annotations_file} has {categories} categories but model.num_classes is {self.cfg.model.num_classes}")
         self.eval_set = val.base
         return train, val
