@@ -3,11 +3,14 @@
     python benchmarks/checkpoint_bandwidth.py                    # ResNet-50 + AdamW state, ~300 MB
     python benchmarks/checkpoint_bandwidth.py --model vit_base_patch16_224 --dir /scratch
 
-One process (the DDP layout: rank 0 writes model and optimizer). In the same run and folder it
-measures: the disk's sequential write speed (the same number of bytes, fsynced), a plain
-`torch.save` of model + optimizer state (fsynced), and `CheckpointManager.save` (accelerate's
-save_state, fsync, CRC-32 manifest, atomic publish), then the matching loads. Last line: save
-bandwidth as a fraction of the disk's (target: >= 0.7).
+For DDP and for DeepSpeed ZeRO-3, 2 gloo ranks run the real engine (one AdamW step), then save
+the checkpoint `--repeats` times with `CheckpointManager.save` (accelerate's save_state, fsync,
+xxh3 manifest, atomic publish) and load it back (verify the manifest, load_state), timing rank 0
+from the first barrier to the last. Under DDP rank 0 writes model and optimizer; under ZeRO-3
+every rank writes its own shards, so the figure is the checkpoint's bytes over the wall time.
+Baselines measured in the same run and folder: the disk's sequential write speed (the same
+number of bytes, fsynced) and a plain `torch.save` of the same model + optimizer state (fsynced).
+Last line: the lower save bandwidth of the two layouts as a fraction of the disk's (target >= 0.7).
 """
 
 from __future__ import annotations
@@ -19,11 +22,9 @@ import statistics
 import tempfile
 import time
 
-import timm
-import torch
-from accelerate import Accelerator
+from common import SyntheticTask, launch_ranks, write_report
 
-from core.checkpoint import CheckpointManager, TrainerState, verify
+LAYOUTS = {"DDP": "multi_gpu_ddp.yaml", "ZeRO-3": "deepspeed_zero3.yaml"}
 
 
 def folder_bytes(path: str) -> int:
@@ -36,6 +37,7 @@ def fsync_file(path: str) -> None:
 
 
 def disk_write(path: str, nbytes: int) -> float:
+    """GB/s of writing `nbytes` sequentially in 16 MB chunks and fsyncing them."""
     chunk = os.urandom(1 << 24)
     start = time.perf_counter()
     with open(path, "wb") as f:
@@ -45,7 +47,54 @@ def disk_write(path: str, nbytes: int) -> float:
             written += len(chunk)
         f.flush()
         os.fsync(f.fileno())
-    return nbytes / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    os.remove(path)
+    return nbytes / seconds / 1e9
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank: one training step, then timed saves and loads of the engine's checkpoints."""
+    import torch
+
+    from core.checkpoint import verify
+    from core.config import TrainConfig
+    from core.trainer import Trainer
+
+    cfg = TrainConfig(output_dir=os.path.join(args.out, "run"))
+    cfg.model.name = args.model
+    cfg.data.micro_batch_size, cfg.data.num_workers = 2, 0
+    cfg.loop.max_steps = 1
+    cfg.checkpoint.keep_last = 1
+    cfg.logging.progress_bar, cfg.logging.tensorboard = False, False
+    trainer = Trainer(cfg, SyntheticTask(cfg, args.model, 64, 4 * int(os.environ["WORLD_SIZE"]), num_classes=1000))
+    trainer.train_one_epoch(0)  # materialise AdamW's two moments
+    acc, saves, loads, nbytes = trainer.accelerator, [], [], 0
+    for repeat in range(args.repeats):
+        trainer.state.global_step += 1
+        acc.wait_for_everyone()
+        start = time.perf_counter()
+        path = trainer.checkpoints.save(trainer.state)
+        saves.append(time.perf_counter() - start)
+        nbytes = folder_bytes(path)
+        acc.wait_for_everyone()
+        start = time.perf_counter()
+        if acc.is_main_process:
+            verify(path)
+        acc.load_state(path)
+        acc.wait_for_everyone()
+        loads.append(time.perf_counter() - start)
+
+    plain = []
+    if acc.is_main_process and trainer.strategy == "ddp":  # the same state, one torch.save, as by hand
+        model, optimizer = acc.unwrap_model(trainer.model), trainer.optimizer
+        for _ in range(args.repeats):
+            target = os.path.join(args.out, "plain.pt")
+            start = time.perf_counter()
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, target)
+            fsync_file(target)
+            plain.append(os.path.getsize(target) / (time.perf_counter() - start) / 1e9)
+            os.remove(target)
+    write_report(args.out, acc.process_index, {"bytes": nbytes, "save_s": saves, "load_s": loads, "torch_save_gbs": plain})
 
 
 def main() -> None:
@@ -53,52 +102,40 @@ def main() -> None:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args)
 
-    accelerator = Accelerator(cpu=True)
-    model = timm.create_model(args.model, num_classes=1000)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model(torch.randn(2, 3, 64, 64)).sum().backward()
-    optimizer.step()  # materialise AdamW's two moments
-
+    rows, disk = {}, []
     root = tempfile.mkdtemp(dir=args.dir)
-    manager = CheckpointManager(accelerator, os.path.join(root, "checkpoints"), keep_last=1)
-    rows: dict[str, list[float]] = {k: [] for k in ("disk write", "torch.save", "shardvision save", "torch.load", "shardvision load")}
-    nbytes = 0
     try:
-        for step in range(1, args.repeats + 1):
-            start = time.perf_counter()
-            path = manager.save(TrainerState(global_step=step))
-            save_s = time.perf_counter() - start
-            nbytes = folder_bytes(path)
-            rows["shardvision save"].append(nbytes / save_s)
-
-            plain = os.path.join(root, "plain.pt")
-            start = time.perf_counter()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, plain)
-            fsync_file(plain)
-            rows["torch.save"].append(os.path.getsize(plain) / (time.perf_counter() - start))
-
-            rows["disk write"].append(disk_write(os.path.join(root, "raw.bin"), nbytes))
-
-            start = time.perf_counter()
-            torch.load(plain, map_location="cpu", weights_only=True)
-            rows["torch.load"].append(os.path.getsize(plain) / (time.perf_counter() - start))
-            start = time.perf_counter()
-            verify(path)
-            accelerator.load_state(path)
-            rows["shardvision load"].append(nbytes / (time.perf_counter() - start))
-            os.remove(plain)
+        for name, config in LAYOUTS.items():
+            out = tempfile.mkdtemp(dir=root)
+            report = launch_ranks(config, args.nproc, __file__, ["--model", args.model, "--repeats", str(args.repeats)], out)[0]
+            shutil.rmtree(out)
+            nbytes = report["bytes"]
+            disk += [disk_write(os.path.join(root, "raw.bin"), nbytes) for _ in range(args.repeats)]
+            rows[name] = {
+                "MB": nbytes / 1e6,
+                "save": statistics.median(nbytes / s for s in report["save_s"]) / 1e9,
+                "load": statistics.median(nbytes / s for s in report["load_s"]) / 1e9,
+            }
+            if report["torch_save_gbs"]:
+                rows["plain torch.save"] = {"MB": nbytes / 1e6, "save": statistics.median(report["torch_save_gbs"]), "load": float("nan")}
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"{args.model} + AdamW state: {nbytes / 1e6:.0f} MB per checkpoint, {args.repeats} repeats, medians (loads may come from the page cache)")
-    print(f"{'operation':<18} {'GB/s':>7}")
-    for name, values in rows.items():
-        print(f"{name:<18} {statistics.median(values) / 1e9:7.2f}")
-    ratio = statistics.median(rows["shardvision save"]) / statistics.median(rows["disk write"])
-    print(f"ratio shardvision save / disk write: {ratio:.2f} (target >= 0.7)")
+    disk_gbs = statistics.median(disk)
+    print(f"{args.model} + AdamW state, {args.nproc} ranks, {args.repeats} repeats, medians (loads may come from the page cache)")
+    print(f"disk sequential write (same bytes, fsynced): {disk_gbs:.2f} GB/s")
+    print(f"{'layout':<17} {'MB':>6} {'save GB/s':>10} {'x disk':>7} {'load GB/s':>10}")
+    for name, row in rows.items():
+        print(f"{name:<17} {row['MB']:6.0f} {row['save']:10.2f} {row['save'] / disk_gbs:7.2f} {row['load']:10.2f}")
+    ratio = min(rows[name]["save"] for name in LAYOUTS) / disk_gbs
+    print(f"ratio shardvision save / disk write (lower of {', '.join(LAYOUTS)}): {ratio:.2f} (target >= 0.7)")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def test_save_publishes_complete_folders_and_keeps_the_last_k(setup):
         train_step(model, optimizer)
         manager.save(TrainerState(global_step=step, epoch=0, batches_in_epoch=step))
     assert [s for s, _ in manager.complete()] == [2, 3]
+    manager.wait_for_pruning()  # step 1 is unpublished at once, deleted in the background
     names = os.listdir(manager.root)
     assert sorted(names) == ["2", "3"], names  # no .tmp-* left behind
     newest = os.path.join(manager.root, "3")
