@@ -1,99 +1,110 @@
 """How much training state does each rank hold under DDP, ZeRO-1, ZeRO-2 and ZeRO-3?
 
-    python benchmarks/memory_per_rank.py                       # ViT-B/16 (86M parameters), 2 CPU ranks
+    python benchmarks/memory_per_rank.py                       # ViT-B/16 (86M parameters), bf16, 2 CPU ranks
+    python benchmarks/memory_per_rank.py --precision no        # fp32
     python benchmarks/memory_per_rank.py --model vit_large_patch16_224 --nproc 4
 
-For each strategy it launches the real recipe engine on 2 gloo ranks (accelerate launch with the
-repo's configs), takes one AdamW step, and each rank reports the bytes of every live tensor in
-the process (parameters, gradients, optimizer state, DeepSpeed's partitions and buckets, each
-storage counted once) and its peak resident memory. Last line: ZeRO-3's tensor bytes per rank
-as a fraction of DDP's (target: <= 0.55).
+For each strategy it launches the real recipe engine on gloo ranks (accelerate launch with the
+repo's configs) and takes one AdamW step. At the step's peak for training state, right after the
+optimizer has updated the weights and before the gradients are released (a global optimizer
+step hook), each rank counts the bytes of every live tensor, each storage once, sorted into:
+weights (as the model holds them: ZeRO-3 holds only its partition), master weights and their
+gradients (what the optimizer updates: DeepSpeed's fp32 partitions, or the model's own parameters
+under DDP), optimizer state (AdamW's two moments), and other (DDP's gradient buckets, DeepSpeed's
+reduce buckets and low-precision gradient partitions, buffers). Peak resident memory is reported
+beside it. Last line: ZeRO-3's total per rank as a fraction of DDP's (target: <= 0.55).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import resource
-import socket
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import SyntheticTask, launch_ranks, write_report
+
 STRATEGIES = {"DDP": "multi_gpu_ddp.yaml", "ZeRO-1": "deepspeed_zero1.yaml", "ZeRO-2": "deepspeed_zero2.yaml", "ZeRO-3": "deepspeed_zero3.yaml"}
+CATEGORIES = ("weights", "master", "grads", "optimizer", "other")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def storage_key(t) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
 
 
-def live_tensor_bytes() -> int:
+def state_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes per category of every live CPU tensor; a storage counts once, in the first category
+    that claims it."""
     import torch
 
-    seen, total = set(), 0
+    seen: set[tuple[int, int]] = set()
+    out = dict.fromkeys(CATEGORIES, 0)
+
+    def claim(category: str, tensors) -> None:
+        for t in tensors:
+            if t is None or t.device.type != "cpu" or t.untyped_storage().data_ptr() == 0:
+                continue
+            key = storage_key(t)
+            if key not in seen:
+                seen.add(key)
+                out[category] += key[1]
+
+    params = list(model.parameters())
+    claim("weights", [getattr(p, "ds_tensor", p) for p in params])
+    master = [p for group in optimizer.param_groups for p in group["params"]]
+    claim("master", master)
+    claim("grads", [p.grad for p in master + params])
+    claim("optimizer", [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)])
+    gc.collect()
+    rest = []
     for obj in gc.get_objects():
         try:
-            if not isinstance(obj, torch.Tensor) or obj.device.type != "cpu":
-                continue
-            storage = obj.untyped_storage()
+            if isinstance(obj, torch.Tensor):
+                rest.append(obj)
         except Exception:  # objects that only pretend to be tensors
             continue
-        if storage.data_ptr() and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+    claim("other", rest)
+    return out
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank: build the engine, take one optimizer step, report."""
-    import torch
-    import torch.nn.functional as F
+    """One rank: build the engine, take one optimizer step, report at its peak."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from core.config import TrainConfig
-    from core.task import Task
     from core.trainer import Trainer
 
-    class OneBatch(Task):
-        def build_model(self):
-            import timm
-
-            return timm.create_model(args.model, num_classes=1000, img_size=args.image_size)
-
-        def build_datasets(self):
-            samples = [{"image": torch.randn(3, args.image_size, args.image_size), "label": 0} for _ in range(4 * int(os.environ["WORLD_SIZE"]))]
-            return samples, samples
-
-        def training_step(self, model, batch):
-            return F.cross_entropy(model(batch["image"]), batch["label"])
-
     cfg = TrainConfig(output_dir=args.out)
+    cfg.model.name = args.model
     cfg.data.micro_batch_size, cfg.data.num_workers = 2, 0
-    cfg.loop.max_steps = 1
+    cfg.loop.max_steps, cfg.loop.precision = 1, args.precision
+    cfg.checkpoint.at_epoch_end = False
     cfg.logging.progress_bar, cfg.logging.tensorboard = False, False
-    trainer = Trainer(cfg, OneBatch(cfg))
+    task = SyntheticTask(cfg, args.model, args.image_size, 2 * int(os.environ["WORLD_SIZE"]), num_classes=1000)
+    trainer = Trainer(cfg, task)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    report: dict = {}
+
+    def at_peak(optimizer, *_):  # the inner torch optimizer, whoever wraps it
+        report.update(state_bytes(model, optimizer))
+
+    hook = register_optimizer_step_post_hook(at_peak)
     trainer.train_one_epoch(0)
-    gc.collect()
-    report = {
-        "rank": trainer.accelerator.process_index,
-        "parameters": sum(p.numel() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()),
-        "tensor_bytes": live_tensor_bytes(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
-    with open(os.path.join(args.out, f"memory_rank{report['rank']}.json"), "w") as f:
-        json.dump(report, f)
+    hook.remove()
+    report["parameters"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    write_report(args.out, trainer.accelerator.process_index, report)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224")
-    parser.add_argument("--image-size", type=int, default=32, help="small inputs: the state, not the activations, is measured")
+    parser.add_argument("--precision", default="bf16", choices=["no", "bf16"])
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -101,30 +112,28 @@ def main() -> None:
         return worker(args)
 
     results = {}
-    for name, config in STRATEGIES.items():
+    for name in dict.fromkeys(["DDP", "ZeRO-3", *args.strategies]):  # the ratio needs both
+        config = STRATEGIES[name]
         with tempfile.TemporaryDirectory() as out:
-            cmd = [
-                sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
-                "--num_processes", str(args.nproc), "--main_process_port", str(free_port()),
-                __file__, "--worker", "--out", out, "--model", args.model, "--image-size", str(args.image_size),
-            ]
-            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            reports = [json.load(open(os.path.join(out, f"memory_rank{r}.json"))) for r in range(args.nproc)]
-        results[name] = reports
+            worker_args = ["--model", args.model, "--precision", args.precision, "--image-size", str(args.image_size)]
+            results[name] = launch_ranks(config, args.nproc, __file__, worker_args, out)
+
+    def total(report: dict) -> int:
+        return sum(report[c] for c in CATEGORIES)
 
     params = results["DDP"][0]["parameters"]
-    print(f"{args.model}: {params / 1e6:.1f}M parameters, AdamW, {args.nproc} ranks; per rank, max over ranks")
-    print(f"{'strategy':<8} {'tensor MB':>10} {'x DDP':>6} {'peak RSS MB':>12}")
-    ddp = max(r["tensor_bytes"] for r in results["DDP"])
-    for name, reports in results.items():
-        tensors = max(r["tensor_bytes"] for r in reports)
+    precision = "fp32" if args.precision == "no" else args.precision
+    print(f"{args.model}: {params / 1e6:.1f}M parameters, AdamW, {precision}, {args.nproc} ranks; MB per rank (the rank with the most)")
+    print(f"{'strategy':<8} " + " ".join(f"{c:>9}" for c in CATEGORIES) + f" {'total':>7} {'x DDP':>6} {'peak RSS':>9}")
+    ddp = max(total(r) for r in results["DDP"])
+    for name in (n for n in STRATEGIES if n in results):
+        reports = results[name]
+        worst = max(reports, key=total)
         rss = max(r["peak_rss_bytes"] for r in reports)
-        print(f"{name:<8} {tensors / 1e6:10.0f} {tensors / ddp:6.2f} {rss / 1e6:12.0f}")
-    ratio = max(r["tensor_bytes"] for r in results["ZeRO-3"]) / ddp
-    print(f"ratio ZeRO-3 / DDP tensor bytes per rank: {ratio:.2f} (target <= 0.55)")
+        cells = " ".join(f"{worst[c] / 1e6:9.0f}" for c in CATEGORIES)
+        print(f"{name:<8} {cells} {total(worst) / 1e6:7.0f} {total(worst) / ddp:6.2f} {rss / 1e6:9.0f}")
+    ratio = max(total(r) for r in results["ZeRO-3"]) / ddp
+    print(f"ratio ZeRO-3 / DDP training state per rank: {ratio:.2f} (target <= 0.55)")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,15 @@ class ModelConfig:
         [], "Glob patterns of weight names to skip when loading `weights` (e.g. a new head: 'head.*')."
     )
     kwargs: dict[str, Any] = option({}, "Extra keyword arguments for the model constructor.")
+    compile: bool = option(False, "torch.compile the model (inductor, through accelerate's dynamo plugin). Costs a compile at start.")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = option("default", "torch.compile mode.")
+    compile_regional: bool = option(
+        False, "Compile one instance of each repeated block (e.g. a ViT's Block) and reuse it: a much shorter compile."
+    )
+    channels_last: bool = option(False, "Store weights and 4-D inputs channels-last (NHWC): faster convolutions on tensor cores.")
+    grad_checkpointing: bool = option(
+        False, "Recompute block activations in the backward pass (timm/transformers models): less memory, about 1/3 more compute."
+    )
 
     def validate(self) -> None:
         _check(self.num_classes >= 1, "model.num_classes", self.num_classes, "must be >= 1")
@@ -193,9 +202,15 @@ class LoggingConfig:
     every_steps: int = option(10, "Log training loss, lr and throughput every N optimizer steps.")
     progress_bar: bool = option(True, "Show a tqdm progress bar on rank 0.")
     tensorboard: bool = option(True, "Write TensorBoard events to <output_dir>/tensorboard.")
+    count_flops: bool = option(True, "Count the model's FLOPs per sample once at start, to log TFLOP/s and MFU.")
+    peak_tflops: Optional[float] = option(
+        None, "Peak TFLOP/s of one device for MFU; None: the bf16 peak of a known GPU (H100, H200, A100, L40S, L4), else no MFU."
+    )
 
     def validate(self) -> None:
         _check(self.every_steps >= 1, "logging.every_steps", self.every_steps, "must be >= 1")
+        if self.peak_tflops is not None:
+            _check(self.peak_tflops > 0, "logging.peak_tflops", self.peak_tflops, "must be > 0")
 
 
 @dataclass

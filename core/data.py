@@ -4,11 +4,16 @@ Random augmentations draw from a generator seeded by (seed, epoch, sample index)
 global RNG or the worker's. The same sample therefore gets the same augmentation whatever the
 number of workers or ranks, and a run resumed in the middle of an epoch sees exactly the images an
 uninterrupted run would have seen.
+
+The epoch lives in shared memory, so persistent DataLoader workers (started once per run, not
+once per epoch) see `set_epoch` too: a new epoch's indices reach the workers only after the
+loader's next `iter()`, which comes after `set_epoch`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import random
 import shutil
@@ -24,10 +29,15 @@ class SeededTransforms(Dataset):
     """`transform(base[i])` under RNG state derived from (seed, epoch, i)."""
 
     def __init__(self, base: Dataset, transform: Callable[[Any], Any], seed: int = 0):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+        self.base, self.transform, self.seed = base, transform, seed
+        self._epoch = multiprocessing.RawValue("q", 0)  # shared with worker processes
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.base)
@@ -65,9 +75,8 @@ def build_loader(
         collate_fn=collate_fn,
         pin_memory=pin_memory and torch.cuda.is_available(),
         drop_last=drop_last,
-        # Worker processes are restarted each epoch so they see the dataset's new epoch (and
-        # with it new augmentations); the restart costs far less than an epoch on real data.
-        persistent_workers=False,
+        # Workers live for the whole run: SeededTransforms shares its epoch with them.
+        persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         # A private generator: creating an iterator must not draw from the global RNG, or a
         # resumed run's dropout would drift from the uninterrupted one.

@@ -23,7 +23,7 @@ import logging
 import os
 import random
 from datetime import timedelta
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from accelerate.utils import (
     FullyShardedDataParallelPlugin,
     InitProcessGroupKwargs,
     ProjectConfiguration,
+    TorchDynamoPlugin,
 )
 
 from core.config import ConfigError, TrainConfig
@@ -212,8 +213,18 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard")),
         log_with="tensorboard" if cfg.logging.tensorboard else None,
+        dynamo_plugin=build_dynamo_plugin(cfg),
         **plugins,
     )
+
+
+def build_dynamo_plugin(cfg: TrainConfig) -> Optional[TorchDynamoPlugin]:
+    """model.compile as accelerate's dynamo plugin, which compiles after wrapping (DDP, FSDP) or
+    through the DeepSpeed engine. None leaves accelerate's default: an accelerate config's
+    dynamo_config still applies."""
+    if not cfg.model.compile:
+        return None
+    return TorchDynamoPlugin(backend="inductor", mode=cfg.model.compile_mode, use_regional_compilation=cfg.model.compile_regional)
 
 
 def build_fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:

@@ -1,5 +1,6 @@
 """What a run reports: `<output_dir>/metrics.jsonl`, accelerate's trackers (TensorBoard), a tqdm
-progress bar and a throughput meter. Only the main process writes or prints."""
+progress bar and a throughput meter (images/s, model TFLOP/s and, where the device's peak is
+known, model FLOPs utilisation). Only the main process writes or prints."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator
@@ -65,6 +66,45 @@ class Throughput:
     def images_per_sec(self) -> float:
         elapsed = time.perf_counter() - self.start
         return self.images * self.world_size / elapsed if elapsed > 0 else 0.0
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s per device, matched
+# against torch.cuda.get_device_name() in this order. Anything else needs logging.peak_tflops.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H200", 989.4),
+    ("GH200", 989.4),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[float]:
+    """The per-device peak MFU is measured against: the configured one, else a known GPU's bf16 peak."""
+    if configured is not None or device.type != "cuda":
+        return configured
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def training_flops_per_sample(model: torch.nn.Module, forward: Callable[[], Any], samples: int) -> float:
+    """Model FLOPs of one training sample: 3x the forward pass (the backward costs two forwards),
+    as torch's FlopCounterMode counts them (matmuls and convolutions). `forward` runs the model
+    once on `samples` samples in eval mode, so no norm statistic or RNG stream is touched.
+    Activation recomputation is not counted: MFU is defined on the model's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            forward()
+    finally:
+        model.train(was_training)
+    return 3.0 * counter.get_total_flops() / samples
 
 
 def progress_bar(accelerator: Accelerator, enabled: bool, total: int, initial: int, desc: str) -> tqdm:

@@ -31,7 +31,7 @@ from core.distributed import (
     strategy_of,
     zero_stage,
 )
-from core.logging import RunLogger, Throughput, memory_mb, progress_bar
+from core.logging import RunLogger, Throughput, memory_mb, peak_tflops, progress_bar, training_flops_per_sample
 from core.optim import build_optimizer, build_scheduler, describe_param_groups, set_schedule_step, warmup_steps_of
 from core.task import Task
 from core.weights import load_weights
@@ -51,6 +51,23 @@ class Preempted(Exception):
     """Raised after a stop signal once the checkpoint of the current step is written."""
 
 
+def apply_model_options(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """model.grad_checkpointing and model.channels_last, before the model is wrapped.
+    (model.compile is accelerate's: it compiles after wrapping, see build_dynamo_plugin.)"""
+    if cfg.model.grad_checkpointing:
+        try:
+            if hasattr(model, "set_grad_checkpointing"):  # timm
+                model.set_grad_checkpointing(True)
+            elif hasattr(model, "gradient_checkpointing_enable"):  # transformers
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                raise ValueError("it has neither timm's set_grad_checkpointing() nor transformers' gradient_checkpointing_enable()")
+        except (ValueError, AssertionError, NotImplementedError) as e:
+            raise ConfigError(f"model.grad_checkpointing: {cfg.model.name} ({type(model).__name__}) cannot recompute activations: {e}") from None
+    if cfg.model.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, task: Task):
         self.cfg, self.task = cfg, task
@@ -66,9 +83,12 @@ class Trainer:
         model = task.build_model()
         if cfg.model.weights:
             load_weights(model, cfg.model.weights, cfg.model.weights_exclude)
+        apply_model_options(model, cfg)
         seed_rank(cfg.seed, acc.process_index)
 
         self.train_set, self.eval_set = task.build_datasets()
+        self.flops_per_sample = self._count_flops(model) if cfg.logging.count_flops else None
+        self.peak_tflops = peak_tflops(acc.device, cfg.logging.peak_tflops)
         loader_args = dict(num_workers=cfg.data.num_workers, collate_fn=task.collate, pin_memory=cfg.data.pin_memory)
         train_loader = build_loader(self.train_set, batch_size=cfg.data.micro_batch_size, shuffle=True, drop_last=True, **loader_args)
         eval_loader = build_loader(
@@ -94,7 +114,7 @@ class Trainer:
         if cfg.loop.ema_decay is not None:
             from timm.utils import ModelEmaV3
 
-            self.ema = ModelEmaV3(acc.unwrap_model(self.model), decay=cfg.loop.ema_decay)
+            self.ema = ModelEmaV3(self._bare_model(), decay=cfg.loop.ema_decay)
 
         self.input_dtype = self._input_dtype()
         if self.input_dtype is not None:
@@ -147,6 +167,7 @@ class Trainer:
             metrics = self.evaluate_and_log()
         if self.cfg.checkpoint.export_final:
             self.export_final(metrics)
+        self.checkpoints.wait_for_pruning()
         self.run_logger.close()
         return metrics
 
@@ -256,7 +277,10 @@ class Trainer:
         acc = self.accelerator
         final_dir = os.path.join(self.cfg.output_dir, "final")
         acc.wait_for_everyone()
-        acc.save_model(self.model, final_dir, max_shard_size="10000GB", safe_serialization=True)
+        # DeepSpeed gathers ZeRO-3 shards through its engine; elsewhere the module itself is
+        # saved, without torch.compile's wrapper (which prefixes every name with '_orig_mod.').
+        model = self.model if self.strategy == "deepspeed" else self._bare_model()
+        acc.save_model(model, final_dir, max_shard_size="10000GB", safe_serialization=True)
         if acc.is_main_process:
             if self.ema is not None:
                 save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, os.path.join(final_dir, "model_ema.safetensors"))
@@ -277,7 +301,7 @@ class Trainer:
             grad_norm = self._clip_gradients()
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.update(self.accelerator.unwrap_model(self.model), step=self.state.global_step)
+                self.ema.update(self._bare_model(), step=self.state.global_step)
         else:
             self.state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -287,6 +311,10 @@ class Trainer:
 
     def _log_train(self, epoch: int, loss: float, images_per_sec: float, grad_norm: Optional[torch.Tensor], bar: Any) -> None:
         values = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "images_per_sec": images_per_sec, "memory_mb": memory_mb(self.accelerator.device)}
+        if self.flops_per_sample:
+            values["tflops_per_device"] = images_per_sec * self.flops_per_sample / 1e12 / self.accelerator.num_processes
+            if self.peak_tflops:
+                values["mfu"] = values["tflops_per_device"] / self.peak_tflops
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
         self.run_logger.log("train", self.state.global_step, epoch + self.state.batches_in_epoch / len(self.train_loader), values)
@@ -299,17 +327,27 @@ class Trainer:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.loop.precision)
 
     def _cast_inputs(self, batch: Any) -> Any:
-        if self.input_dtype is None:
+        """Inputs in the model's dtype (DeepSpeed half precision) and memory format (channels_last)."""
+        dtype, channels_last = self.input_dtype, self.cfg.model.channels_last
+        if dtype is None and not channels_last:
             return batch
 
         def cast(x: Any) -> Any:
             if isinstance(x, torch.Tensor) and x.is_floating_point():
-                return x.to(self.input_dtype)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                return x if dtype is None else x.to(dtype)
             if isinstance(x, (list, tuple)):
                 return type(x)(cast(v) for v in x)
             return x
 
         return {k: cast(v) if k in self.task.input_keys else v for k, v in batch.items()}
+
+    def _count_flops(self, model: torch.nn.Module) -> Optional[float]:
+        if len(self.eval_set) == 0:
+            return None
+        batch = self.task.collate([self.eval_set[0]])
+        return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
 
     def _clip_gradients(self) -> Optional[torch.Tensor]:
         # DeepSpeed clips inside its own step, from "gradient_clipping" in its filled-in config.
@@ -331,6 +369,10 @@ class Trainer:
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_signal = signal.Signals(signum).name
         logger.warning("%s received: stopping after this optimizer step, with a checkpoint", self.stop_signal)
+
+    def _bare_model(self) -> torch.nn.Module:
+        """The model without DDP's or torch.compile's wrappers (FSDP2 shards stay in place)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     def _ema_weights(self) -> Optional[torch.nn.Module]:
         return self.ema.module if self.ema is not None else None
@@ -358,6 +400,12 @@ class Trainer:
             + (" (this rank's shard under ZeRO-3/FSDP)" if strategy.endswith("ZeRO-3)") or strategy == "fsdp" else ""),
             *describe_param_groups(self.optimizer),
         ]
+        if self.flops_per_sample:
+            peak = f"MFU against {self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "no MFU: set logging.peak_tflops"
+            lines.append(f"model FLOPs per training sample: {self.flops_per_sample / 1e9:.3g} GFLOP (3x forward) | {peak}")
+        speed = [k for k in ("compile", "channels_last", "grad_checkpointing") if getattr(cfg.model, k)]
+        if speed:
+            lines.append("model options: " + ", ".join(speed))
         if self.ema is not None:
             lines.append(f"EMA of weights, decay {cfg.loop.ema_decay}")
         logger.info("run summary\n  %s", "\n  ".join(lines))

@@ -9,7 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from core.config import ConfigError
-from core.data import SeededTransforms
+from core.data import SeededTransforms, build_loader
 from recipes.classification.data import ClassificationDataConfig, Digits, build_datasets
 
 
@@ -36,6 +36,27 @@ def test_seeded_augmentations_do_not_depend_on_workers():
     assert torch.equal(epoch0, train[5]["image"])
     train.set_epoch(1)
     assert not torch.equal(train[5]["image"], epoch0)  # a new epoch, new crops
+
+
+def test_persistent_workers_follow_the_epoch():
+    cfg = ClassificationDataConfig(image_size=32, scale=[0.3, 1.0], hflip=0.5)
+    train, _ = build_datasets(cfg, num_classes=10, seed=0)
+    collate = torch.utils.data.default_collate
+
+    def epochs(workers):
+        train.set_epoch(0)
+        loader = build_loader(train, batch_size=16, shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=False)
+        assert loader.persistent_workers == (workers > 0)
+        out = []
+        for epoch in range(3):
+            train.set_epoch(epoch)
+            out.append(torch.cat([b["image"] for _, b in zip(range(2), loader)]))
+        return out
+
+    in_process, persistent = epochs(0), epochs(2)
+    assert not torch.equal(in_process[0], in_process[1])  # each epoch draws new crops
+    for a, b in zip(in_process, persistent):
+        assert torch.equal(a, b)  # the long-lived workers saw every set_epoch
 
 
 def test_seeded_transform_leaves_global_rng_alone():
