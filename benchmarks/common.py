@@ -18,22 +18,27 @@ from core.task import Metrics, Task
 REPO = Path(__file__).resolve().parents[1]
 
 
+def synthetic_samples(n: int, image_size: int, num_classes: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.randn(3, image_size, image_size, generator=g), "label": i % num_classes} for i in range(n)]
+
+
 class SyntheticTask(Task):
     """A timm classifier on fixed random images held in memory: the model and the engine are
     measured, not the data."""
 
-    def __init__(self, cfg, model_name: str, image_size: int, num_samples: int, num_classes: int = 10):
+    def __init__(self, cfg, model_name: str, image_size: int, num_samples: int, num_classes: int = 10, samples: list | None = None):
         super().__init__(cfg)
-        self.model_name, self.num_classes = model_name, num_classes
-        g = torch.Generator().manual_seed(0)
-        self.samples = [
-            {"image": torch.randn(3, image_size, image_size, generator=g), "label": i % num_classes} for i in range(num_samples)
-        ]
+        self.model_name, self.num_classes, self.image_size = model_name, num_classes, image_size
+        self.samples = samples if samples is not None else synthetic_samples(num_samples, image_size, num_classes)
 
     def build_model(self):
         import timm
 
-        return timm.create_model(self.model_name, num_classes=self.num_classes)
+        try:  # ViTs fix their input size when built; convolutional nets take any size
+            return timm.create_model(self.model_name, num_classes=self.num_classes, img_size=self.image_size)
+        except TypeError:
+            return timm.create_model(self.model_name, num_classes=self.num_classes)
 
     def build_datasets(self):
         return self.samples, self.samples[: min(32, len(self.samples))]

@@ -97,7 +97,7 @@ class OptimConfig:
     betas: list[float] = option([0.9, 0.999], "Adam-style betas.")
     eps: float = option(1e-8, "Adam-style epsilon.")
     layer_decay: Optional[float] = option(None, "Layer-wise lr decay for ViT/ConvNeXt fine-tuning (e.g. 0.65).")
-    foreach: Optional[bool] = option(None, "Use the multi-tensor (foreach) kernels; None lets torch decide.")
+    foreach: Optional[bool] = option(None, "Multi-tensor (foreach) optimizer kernels; None: on wherever the optimizer has them.")
 
     def validate(self) -> None:
         from timm.optim import list_optimizers
