@@ -34,7 +34,7 @@ def storage_key(t) -> tuple[int, int]:
     return s.data_ptr(), s.nbytes()
 
 
-def state_bytes(model, optimizer) -> dict[str, int]:
+def state_bytes(model, optimizer, zero) -> dict[str, int]:
     """Bytes per category of every live CPU tensor; a storage counts once, in the first category
     that claims it."""
     import torch
@@ -54,7 +54,8 @@ def state_bytes(model, optimizer) -> dict[str, int]:
     params = list(model.parameters())
     claim("weights", [getattr(p, "ds_tensor", p) for p in params])
     master = [p for group in optimizer.param_groups for p in group["params"]]
-    claim("master", master)
+    # DeepSpeed hands its torch optimizer one sub-group at a time; all of its fp32 partitions are master weights.
+    claim("master", master + list(getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", [])))
     claim("grads", [p.grad for p in master + params])
     claim("optimizer", [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)])
     gc.collect()
@@ -85,10 +86,13 @@ def worker(args: argparse.Namespace) -> None:
     task = SyntheticTask(cfg, args.model, args.image_size, 2 * int(os.environ["WORLD_SIZE"]), num_classes=1000)
     trainer = Trainer(cfg, task)
     model = trainer.accelerator.unwrap_model(trainer.model)
+    zero = getattr(trainer.optimizer, "optimizer", None)  # DeepSpeed's ZeRO optimizer under accelerate's wrapper
     report: dict = {}
 
-    def at_peak(optimizer, *_):  # the inner torch optimizer, whoever wraps it
-        report.update(state_bytes(model, optimizer))
+    def at_peak(optimizer, *_):  # the inner torch optimizer, whoever wraps it (DeepSpeed: once per sub-group)
+        counted = state_bytes(model, optimizer, zero)
+        if sum(counted.values()) > sum(report.get(c, 0) for c in CATEGORIES):
+            report.update(counted)
 
     hook = register_optimizer_step_post_hook(at_peak)
     trainer.train_one_epoch(0)

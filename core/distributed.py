@@ -281,9 +281,14 @@ def reduce_mean(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device), reduction="mean")[0]
 
 
-def agree(accelerator: Accelerator, loss: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """(loss finite on every rank, a stop requested on any rank): one small all-reduce, so every
-    rank takes the same branch."""
+def agreement_flags(accelerator: Accelerator, loss: torch.Tensor, stop_requested: bool) -> torch.Tensor:
+    """[ranks whose loss is not finite, ranks asked to stop], summed over ranks by one small
+    all-reduce, so every rank takes the same branch. Stays on the device until read_agreement."""
     flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()), torch.tensor(float(stop_requested), device=loss.device)])
-    flags = accelerator.reduce(flags.to(accelerator.device), reduction="sum").tolist()
-    return flags[0] == 0, flags[1] > 0
+    return accelerator.reduce(flags.to(accelerator.device), reduction="sum")
+
+
+def read_agreement(flags: torch.Tensor) -> tuple[bool, bool]:
+    """(loss finite on every rank, a stop requested on any rank): a host read."""
+    nonfinite, stop = flags.tolist()
+    return nonfinite == 0, stop > 0

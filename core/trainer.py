@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -22,8 +23,9 @@ from core.checkpoint import CheckpointManager, TrainerState
 from core.config import ConfigError, TrainConfig, save_config, to_dict
 from core.data import build_loader
 from core.distributed import (
-    agree,
+    agreement_flags,
     build_accelerator,
+    read_agreement,
     reduce_mean,
     seed_everything,
     seed_rank,
@@ -66,6 +68,15 @@ def apply_model_options(model: torch.nn.Module, cfg: TrainConfig) -> None:
             raise ConfigError(f"model.grad_checkpointing: {cfg.model.name} ({type(model).__name__}) cannot recompute activations: {e}") from None
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
+
+
+@dataclass
+class WindowCheck:
+    """An accumulation window's agreement flags, all-reduced but not yet read on the host."""
+
+    flags: torch.Tensor  # summed over ranks: [windows with a non-finite loss, stop requests]
+    loss: torch.Tensor  # this rank's summed window loss, for the error message
+    where: str  # the optimizer step and micro-batch the window ended at
 
 
 class Trainer:
@@ -185,6 +196,8 @@ class Trainer:
         loss_count, grad_norm, stop = 0, None, False
         window_sum, window_count = torch.zeros((), device=acc.device), 0
         meter = Throughput(acc.num_processes)
+        skip_nonfinite = cfg.loop.nonfinite_loss == "skip"
+        pending: Optional[WindowCheck] = None  # the last window's agreement, read one step later
 
         for batch in batches:
             batch = self._cast_inputs(batch)
@@ -194,10 +207,16 @@ class Trainer:
                 window_count += 1
                 window_ok = True
                 if acc.sync_gradients:
-                    # One small all-reduce (and host read) per optimizer step, before the last
-                    # backward: DeepSpeed steps inside it, and every rank must take the same branch.
-                    finite, stop = agree(acc, window_sum, self.stop_signal is not None)
-                    window_ok = finite or self._on_nonfinite_loss(window_sum, epoch)
+                    # Every rank must take the same branch: one small all-reduce per optimizer
+                    # step says whether any rank saw a non-finite loss or a stop signal.
+                    where = self._where(epoch)
+                    flags = agreement_flags(acc, window_sum, self.stop_signal is not None)
+                    if skip_nonfinite:
+                        # Skipping must be decided before the last backward (DeepSpeed steps
+                        # inside it), so this mode reads the flags at once: a host sync per step.
+                        finite, stop_now = read_agreement(flags)
+                        stop = stop or stop_now
+                        window_ok = finite or self._on_nonfinite_loss(window_sum, where)
                 if window_ok:
                     acc.backward(loss)  # divides by grad_accum_steps (DeepSpeed divides inside)
                 state.batches_in_epoch += 1
@@ -207,6 +226,9 @@ class Trainer:
                 if acc.sync_gradients:
                     step_norm = self._optimizer_step(window_ok)
                     grad_norm = grad_norm if step_norm is None else step_norm
+                    if not skip_nonfinite:
+                        stop = self._check(pending) or stop
+                        pending = WindowCheck(flags, window_sum.clone(), where)
                     if window_ok:
                         loss_sum += window_sum
                         loss_count += window_count
@@ -215,12 +237,19 @@ class Trainer:
             if not acc.sync_gradients:
                 continue
             bar.update(1)
-            if state.global_step % cfg.logging.every_steps == 0 and loss_count:
+            logging_step = state.global_step % cfg.logging.every_steps == 0 and loss_count
+            saving_step = cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0
+            if logging_step or saving_step or self._reached_max_steps():
+                # In error mode the flags are read one step late, so the host never waits for the
+                # step it just queued; nothing is logged or saved before they are read.
+                stop = self._check(pending) or stop
+                pending = None
+            if logging_step:
                 self._log_train(epoch, reduce_mean(acc, loss_sum / loss_count).item(), meter.images_per_sec(), grad_norm, bar)
                 loss_sum.zero_()
                 loss_count = 0
                 meter.reset()
-            if stop or (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0):
+            if stop or saving_step:
                 self._save_checkpoint()
             if stop:
                 bar.close()
@@ -230,6 +259,9 @@ class Trainer:
                 return
         bar.close()
         state.epoch, state.batches_in_epoch = epoch + 1, 0
+        if self._check(pending):  # a stop requested during the epoch's last step
+            self._save_checkpoint()
+            raise Preempted(f"stopped by {self.stop_signal or 'a signal on another rank'} at the end of epoch {epoch}")
 
     @torch.no_grad()
     def evaluate(self, model: Optional[torch.nn.Module] = None, tag: str = "") -> dict[str, float]:
@@ -355,9 +387,21 @@ class Trainer:
             return None
         return self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.loop.clip_grad_norm)
 
-    def _on_nonfinite_loss(self, window_loss: torch.Tensor, epoch: int) -> bool:
+    def _where(self, epoch: int) -> str:
+        return f"optimizer step {self.state.global_step} (epoch {epoch}, accumulation window ending at micro-batch {self.state.batches_in_epoch})"
+
+    def _check(self, window: Optional[WindowCheck]) -> bool:
+        """Read a window's agreement: raise on a non-finite loss (error mode); True if any rank
+        asked to stop."""
+        if window is None:
+            return False
+        finite, stop = read_agreement(window.flags)
+        if not finite:
+            self._on_nonfinite_loss(window.loss, window.where)
+        return stop
+
+    def _on_nonfinite_loss(self, window_loss: torch.Tensor, where: str) -> bool:
         """False (drop the step) in skip mode; raises in error mode. All ranks get here together."""
-        where = f"optimizer step {self.state.global_step} (epoch {epoch}, accumulation window ending at micro-batch {self.state.batches_in_epoch})"
         if self.cfg.loop.nonfinite_loss == "error":
             raise NonFiniteLossError(
                 f"non-finite loss ({window_loss.item()}) at {where} on at least one rank. Lower optim.lr, set "

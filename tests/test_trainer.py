@@ -71,6 +71,20 @@ def test_nonfinite_loss_stops_with_the_step(fresh_accelerate_state, tmp_path):
         trainer.fit()
 
 
+@pytest.mark.parametrize("nan_at, step, stopped_at", [(4, 3, 5), (8, 7, 8)])  # mid-epoch, and the epoch's last window
+def test_nonfinite_loss_read_late_still_names_its_step_and_is_never_checkpointed(fresh_accelerate_state, tmp_path, nan_at, step, stopped_at):
+    """Between logging steps the agreement is read one optimizer step late (no host sync on
+    the step just queued); the error must still name the window, before anything is saved."""
+    cfg = tiny_config(tmp_path)
+    cfg.loop.epochs, cfg.logging.every_steps, cfg.checkpoint.every_steps = 1, 100, 3
+    trainer = Trainer(cfg, TinyTask(cfg, nan_at=nan_at))
+    with pytest.raises(NonFiniteLossError, match=rf"at optimizer step {step} \(epoch 0, accumulation window ending at micro-batch {step}\)"):
+        trainer.fit()
+    assert trainer.state.global_step == stopped_at  # read at the next step, or at the epoch's end
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] if (tmp_path / "checkpoints").exists() else []
+    assert saved and all(s <= step for s in saved), saved  # none holds weights updated by the non-finite step
+
+
 def test_nonfinite_loss_skip_drops_exactly_that_step(fresh_accelerate_state, tmp_path):
     cfg = tiny_config(tmp_path, nonfinite_loss="skip", grad_accum_steps=2)
     task = TinyTask(cfg, nan_at=3)  # the first micro-batch of the second window
