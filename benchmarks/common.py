@@ -18,6 +18,15 @@ from core.task import Metrics, Task
 REPO = Path(__file__).resolve().parents[1]
 
 
+def create_timm_model(name: str, image_size: int, num_classes: int) -> torch.nn.Module:
+    import timm
+
+    try:  # ViTs fix their input size when built; convolutional nets take any size
+        return timm.create_model(name, num_classes=num_classes, img_size=image_size)
+    except TypeError:
+        return timm.create_model(name, num_classes=num_classes)
+
+
 def synthetic_samples(n: int, image_size: int, num_classes: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     return [{"image": torch.randn(3, image_size, image_size, generator=g), "label": i % num_classes} for i in range(n)]
@@ -33,12 +42,7 @@ class SyntheticTask(Task):
         self.samples = samples if samples is not None else synthetic_samples(num_samples, image_size, num_classes)
 
     def build_model(self):
-        import timm
-
-        try:  # ViTs fix their input size when built; convolutional nets take any size
-            return timm.create_model(self.model_name, num_classes=self.num_classes, img_size=self.image_size)
-        except TypeError:
-            return timm.create_model(self.model_name, num_classes=self.num_classes)
+        return create_timm_model(self.model_name, self.image_size, self.num_classes)
 
     def build_datasets(self):
         return self.samples, self.samples[: min(32, len(self.samples))]
@@ -51,6 +55,15 @@ class SyntheticTask(Task):
 
     def build_metrics(self) -> Metrics:
         raise NotImplementedError  # benchmarks time training only
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so one process can build several Accelerators."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 def free_port() -> int:

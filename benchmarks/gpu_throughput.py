@@ -22,33 +22,18 @@ import statistics
 import tempfile
 import time
 
-import timm
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader
 
-from common import SyntheticTask, synthetic_samples
+from common import SyntheticTask, create_timm_model, reset_accelerate, synthetic_samples
 from core.logging import peak_tflops, training_flops_per_sample
-
-
-def reset_accelerate() -> None:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def build_model(args: argparse.Namespace, name: str) -> torch.nn.Module:
-    try:  # ViTs fix their input size when built
-        return timm.create_model(name, num_classes=1000, img_size=args.image_size)
-    except TypeError:
-        return timm.create_model(name, num_classes=1000)
 
 
 def timm_loop_images_per_sec(args: argparse.Namespace, name: str, device: torch.device, samples: list) -> float:
     torch.manual_seed(0)
-    model = build_model(args, name).to(device, memory_format=torch.channels_last).train()
+    model = create_timm_model(name, args.image_size, 1000).to(device, memory_format=torch.channels_last).train()
     if args.compile:
         model = torch.compile(model)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
@@ -134,7 +119,7 @@ def main() -> None:
                     rate, flops = shardvision_images_per_sec(args, name, samples)
                     ours_runs.append(rate)
         if flops is None:  # the trainer counts them unless logging.count_flops is off
-            model = build_model(args, name)
+            model = create_timm_model(name, args.image_size, 1000)
             flops = training_flops_per_sample(model, lambda: model(torch.randn(1, 3, args.image_size, args.image_size)), 1)
         ratio = statistics.median(ours_runs) / statistics.median(timm_runs)
         ratios.append(ratio)

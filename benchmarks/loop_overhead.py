@@ -20,43 +20,10 @@ import timm
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState, PartialState
 
+from common import SyntheticTask, reset_accelerate, synthetic_samples
 from core.config import TrainConfig
-from core.task import Metrics, Task
 from core.trainer import Trainer
-
-
-def make_samples(n: int, size: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    return [{"image": torch.randn(3, size, size, generator=g), "label": int(i % 10)} for i in range(n)]
-
-
-class InMemoryTask(Task):
-    def __init__(self, cfg, samples, model_name):
-        super().__init__(cfg)
-        self.samples, self.model_name = samples, model_name
-
-    def build_model(self):
-        return timm.create_model(self.model_name, num_classes=10)
-
-    def build_datasets(self):
-        return self.samples, self.samples[:32]
-
-    def training_step(self, model, batch):
-        return F.cross_entropy(model(batch["image"]), batch["label"])
-
-    def evaluation_step(self, model, batch):
-        return {"loss": F.cross_entropy(model(batch["image"]), batch["label"], reduction="none")}
-
-    def build_metrics(self) -> Metrics:
-        raise NotImplementedError  # not evaluated here
-
-
-def reset_accelerate() -> None:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def shardvision_images_per_sec(samples, args, precision: str) -> float:
@@ -67,7 +34,7 @@ def shardvision_images_per_sec(samples, args, precision: str) -> float:
         cfg.data.micro_batch_size, cfg.data.num_workers = args.batch, 0
         cfg.loop.precision, cfg.loop.epochs = precision, 2
         cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 10**9
-        trainer = Trainer(cfg, InMemoryTask(cfg, samples, args.model))
+        trainer = Trainer(cfg, SyntheticTask(cfg, args.model, args.image_size, len(samples), samples=samples))
         trainer.train_one_epoch(0)  # warm-up epoch
         start = time.perf_counter()
         trainer.train_one_epoch(1)
@@ -105,7 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per timed epoch")
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
-    samples = make_samples(args.batch * args.steps, args.image_size)
+    samples = synthetic_samples(args.batch * args.steps, args.image_size, num_classes=10)
 
     print(f"{args.model}, {args.image_size} px, batch {args.batch}, {args.steps} steps per epoch, {args.repeats} alternating (ABBA) repeats, {torch.get_num_threads()} threads")
     print(f"{'precision':<10} {'hand-written img/s':>19} {'shardvision img/s':>18} {'ratio':>7}")
