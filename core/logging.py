@@ -46,8 +46,8 @@ class RunLogger:
             self.accelerator.log({f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=step)
 
     def close(self) -> None:
-        if self.use_trackers:
-            self.accelerator.end_training()
+        """Finish the trackers and tear down the process group (accelerate's end_training)."""
+        self.accelerator.end_training()
 
 
 class Throughput:

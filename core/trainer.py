@@ -151,14 +151,21 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to the end (or evaluate only), export the weights, return the last eval metrics.
-        SIGTERM/SIGUSR1 end the run after the current optimizer step with a checkpoint (Preempted)."""
+        SIGTERM/SIGUSR1 end the run after the current optimizer step with a checkpoint (Preempted).
+        However it ends, the trackers are closed and the process group is torn down here, not
+        left to interpreter exit, where a live gloo group beside DataLoader workers can abort."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._request_stop)
+        try:
+            return self._run()
+        finally:
+            self.checkpoints.wait_for_pruning()
+            self.run_logger.close()
+
+    def _run(self) -> dict[str, float]:
         self._log_summary()
         if self.cfg.eval_only:
-            metrics = self.evaluate_and_log()
-            self.run_logger.close()
-            return metrics
+            return self.evaluate_and_log()
 
         metrics: dict[str, float] = {}
         if self.cfg.loop.eval_at_start and self.state.global_step == 0:
@@ -178,8 +185,6 @@ class Trainer:
             metrics = self.evaluate_and_log()
         if self.cfg.checkpoint.export_final:
             self.export_final(metrics)
-        self.checkpoints.wait_for_pruning()
-        self.run_logger.close()
         return metrics
 
     def train_one_epoch(self, epoch: int) -> None:
