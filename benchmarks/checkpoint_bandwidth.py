@@ -6,7 +6,7 @@
 For DDP and for DeepSpeed ZeRO-3, 2 gloo ranks run the real engine (one AdamW step), then save
 the checkpoint `--repeats` times with `CheckpointManager.save` (accelerate's save_state, fsync,
 xxh3 manifest, atomic publish) and load it back (verify the manifest, load_state), timing rank 0
-from the first barrier to the last. After each save rank 0 also writes the same number of bytes
+from the first barrier to the last. Between saves rank 0 also writes the same number of bytes
 raw into the same folder (16 MB chunks, fsynced): the disk's own speed at that moment. Under DDP
 rank 0 writes model and optimizer; under ZeRO-3 every rank writes its own shards, so the figure
 is the checkpoint's bytes over the wall time.
@@ -70,15 +70,18 @@ def worker(args: argparse.Namespace) -> None:
     trainer = Trainer(cfg, SyntheticTask(cfg, args.model, 64, 4 * int(os.environ["WORLD_SIZE"]), num_classes=1000))
     trainer.train_one_epoch(0)  # materialise AdamW's two moments
     acc, saves, loads, disk, nbytes = trainer.accelerator, [], [], [], 0
-    for repeat in range(args.repeats):
+    for _ in range(args.repeats + 1):  # the first save is a warm-up that sizes the disk measurement
+        # The previous checkpoint's background deletion overlaps training in a real run; here
+        # it would overlap the measurements, so it is finished first.
+        trainer.checkpoints.wait_for_pruning()
+        if acc.is_main_process and nbytes:  # the disk's own speed: same bytes, same folder, same moment
+            disk.append(disk_write(os.path.join(trainer.checkpoints.root, "raw.bin"), nbytes))
         trainer.state.global_step += 1
         acc.wait_for_everyone()
         start = time.perf_counter()
         path = trainer.checkpoints.save(trainer.state)
         saves.append(time.perf_counter() - start)
         nbytes = folder_bytes(path)
-        if acc.is_main_process:  # the disk's own speed, same bytes, same moment, same folder
-            disk.append(disk_write(os.path.join(os.path.dirname(path), "raw.bin"), nbytes))
         acc.wait_for_everyone()
         start = time.perf_counter()
         if acc.is_main_process:
@@ -97,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
             fsync_file(target)
             plain.append(os.path.getsize(target) / (time.perf_counter() - start) / 1e9)
             os.remove(target)
-    write_report(args.out, acc.process_index, {"bytes": nbytes, "save_s": saves, "load_s": loads, "disk_gbs": disk, "torch_save_gbs": plain})
+    write_report(args.out, acc.process_index, {"bytes": nbytes, "save_s": saves[1:], "load_s": loads[1:], "disk_gbs": disk, "torch_save_gbs": plain})
 
 
 def main() -> None:
