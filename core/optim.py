@@ -26,7 +26,7 @@ from core.config import OptimConfig, ScheduleConfig
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     foreach = cfg.foreach
-    if foreach is None and "foreach" in inspect.signature(get_optimizer_info(cfg.name).opt_class).parameters:
+    if foreach is None and _has_foreach(cfg.name):
         # torch picks its multi-tensor kernels by itself only on CUDA; on CPU they are ~5%
         # faster per step too (benchmarks/loop_overhead.py), so ask for them wherever they exist.
         foreach = True
@@ -48,6 +48,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         # timm's own schedulers apply lr_scale (layer decay) on every step; ours bakes it into the base lr.
         group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
     return optimizer
+
+
+def _has_foreach(name: str) -> bool:
+    """Whether timm's optimizer `name` takes `foreach` (apex/bitsandbytes ones are named by a
+    string until imported: timm reports those itself if they are missing)."""
+    opt_class = get_optimizer_info(name).opt_class
+    return isinstance(opt_class, type) and "foreach" in inspect.signature(opt_class).parameters
 
 
 def lr_factor(

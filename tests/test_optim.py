@@ -22,6 +22,13 @@ def test_no_weight_decay_on_norms_and_biases():
     assert type(opt).__name__ == "AdamW"
 
 
+def test_multi_tensor_kernels_wherever_the_optimizer_has_them():
+    model = torch.nn.Linear(4, 2)
+    assert build_optimizer(model, OptimConfig(name="adamw")).defaults["foreach"] is True  # torch leaves it off on CPU
+    assert build_optimizer(model, OptimConfig(name="sgd", foreach=False)).defaults["foreach"] is False
+    assert "foreach" not in build_optimizer(model, OptimConfig(name="adafactor")).defaults  # has none: not passed
+
+
 def test_layer_decay_scales_are_baked_into_the_base_lr():
     model = timm.create_model("test_vit", num_classes=10)
     opt = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, layer_decay=0.5))
