@@ -23,7 +23,7 @@ import statistics
 import tempfile
 import time
 
-from common import SyntheticTask, launch_ranks, write_report
+from common import SyntheticTask, add_worker_arguments, launch_ranks, write_report
 
 LAYOUTS = {"DDP": "multi_gpu_ddp.yaml", "ZeRO-3": "deepspeed_zero3.yaml"}
 
@@ -109,8 +109,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         return worker(args)

@@ -3,6 +3,7 @@ that runs a benchmark's worker function on N gloo ranks with one of the repo's a
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -57,19 +58,16 @@ class SyntheticTask(Task):
         raise NotImplementedError  # benchmarks time training only
 
 
-def reset_accelerate() -> None:
-    """Forget accelerate's process-wide state, so one process can build several Accelerators."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden flags launch_ranks (and a benchmark's own subprocesses) start a worker with."""
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
 
 
 def launch_ranks(accelerate_config: str, nproc: int, script: str, args: list[str], out: str) -> list[dict]:

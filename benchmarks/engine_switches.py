@@ -16,29 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
-from common import REPO, SyntheticTask
+from common import REPO, SyntheticTask, add_worker_arguments
 
 SWITCHES = ("baseline", "channels_last", "grad_checkpointing", "compile")
-
-
-def peak_memory_bytes(device) -> int:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(args: argparse.Namespace) -> None:
     import torch
 
     from core.config import TrainConfig
+    from core.logging import memory_mb
     from core.trainer import Trainer
 
     cfg = TrainConfig(output_dir=args.out)
@@ -53,14 +45,14 @@ def worker(args: argparse.Namespace) -> None:
     device = trainer.accelerator.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    before = 0 if device.type == "cuda" else peak_memory_bytes(device)
+    before = 0 if device.type == "cuda" else memory_mb(device)
     trainer.train_one_epoch(0)  # warm-up (and compile)
     start = time.perf_counter()
     trainer.train_one_epoch(1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    report = {"images_per_sec": args.batch * args.steps / seconds, "memory_bytes": peak_memory_bytes(device) - before}
+    report = {"images_per_sec": args.batch * args.steps / seconds, "memory_bytes": (memory_mb(device) - before) * 2**20}
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f)
 
@@ -85,10 +77,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per timed epoch")
     parser.add_argument("--precision", default="bf16", choices=["no", "bf16"])
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--switch", choices=SWITCHES, help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         return worker(args)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch.utils.data import DataLoader
 
-from common import SyntheticTask, create_timm_model, reset_accelerate, synthetic_samples
+from common import SyntheticTask, create_timm_model, synthetic_samples
+from core.distributed import reset_accelerator_state
 from core.logging import peak_tflops, training_flops_per_sample
 
 
@@ -64,7 +65,7 @@ def shardvision_images_per_sec(args: argparse.Namespace, name: str, samples: lis
     from core.config import TrainConfig
     from core.trainer import Trainer
 
-    reset_accelerate()
+    reset_accelerator_state()
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(output_dir=out)
         cfg.model.name, cfg.model.channels_last, cfg.model.compile = name, True, args.compile

@@ -16,18 +16,18 @@ import statistics
 import tempfile
 import time
 
-import timm
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from common import SyntheticTask, reset_accelerate, synthetic_samples
+from common import SyntheticTask, create_timm_model, synthetic_samples
+from core.distributed import reset_accelerator_state
 from core.config import TrainConfig
 from core.trainer import Trainer
 
 
 def shardvision_images_per_sec(samples, args, precision: str) -> float:
-    reset_accelerate()
+    reset_accelerator_state()
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(output_dir=out)
         cfg.model.name = args.model
@@ -42,10 +42,10 @@ def shardvision_images_per_sec(samples, args, precision: str) -> float:
 
 
 def handwritten_images_per_sec(samples, args, precision: str) -> float:
-    reset_accelerate()
+    reset_accelerator_state()
     accelerator = Accelerator(cpu=True, mixed_precision=precision)
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=10)
+    model = create_timm_model(args.model, args.image_size, num_classes=10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = torch.utils.data.DataLoader(samples, batch_size=args.batch, shuffle=True, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

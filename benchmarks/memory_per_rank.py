@@ -20,10 +20,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import resource
 import tempfile
 
-from common import SyntheticTask, launch_ranks, write_report
+from common import SyntheticTask, add_worker_arguments, launch_ranks, write_report
 
 STRATEGIES = {"DDP": "multi_gpu_ddp.yaml", "ZeRO-1": "deepspeed_zero1.yaml", "ZeRO-2": "deepspeed_zero2.yaml", "ZeRO-3": "deepspeed_zero3.yaml"}
 CATEGORIES = ("weights", "master", "grads", "optimizer", "other")
@@ -75,6 +74,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from core.config import TrainConfig
+    from core.logging import memory_mb
     from core.trainer import Trainer
 
     cfg = TrainConfig(output_dir=args.out)
@@ -98,7 +98,7 @@ def worker(args: argparse.Namespace) -> None:
     trainer.train_one_epoch(0)
     hook.remove()
     report["parameters"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report["peak_rss_bytes"] = memory_mb(trainer.accelerator.device) * 2**20
     write_report(args.out, trainer.accelerator.process_index, report)
 
 
@@ -109,8 +109,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args()
     if args.worker:
         return worker(args)

@@ -218,6 +218,16 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
+def reset_accelerator_state() -> None:
+    """Forget accelerate's process-wide singletons, so one process can build another Accelerator
+    (tests and benchmarks that run several trainers in turn)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def build_dynamo_plugin(cfg: TrainConfig) -> Optional[TorchDynamoPlugin]:
     """model.compile as accelerate's dynamo plugin, which compiles after wrapping (DDP, FSDP) or
     through the DeepSpeed engine. None leaves accelerate's default: an accelerate config's

@@ -115,17 +115,13 @@ def run_killed_after_checkpoint(args: list[str], run_dir: Path, step: int, **lau
 @pytest.fixture
 def fresh_accelerate_state():
     """In-process Accelerator tests: start from and leave behind a clean accelerate singleton."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from core.distributed import reset_accelerator_state
 
     saved = dict(os.environ)
     for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
         del os.environ[key]
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerator_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerator_state()
     os.environ.clear()
     os.environ.update(saved)

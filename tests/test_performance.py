@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from core.config import ConfigError
+from core.distributed import reset_accelerator_state
 from core.logging import peak_tflops, training_flops_per_sample
 from core.trainer import Trainer, apply_model_options
-from tests.test_trainer import TinyTask, fresh_accelerate_state_reset, tiny_config
+from tests.test_trainer import TinyTask, tiny_config
 
 
 def test_flops_per_sample_match_the_closed_form():
@@ -106,7 +107,7 @@ def test_compiled_run_checkpoints_resumes_and_exports_plain_names(fresh_accelera
         load_file(tmp_path / "final" / "model.safetensors")
     )
 
-    fresh_accelerate_state_reset()
+    reset_accelerator_state()
     cfg.checkpoint.resume, cfg.loop.epochs = "auto", 3
     resumed = Trainer(cfg, TinyTask(cfg))
     assert resumed.state.global_step == trainer.state.global_step

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from core.config import TrainConfig
+from core.distributed import reset_accelerator_state
 from core.task import Metrics, Task
 from core.trainer import NonFiniteLossError, Trainer
 
@@ -108,24 +109,16 @@ def test_ema_is_exported_checkpointed_and_restored(fresh_accelerate_state, tmp_p
     saved_ema = load_file(checkpoint / "ema.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in saved_ema.items())  # the last checkpoint is the end state
 
-    fresh_accelerate_state_reset()
+    reset_accelerator_state()
     cfg.checkpoint.resume = "auto"
     resumed = Trainer(cfg, TinyTask(cfg))
     assert all(torch.equal(v, resumed.ema.module.state_dict()[k]) for k, v in saved_ema.items())
 
 
-def fresh_accelerate_state_reset():
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def test_eval_only_evaluates_exported_weights(fresh_accelerate_state, tmp_path):
     cfg = tiny_config(tmp_path / "train")
     trained = Trainer(cfg, TinyTask(cfg)).fit()
-    fresh_accelerate_state_reset()
+    reset_accelerator_state()
     eval_cfg = tiny_config(tmp_path / "eval")
     eval_cfg.eval_only, eval_cfg.model.weights = True, str(tmp_path / "train" / "final" / "model.safetensors")
     evaluated = Trainer(eval_cfg, TinyTask(eval_cfg)).fit()
