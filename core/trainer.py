@@ -153,11 +153,18 @@ class Trainer:
         """Train to the end (or evaluate only), export the weights, return the last eval metrics.
         SIGTERM/SIGUSR1 end the run after the current optimizer step with a checkpoint (Preempted).
         However it ends, the trackers are closed and the process group is torn down here, not
-        left to interpreter exit, where a live gloo group beside DataLoader workers can abort."""
+        left to interpreter exit."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._request_stop)
         try:
-            return self._run()
+            metrics = self._run()
+            # A gloo worker thread frees each finished collective's tensors, which needs the GIL.
+            # Ending straight after a gather (an eval-only run) can start interpreter shutdown
+            # before it gets it, and the thread then aborts the process. Waiting here releases the
+            # GIL until every rank is done; DDP keeps the group (and its threads) alive past
+            # destroy_process_group, so tearing it down alone does not help.
+            self.accelerator.wait_for_everyone()
+            return metrics
         finally:
             self.checkpoints.wait_for_pruning()
             self.run_logger.close()

@@ -43,15 +43,19 @@ def test_trains_resumes_and_beats_the_untrained_model(shapes_run):
 
 def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
     """Eval batch 3: both runs form the same batches (accelerate shards whole batches), and the
-    last one is padded on 2 ranks; per-image confusion matrices must add up identically."""
+    last one is padded on 2 ranks; per-image confusion matrices must add up identically.
+    The 2-rank run is repeated: an eval-only run ends right after a gather, which once aborted
+    about one exit in four (a gloo thread still freeing the gather's tensors at shutdown)."""
     common = [*SHAPES, "--eval-only", "--weights", str(shapes_run / "final" / "model.safetensors"), "--data.eval_micro_batch_size", "3"]
-    launch([*common, "--output-dir", str(tmp_path / "two")], launcher="torchrun", script=SEGMENT)
     launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python", script=SEGMENT)
-    two, one = read_metrics(tmp_path / "two", "eval")[-1], read_metrics(tmp_path / "one", "eval")[-1]
-    assert two["images"] == one["images"] == 50
-    for key in ("mIoU", "pixel_acc", "mean_acc", "IoU/background", "IoU/square", "IoU/circle", "IoU/triangle"):
-        assert two[key] == one[key], key
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    one = read_metrics(tmp_path / "one", "eval")[-1]
+    for attempt in range(3):
+        launch([*common, "--output-dir", str(tmp_path / f"two{attempt}")], launcher="torchrun", script=SEGMENT)
+        two = read_metrics(tmp_path / f"two{attempt}", "eval")[-1]
+        assert two["images"] == one["images"] == 50
+        for key in ("mIoU", "pixel_acc", "mean_acc", "IoU/background", "IoU/square", "IoU/circle", "IoU/triangle"):
+            assert two[key] == one[key], key
+        assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
 def test_zero2_trains_checkpoints_and_resumes(tmp_path):
