@@ -79,7 +79,7 @@ class DataConfig:
     micro_batch_size: int = option(32, "Samples per rank per forward pass (before accumulation).")
     eval_micro_batch_size: Optional[int] = option(None, "Samples per rank per eval forward; default micro_batch_size.")
     num_workers: int = option(2, "DataLoader worker processes per rank (0 loads in the main process).")
-    pin_memory: bool = option(True, "Pin host memory for faster host-to-GPU copies (ignored on CPU).")
+    pin_memory: bool = option(True, "Pin host memory, so batches are copied to the GPU without blocking the host (ignored on CPU).")
 
     def validate(self) -> None:
         _check(self.micro_batch_size >= 1, "data.micro_batch_size", self.micro_batch_size, "must be >= 1")

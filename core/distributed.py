@@ -209,13 +209,19 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.loop.grad_accum_steps,
         kwargs_handlers=handlers,
-        # Data order is a function of (seed, epoch) alone, so resuming mid-epoch replays it exactly.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        dataloader_config=build_dataloader_config(cfg, on_gpu),
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard")),
         log_with="tensorboard" if cfg.logging.tensorboard else None,
         dynamo_plugin=build_dynamo_plugin(cfg),
         **plugins,
     )
+
+
+def build_dataloader_config(cfg: TrainConfig, on_gpu: bool) -> DataLoaderConfiguration:
+    """Data order is a function of (seed, epoch) alone, so resuming mid-epoch replays it exactly.
+    Batches from pinned memory are copied to the GPU without blocking the host, so the copy of
+    one batch overlaps the previous step's kernels."""
+    return DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=on_gpu and cfg.data.pin_memory)
 
 
 def reset_accelerator_state() -> None:

@@ -8,11 +8,12 @@ import json
 import os
 
 import pytest
+import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from core.config import ConfigError
-from core.distributed import build_accelerator, build_fsdp_plugin, fill_deepspeed_config, resolve_strategy
+from core.distributed import build_accelerator, build_dataloader_config, build_fsdp_plugin, fill_deepspeed_config, resolve_strategy
 from recipes.classification.task import ClassificationConfig
 from tests.conftest import REPO
 
@@ -60,6 +61,18 @@ def test_run_config_fsdp_plugin():
     plugin = build_fsdp_plugin(cfg)
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
     assert plugin.transformer_cls_names_to_wrap == ["Block"]
+
+
+def test_batches_reach_the_gpu_without_blocking_only_from_pinned_memory(fresh_accelerate_state):
+    cfg = ClassificationConfig()
+    cfg.seed = 7
+    on_gpu = build_dataloader_config(cfg, on_gpu=True)
+    assert on_gpu.non_blocking and on_gpu.use_seedable_sampler and on_gpu.data_seed == 7
+    assert not build_dataloader_config(cfg, on_gpu=False).non_blocking
+    cfg.data.pin_memory = False  # an unpinned non-blocking copy is synchronous anyway
+    assert not build_dataloader_config(cfg, on_gpu=True).non_blocking
+    cfg.data.pin_memory = True
+    assert build_accelerator(cfg).non_blocking == torch.cuda.is_available()
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=os.path.basename)
