@@ -2,9 +2,10 @@
 
     python benchmarks/loop_overhead.py                 # ResNet-18, 64 px, batch 32, in memory
     python benchmarks/loop_overhead.py --steps 20 --repeats 3
+    python benchmarks/loop_overhead.py --kernel foreach   # both loops on AdamW's foreach kernels
 
-Both loops train the same model on the same in-memory batches with AdamW, one process, in fp32
-and in bf16 autocast. They alternate in A B B A order and the median images/s of each is
+Both loops train the same model on the same in-memory batches with AdamW and the same update
+kernel (default: fused, shardvision's default), one process, in fp32 and in bf16 autocast. They alternate in A B B A order and the median images/s of each is
 compared, so load changes and warm-up effects on a noisy machine hit both alike. Last line: the lower of the two ratios
 (target: >= 0.97).
 """
@@ -33,6 +34,7 @@ def shardvision_images_per_sec(samples, args, precision: str) -> float:
         cfg.model.name = args.model
         cfg.data.micro_batch_size, cfg.data.num_workers = args.batch, 0
         cfg.loop.precision, cfg.loop.epochs = precision, 2
+        cfg.optim.fused, cfg.optim.foreach = args.kernel == "fused", args.kernel == "foreach"
         cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 10**9
         trainer = Trainer(cfg, SyntheticTask(cfg, args.model, args.image_size, len(samples), samples=samples))
         trainer.train_one_epoch(0)  # warm-up epoch
@@ -46,7 +48,8 @@ def handwritten_images_per_sec(samples, args, precision: str) -> float:
     accelerator = Accelerator(cpu=True, mixed_precision=precision)
     torch.manual_seed(0)
     model = create_timm_model(args.model, args.image_size, num_classes=10)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "per-tensor": {"foreach": False}}[args.kernel]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **kernel)
     loader = torch.utils.data.DataLoader(samples, batch_size=args.batch, shuffle=True, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
@@ -71,10 +74,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per timed epoch")
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--kernel", choices=("fused", "foreach", "per-tensor"), default="fused", help="AdamW's update kernel, in both loops")
     args = parser.parse_args()
     samples = synthetic_samples(args.batch * args.steps, args.image_size, num_classes=10)
 
-    print(f"{args.model}, {args.image_size} px, batch {args.batch}, {args.steps} steps per epoch, {args.repeats} alternating (ABBA) repeats, {torch.get_num_threads()} threads")
+    print(f"{args.model}, {args.image_size} px, batch {args.batch}, {args.steps} steps per epoch, {args.kernel} AdamW, {args.repeats} alternating (ABBA) repeats, {torch.get_num_threads()} threads")
     print(f"{'precision':<10} {'hand-written img/s':>19} {'shardvision img/s':>18} {'ratio':>7}")
     ratios = []
     for precision in ("no", "bf16"):

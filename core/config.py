@@ -97,7 +97,8 @@ class OptimConfig:
     betas: list[float] = option([0.9, 0.999], "Adam-style betas.")
     eps: float = option(1e-8, "Adam-style epsilon.")
     layer_decay: Optional[float] = option(None, "Layer-wise lr decay for ViT/ConvNeXt fine-tuning (e.g. 0.65).")
-    foreach: Optional[bool] = option(None, "Multi-tensor (foreach) optimizer kernels; None: on wherever the optimizer has them.")
+    fused: Optional[bool] = option(None, "One fused kernel per optimizer step (torch's adam, adamw, sgd, momentum, adagrad; CPU and GPU); None: on wherever the optimizer has it.")
+    foreach: Optional[bool] = option(None, "Multi-tensor (foreach) optimizer kernels where no fused one is used; None: on wherever the optimizer has them.")
 
     def validate(self) -> None:
         from timm.optim import list_optimizers
@@ -110,6 +111,11 @@ class OptimConfig:
         _check(len(self.betas) == 2, "optim.betas", self.betas, "must have two values")
         if self.layer_decay is not None:
             _check(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "must be in (0, 1]")
+        if self.fused:
+            from core.optim import kernel_options
+
+            _check(not self.foreach, "optim.foreach", self.foreach, "contradicts optim.fused: true (one kernel choice per step; set one of them)")
+            _check("fused" in kernel_options(self.name), "optim.fused", self.fused, f"optimizer {self.name!r} has no fused kernel (torch's adam, adamw, sgd, momentum and adagrad have one)")
 
 
 @dataclass

@@ -25,12 +25,7 @@ from core.config import OptimConfig, ScheduleConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    foreach = cfg.foreach
-    if foreach is None and _has_foreach(cfg.name):
-        # torch picks its multi-tensor kernels by itself only on CUDA; on CPU they are ~5%
-        # faster per step too (benchmarks/loop_overhead.py), so ask for them wherever they exist.
-        foreach = True
-    kwargs = {}
+    kwargs = step_kernel(cfg)
     if cfg.name.lower() in ("adam", "adamw", "nadam", "nadamw", "radam", "lamb", "lambw", "adan"):
         kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
     optimizer = create_optimizer_v2(
@@ -39,7 +34,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
-        foreach=foreach,
         layer_decay=cfg.layer_decay,
         filter_bias_and_bn=True,
         **kwargs,
@@ -50,11 +44,25 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     return optimizer
 
 
-def _has_foreach(name: str) -> bool:
-    """Whether timm's optimizer `name` takes `foreach` (apex/bitsandbytes ones are named by a
-    string until imported: timm reports those itself if they are missing)."""
+def step_kernel(cfg: OptimConfig) -> dict[str, bool]:
+    """The fastest update kernel the optimizer has and the config leaves on: fused (one kernel for
+    every tensor, CPU and CUDA), else multi-tensor (foreach). torch turns neither on by itself on
+    CPU and only foreach on CUDA; on 2 CPU cores a fused AdamW step is 3-6x faster than the
+    per-tensor loop (benchmarks/optimizer_step.py)."""
+    options = kernel_options(cfg.name)
+    if cfg.fused or (cfg.fused is None and cfg.foreach is not True and "fused" in options):
+        return {"fused": True}
+    foreach = cfg.foreach if cfg.foreach is not None else ("foreach" in options or None)
+    return {} if foreach is None else {"foreach": foreach}
+
+
+def kernel_options(name: str) -> set[str]:
+    """Which of `fused` / `foreach` timm's optimizer `name` takes (apex/bitsandbytes ones are
+    named by a string until imported: timm reports those itself if they are missing)."""
     opt_class = get_optimizer_info(name).opt_class
-    return isinstance(opt_class, type) and "foreach" in inspect.signature(opt_class).parameters
+    if not isinstance(opt_class, type):
+        return set()
+    return {"fused", "foreach"} & set(inspect.signature(opt_class).parameters)
 
 
 def lr_factor(
@@ -111,7 +119,12 @@ def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -
 
 
 def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:
-    lines = []
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # accelerate's and DeepSpeed's wrappers
+        inner = inner.optimizer
+    first = optimizer.param_groups[0]
+    kernel = "fused" if first.get("fused") else "foreach" if first.get("foreach") else "per-tensor"
+    lines = [f"optimizer {type(inner).__name__}, {kernel} update kernel"]
     for i, group in enumerate(optimizer.param_groups):
         n = sum(p.numel() for p in group["params"])
         lines.append(f"group {i}: {len(group['params'])} tensors, {n:,} values, lr {group['lr']:.3g}, weight_decay {group.get('weight_decay', 0.0):g}")

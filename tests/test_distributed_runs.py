@@ -49,6 +49,7 @@ def ddp_reference(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("ddp_reference")
     proc = launch([*TRAJECTORY, "--output-dir", str(run_dir)], launcher="torchrun")
     assert "world size 2 | strategy ddp" in proc.stderr
+    assert "optimizer AdamW, fused update kernel" in proc.stderr
     return run_dir
 
 
@@ -80,6 +81,7 @@ def test_zero_killed_and_resumed_run_equals_uninterrupted(ddp_reference, tmp_pat
     assert (resumed / "checkpoints" / "7" / "zero_to_fp32.py").is_file()
     proc = launch([*args, "--resume", "auto"], **kwargs)
     assert f"strategy deepspeed (ZeRO-{stage})" in proc.stderr
+    assert "optimizer AdamW, fused update kernel" in proc.stderr  # the client optimizer DeepSpeed steps
     assert "resumed from" in proc.stderr
 
     expected, got = train_losses(reference), train_losses(resumed)
