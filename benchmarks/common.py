@@ -1,5 +1,6 @@
-"""What several benchmarks share: a synthetic in-memory task for the real engine, and a launcher
-that runs a benchmark's worker function on N gloo ranks with one of the repo's accelerate configs."""
+"""What several benchmarks share: a synthetic in-memory task for the real engine, the optimizer
+update kernels they compare, and a launcher that runs a benchmark's worker function on N gloo
+ranks with one of the repo's accelerate configs."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from core.task import Metrics, Task
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Optimizer update kernels by name, as flags that both torch's optimizers and OptimConfig take.
+OPTIMIZER_KERNELS = {"per-tensor": dict(fused=False, foreach=False), "foreach": dict(fused=False, foreach=True), "fused": dict(fused=True)}
 
 
 def create_timm_model(name: str, image_size: int, num_classes: int) -> torch.nn.Module:

@@ -5,14 +5,16 @@
     python benchmarks/loop_overhead.py --kernel foreach   # both loops on AdamW's foreach kernels
 
 Both loops train the same model on the same in-memory batches with AdamW and the same update
-kernel (default: fused, shardvision's default), one process, in fp32 and in bf16 autocast. They alternate in A B B A order and the median images/s of each is
-compared, so load changes and warm-up effects on a noisy machine hit both alike. Last line: the lower of the two ratios
+kernel (default: fused, shardvision's default), one process, in fp32 and in bf16 autocast. They
+alternate in A B B A order and the median images/s of each is compared, so load changes and
+warm-up effects on a noisy machine hit both alike. Last line: the lower of the two ratios
 (target: >= 0.97).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from common import SyntheticTask, create_timm_model, synthetic_samples
+from common import OPTIMIZER_KERNELS, SyntheticTask, create_timm_model, synthetic_samples
 from core.distributed import reset_accelerator_state
 from core.config import TrainConfig
 from core.trainer import Trainer
@@ -34,7 +36,7 @@ def shardvision_images_per_sec(samples, args, precision: str) -> float:
         cfg.model.name = args.model
         cfg.data.micro_batch_size, cfg.data.num_workers = args.batch, 0
         cfg.loop.precision, cfg.loop.epochs = precision, 2
-        cfg.optim.fused, cfg.optim.foreach = args.kernel == "fused", args.kernel == "foreach"
+        cfg.optim = dataclasses.replace(cfg.optim, **OPTIMIZER_KERNELS[args.kernel])
         cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 10**9
         trainer = Trainer(cfg, SyntheticTask(cfg, args.model, args.image_size, len(samples), samples=samples))
         trainer.train_one_epoch(0)  # warm-up epoch
@@ -48,8 +50,7 @@ def handwritten_images_per_sec(samples, args, precision: str) -> float:
     accelerator = Accelerator(cpu=True, mixed_precision=precision)
     torch.manual_seed(0)
     model = create_timm_model(args.model, args.image_size, num_classes=10)
-    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "per-tensor": {"foreach": False}}[args.kernel]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **kernel)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **OPTIMIZER_KERNELS[args.kernel])
     loader = torch.utils.data.DataLoader(samples, batch_size=args.batch, shuffle=True, drop_last=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     model.train()
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per timed epoch")
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--kernel", choices=("fused", "foreach", "per-tensor"), default="fused", help="AdamW's update kernel, in both loops")
+    parser.add_argument("--kernel", choices=tuple(OPTIMIZER_KERNELS), default="fused", help="AdamW's update kernel, in both loops")
     args = parser.parse_args()
     samples = synthetic_samples(args.batch * args.steps, args.image_size, num_classes=10)
 

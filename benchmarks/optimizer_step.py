@@ -19,12 +19,9 @@ import time
 
 import torch
 
-from common import create_timm_model
+from common import OPTIMIZER_KERNELS, create_timm_model
 from core.config import OptimConfig
 from core.optim import build_optimizer
-
-KERNELS = {"per-tensor": dict(fused=False, foreach=False), "foreach": dict(fused=False, foreach=True), "fused": dict(fused=True)}
-
 
 def step_ms(optimizer: torch.optim.Optimizer, steps: int, device: torch.device) -> float:
     start = time.perf_counter()
@@ -46,24 +43,24 @@ def main() -> None:
     device = torch.device(args.device)
 
     print(f"{args.optimizer} step time in ms on {device} ({torch.get_num_threads()} threads), median of {args.rounds} rounds of {args.steps} steps")
-    print(f"{'model':<24} {'parameters':>11} " + " ".join(f"{k:>11}" for k in KERNELS) + f" {'speed-up':>9}")
+    print(f"{'model':<24} {'parameters':>11} " + " ".join(f"{k:>11}" for k in OPTIMIZER_KERNELS) + f" {'speed-up':>9}")
     speedups = []
     for name in args.models:
         model = create_timm_model(name, 224, num_classes=1000).to(device)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
-        optimizers = {kernel: build_optimizer(model, OptimConfig(name=args.optimizer, **flags)) for kernel, flags in KERNELS.items()}
+        optimizers = {kernel: build_optimizer(model, OptimConfig(name=args.optimizer, **flags)) for kernel, flags in OPTIMIZER_KERNELS.items()}
         for optimizer in optimizers.values():  # warm-up: state allocated, kernels loaded
             step_ms(optimizer, 2, device)
-        times: dict[str, list[float]] = {k: [] for k in KERNELS}
+        times: dict[str, list[float]] = {k: [] for k in OPTIMIZER_KERNELS}
         for round_ in range(args.rounds):
-            order = list(KERNELS) if round_ % 2 == 0 else list(reversed(KERNELS))
+            order = list(OPTIMIZER_KERNELS) if round_ % 2 == 0 else list(reversed(OPTIMIZER_KERNELS))
             for kernel in order:
                 times[kernel].append(step_ms(optimizers[kernel], args.steps, device))
         medians = {k: statistics.median(v) for k, v in times.items()}
         speedups.append(medians["per-tensor"] / medians["fused"])
         parameters = sum(p.numel() for p in model.parameters())
-        print(f"{name:<24} {parameters:>11,} " + " ".join(f"{medians[k]:>11.2f}" for k in KERNELS) + f" {speedups[-1]:>8.2f}x")
+        print(f"{name:<24} {parameters:>11,} " + " ".join(f"{medians[k]:>11.2f}" for k in OPTIMIZER_KERNELS) + f" {speedups[-1]:>8.2f}x")
     print(f"speed-up of the fused step over the per-tensor loop (smallest over models): {min(speedups):.2f}x")
 
 
