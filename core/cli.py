@@ -4,6 +4,9 @@
     shardvision eval classification --config ... --weights runs/digits/final/model.safetensors
     shardvision train classification --help  # every config key with its type, default and help
     shardvision export CHECKPOINT OUT [--allow-pickle]   # consolidated safetensors (core/export.py)
+    shardvision check-data segmentation --config ...   # read every sample once, list every problem
+
+Exit codes: core/exit_codes.py (and docs/failures.md).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Optional
+from typing import Any, NoReturn, Optional
 
 # Models and data are local by contract; make the HF libraries fail fast instead of reaching out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,25 +22,85 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from core.checkpoint import CheckpointError  # noqa: E402
 from core.config import ConfigError, parse_args  # noqa: E402
+from core.data import DataError  # noqa: E402
+from core.exit_codes import ExitCode  # noqa: E402
 from core.weights import WeightsError  # noqa: E402
 
 TASKS = ("classification", "detection", "segmentation")
+COMMANDS = {"train": [], "eval": ["--eval-only"], "check-data": ["--check-data"]}  # each one's flag to the recipe
 
 
 def run(config_cls: type, task_cls: type, argv: Optional[list[str]] = None) -> dict[str, float]:
-    """Parse the command line, build the task, train (or evaluate); user errors exit with code 2
-    and a one-line message instead of a traceback."""
-    from core.trainer import PREEMPTED_EXIT_CODE, Preempted, Trainer
+    """Parse the command line, build the task, then train, evaluate (--eval-only) or read every
+    sample once (--check-data). A known failure exits with its ExitCode and one line instead of a
+    traceback; every rank meets it together, so rank 0 alone prints it."""
+    from core.trainer import NonFiniteLossError, Preempted, Trainer
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_only = "--check-data" in argv
     try:
-        cfg = parse_args(config_cls, argv)
-        return Trainer(cfg, task_cls(cfg)).fit()
-    except (ConfigError, CheckpointError, WeightsError) as e:
-        print(f"shardvision: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cfg = parse_args(config_cls, [a for a in argv if a != "--check-data"])
+        if check_only:
+            sys.exit(check_data(task_cls(cfg), cfg))
+        metrics = Trainer(cfg, task_cls(cfg)).fit()
+    except (ConfigError, CheckpointError, WeightsError, DataError) as e:
+        _exit(ExitCode.USER_ERROR, f"error: {e}")
+    except NonFiniteLossError as e:
+        _exit(ExitCode.NONFINITE_LOSS, f"error: {e}")
     except Preempted as e:
-        print(f"shardvision: {e}; checkpoint saved, rerun with --resume auto", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)
+        _exit(ExitCode.PREEMPTED, f"{e}; checkpoint saved, rerun with --resume auto")
+    if _one_of_several_ranks():
+        _exit(ExitCode.SUCCESS)
+    return metrics
+
+
+def _one_of_several_ranks() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _exit(code: ExitCode, message: str = "") -> NoReturn:
+    """Leave with `code`; rank 0 alone prints `message`.
+
+    A rank of a multi-rank run leaves without finalizing the interpreter. gloo's worker threads
+    free each finished collective's buffers in the background, and freeing a tensor that has a
+    Python object takes the GIL. Once the main thread is finalizing, CPython answers that with
+    pthread_exit, which the C++ frames of the worker turn into std::terminate: "terminate called
+    without an active exception", SIGABRT, and a finished run reported as failed (caught with gdb:
+    ProcessGroupGloo::AsyncWork::~AsyncWork -> TensorImpl::decref_pyobject -> take_gil ->
+    PyThread_exit_thread, while the main thread was in Py_FinalizeEx; see docs/failures.md).
+    By now Trainer.fit has shut everything down in order (trackers, checkpoint threads, loader
+    workers, process group), so nothing is left for finalization to do but that race."""
+    if message and os.environ.get("RANK", "0") == "0":
+        print(f"shardvision: {message}", file=sys.stderr, flush=True)
+    if not _one_of_several_ranks():
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def check_data(task: Any, cfg: Any) -> int:
+    """Read every sample of both splits once, in parallel, and list every problem in one report.
+    Exit code 0 when the data is clean, 1 when it is not."""
+    import logging
+
+    from core.data import check_samples
+
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    workers = max(cfg.data.num_workers, len(os.sched_getaffinity(0)))
+    train_set, eval_set = task.build_datasets()
+    problems, lines = [], []
+    for split, dataset in (("train", train_set), ("eval", eval_set)):
+        found, read = check_samples(dataset, split, workers)
+        lines.append(f"{split}: {read} samples read, {len(found)} problems")
+        problems += found
+    print("\n".join(problems + lines))
+    if problems:
+        print(f"shardvision: {len(problems)} problems in the data; fix them, or train with --data.bad_samples skip to leave them out")
+    return 1 if problems else 0
 
 
 def export_main(argv: list[str]) -> None:
@@ -53,22 +116,21 @@ def export_main(argv: list[str]) -> None:
     try:
         print(export_checkpoint(args.checkpoint, args.out, args.allow_pickle))
     except CheckpointError as e:
-        print(f"shardvision: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(ExitCode.USER_ERROR, f"error: {e}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
-    usage = f"usage: shardvision {{train,eval}} {{{','.join(TASKS)}}} [options] | shardvision export CHECKPOINT OUT"
-    if len(argv) < 2 or argv[0] not in ("train", "eval") or argv[1] not in TASKS:
+    usage = f"usage: shardvision {{train,eval,check-data}} {{{','.join(TASKS)}}} [options] | shardvision export CHECKPOINT OUT"
+    if len(argv) < 2 or argv[0] not in COMMANDS or argv[1] not in TASKS:
         print(usage, file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ExitCode.USER_ERROR)
     command, task, rest = argv[0], argv[1], argv[2:]
     try:
         recipe = importlib.import_module(f"recipes.{task}.train")
     except ModuleNotFoundError as e:
         print(f"shardvision: the {task} recipe is not available yet ({e})", file=sys.stderr)
-        sys.exit(2)
-    recipe.main(rest + (["--eval-only"] if command == "eval" else []))
+        sys.exit(ExitCode.USER_ERROR)
+    recipe.main(rest + COMMANDS[command])

@@ -80,6 +80,11 @@ class DataConfig:
     eval_micro_batch_size: Optional[int] = option(None, "Samples per rank per eval forward; default micro_batch_size.")
     num_workers: int = option(2, "DataLoader worker processes per rank (0 loads in the main process).")
     pin_memory: bool = option(True, "Pin host memory, so batches are copied to the GPU without blocking the host (ignored on CPU).")
+    bad_samples: Literal["error", "skip"] = option(
+        "error",
+        "A sample that cannot be used (unreadable, truncated or empty file, bad box or mask value): stop every rank with an "
+        "error naming it, or skip it (the next readable sample takes its place; each is listed in <output_dir>/bad_samples.txt).",
+    )
 
     def validate(self) -> None:
         _check(self.micro_batch_size >= 1, "data.micro_batch_size", self.micro_batch_size, "must be >= 1")
@@ -195,12 +200,25 @@ class DistributedConfig:
     fsdp_auto_wrap_classes: list[str] = option([], "FSDP2: module class names to shard as units (e.g. Block).")
     fsdp_activation_checkpointing: bool = option(False, "FSDP2: recompute activations of wrapped blocks.")
     find_unused_parameters: bool = option(False, "DDP: tolerate parameters that get no gradient.")
-    timeout_minutes: int = option(30, "Collective timeout before a hung rank fails the run.")
+    timeout_minutes: int = option(60, "The backend's own collective timeout (gloo/NCCL), the last resort after the two below.")
+    hang_timeout_minutes: float = option(
+        15.0,
+        "A rank that makes no progress this long (a collective, a save, a data fetch) writes its stacks to "
+        "<output_dir>/hang-<rank>.txt and exits with code 124. 0 disables.",
+    )
+    startup_timeout_minutes: float = option(
+        30.0, "The same limit from launch to the end of the first optimizer step (rendezvous, data, resume, compile). 0 disables."
+    )
 
     def validate(self) -> None:
         if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
             raise ConfigError(f"distributed.deepspeed_config: file not found: {self.deepspeed_config!r}")
         _check(self.timeout_minutes >= 1, "distributed.timeout_minutes", self.timeout_minutes, "must be >= 1")
+        for key in ("hang_timeout_minutes", "startup_timeout_minutes"):
+            value = getattr(self, key)
+            _check(value >= 0, f"distributed.{key}", value, "must be >= 0")
+            # Past the backend's timeout the collective fails first, with no stacks and no phase.
+            _check(value < self.timeout_minutes, f"distributed.{key}", value, f"must be below distributed.timeout_minutes ({self.timeout_minutes})")
 
 
 @dataclass

@@ -8,6 +8,14 @@ uninterrupted run would have seen.
 The epoch lives in shared memory, so persistent DataLoader workers (started once per run, not
 once per epoch) see `set_epoch` too: a new epoch's indices reach the workers only after the
 loader's next `iter()`, which comes after `set_epoch`.
+
+Bad samples (unreadable, truncated or empty files, mask values outside the classes, ...) are a
+`DataError` naming the file, raised by the recipe's reader. `GuardedSamples` catches it where it
+happens, inside a loader worker, and hands the trainer a `SampleReport` with the batch instead of
+an exception (which the DataLoader would re-raise wrapped in a worker traceback). A bad sample's
+place in the batch is taken by the next readable one, so every rank keeps the same number of
+batches of the same size whatever it skips; the trainer then either stops every rank together
+(`data.bad_samples: error`) or records the sample and carries on (`skip`).
 """
 
 from __future__ import annotations
@@ -16,13 +24,42 @@ import contextlib
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+# How many following samples may stand in for a bad one before the data set is declared broken.
+MAX_SUBSTITUTES = 16
+
+
+class DataError(ValueError):
+    """A sample that cannot be used; the message names the file (or row) and the offending value."""
+
+
+# What PIL (and `datasets`, which decodes with it) raises for a damaged or unreadable file.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def decode_failure(error: Exception) -> str:
+    """The decoder's message without object addresses ('<_io.BytesIO object at 0x...>'), so the
+    same damaged sample reads the same every time it is met."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(error))
+
+
+def read_image(path: str) -> Image.Image:
+    """An RGB image, or a DataError naming the file: missing, empty, truncated or not an image."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except DECODE_ERRORS as e:
+        raise DataError(f"{path}: cannot read image ({decode_failure(e)})") from None
 
 
 class SeededTransforms(Dataset):
@@ -41,6 +78,11 @@ class SeededTransforms(Dataset):
 
     def __len__(self) -> int:
         return len(self.base)
+
+    @property
+    def problems(self) -> list[str]:
+        """What the underlying data set found wrong while indexing itself (see GuardedSamples)."""
+        return list(getattr(self.base, "problems", []))
 
     def __getitem__(self, index: int) -> Any:
         sample = self.base[index]
@@ -103,3 +145,121 @@ def folder_written_once(root: str) -> Iterator[str]:
         os.rename(tmp, root)
     except OSError:  # another rank published the same folder first
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class SampleReport:
+    """What the loader says about one batch besides the batch itself."""
+
+    ok: torch.Tensor  # bool per sample: False where a bad sample was replaced by the next readable one
+    problems: list[str]  # one line per bad sample met, naming split, index, file and what is wrong
+    fatal: str = ""  # set when no readable sample could stand in: the data set is broken
+
+
+class GuardedSamples(Dataset):
+    """`dataset[i]` as `(sample, problems)`: a DataError becomes a line in `problems` and the next
+    readable sample stands in, so the error never escapes a loader worker (see the module doc)."""
+
+    def __init__(self, dataset: Dataset, split: str):
+        self.dataset, self.split = dataset, split
+        # Problems the data set found while indexing itself (e.g. annotations it dropped).
+        self.found_at_start: list[str] = list(getattr(dataset, "problems", []))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> tuple[Any, list[str]]:
+        problems = []
+        for offset in range(MAX_SUBSTITUTES + 1):
+            j = (int(index) + offset) % len(self.dataset)
+            try:
+                return self.dataset[j], problems
+            except DataError as e:
+                problems.append(f"{self.split} sample {j}: {e}")
+        return None, problems
+
+
+class GuardedCollate:
+    """The task's collate over the samples GuardedSamples returned, plus the batch's SampleReport."""
+
+    def __init__(self, collate: Callable[[list], Any]):
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[Any, list[str]]]) -> tuple[Any, SampleReport]:
+        problems = [p for _, found in items for p in found]
+        ok = torch.tensor([not found for _, found in items])
+        if any(sample is None for sample, _ in items):
+            fatal = f"{MAX_SUBSTITUTES + 1} samples in a row cannot be read, e.g. {problems[-1]}"
+            return None, SampleReport(ok, problems, fatal)
+        return self.collate([sample for sample, _ in items]), SampleReport(ok, problems)
+
+
+def check_samples(dataset: Dataset, split: str, num_workers: int, batch_size: int = 32) -> tuple[list[str], int]:
+    """Read every sample of `dataset` once, `num_workers` processes in parallel, and return
+    (every problem found, the number of samples read). Nothing stands in for a bad sample here."""
+    loader = DataLoader(_EachSample(GuardedSamples(dataset, split)), batch_size=batch_size, num_workers=num_workers, collate_fn=_problems_of)
+    problems = list(getattr(dataset, "problems", []))
+    for found in loader:
+        problems += found
+    return problems, len(dataset)
+
+
+class _EachSample(Dataset):
+    """A GuardedSamples that reports each sample's own problem and never substitutes."""
+
+    def __init__(self, guarded: GuardedSamples):
+        self.guarded = guarded
+
+    def __len__(self) -> int:
+        return len(self.guarded)
+
+    def __getitem__(self, index: int) -> list[str]:
+        try:
+            self.guarded.dataset[index]
+            return []
+        except DataError as e:
+            return [f"{self.guarded.split} sample {index}: {e}"]
+
+
+def _problems_of(items: list[list[str]]) -> list[str]:
+    return [p for found in items for p in found]
+
+
+class BadSampleLog:
+    """The run's bad samples: each rank notes what its loader reported; `flush` (a collective)
+    gathers them, and the main process appends each sample once to `<output_dir>/bad_samples.txt`."""
+
+    def __init__(self, accelerator: Any, output_dir: str):
+        self.accelerator = accelerator
+        self.path = os.path.join(output_dir, "bad_samples.txt")
+        self.unflushed: list[str] = []
+        self.known: set[str] = set()  # the same on every rank, so every rank reports the same count
+
+    def add(self, problems: list[str]) -> None:
+        self.unflushed += problems
+
+    def flush(self) -> int:
+        """Gather every rank's new problems; return how many distinct ones the run has met."""
+        from accelerate.utils import gather_object
+
+        gathered = gather_object(self.unflushed) if self.accelerator.num_processes > 1 else self.unflushed
+        self.unflushed = []
+        new = [p for p in dict.fromkeys(gathered) if p not in self.known]
+        if new and self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write("".join(p + "\n" for p in new))
+        self.known.update(new)
+        return len(self.known)
+
+    def error(self) -> DataError:
+        """The error every rank raises together once any rank met a bad sample (data.bad_samples: error);
+        a collective, so rank 0 can name every problem the ranks met."""
+        from accelerate.utils import gather_object
+
+        problems = gather_object(self.unflushed) if self.accelerator.num_processes > 1 else self.unflushed
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return DataError(f"{problems[0]}{more}. Fix or remove the file, or set data.bad_samples: skip to train without it.")

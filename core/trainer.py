@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from core.checkpoint import CheckpointManager, TrainerState
 from core.config import ConfigError, TrainConfig, save_config, to_dict
-from core.data import build_loader
+from core.data import BadSampleLog, DataError, GuardedCollate, GuardedSamples, SampleReport, build_loader
 from core.distributed import (
     agreement_flags,
     build_accelerator,
@@ -36,12 +36,12 @@ from core.distributed import (
 from core.logging import RunLogger, Throughput, memory_mb, peak_tflops, progress_bar, training_flops_per_sample
 from core.optim import build_optimizer, build_scheduler, describe_param_groups, set_schedule_step, warmup_steps_of
 from core.task import Task
+from core.watchdog import HangWatchdog, watched
 from core.weights import load_weights
 
 logger = logging.getLogger("shardvision")
 
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"; schedulers can requeue on it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and cloud schedulers send before a kill
 
 
@@ -82,6 +82,17 @@ class WindowCheck:
 class Trainer:
     def __init__(self, cfg: TrainConfig, task: Task):
         self.cfg, self.task = cfg, task
+        # Started before the rendezvous, which is the first thing that can hang; the launcher's RANK
+        # names the file, as no process group exists yet.
+        d = cfg.distributed
+        self.watchdog = HangWatchdog(cfg.output_dir, int(os.environ.get("RANK", "0")), d.hang_timeout_minutes, d.startup_timeout_minutes)
+        try:
+            self._build(cfg, task)
+        except BaseException:
+            self.watchdog.stop()
+            raise
+
+    def _build(self, cfg: TrainConfig, task: Task) -> None:
         self.accelerator = acc = build_accelerator(cfg)
         setup_logging(acc)
         self.strategy = strategy_of(acc)
@@ -97,10 +108,17 @@ class Trainer:
         apply_model_options(model, cfg)
         seed_rank(cfg.seed, acc.process_index)
 
-        self.train_set, self.eval_set = task.build_datasets()
+        train_set, eval_set = task.build_datasets()
+        self.train_set, self.eval_set = GuardedSamples(train_set, "train"), GuardedSamples(eval_set, "eval")
+        self.collate = GuardedCollate(task.collate)
+        self.bad_samples = BadSampleLog(acc, cfg.output_dir)
+        self.skip_bad_samples = cfg.data.bad_samples == "skip"
+        if self.skip_bad_samples:
+            self.bad_samples.add(self.train_set.found_at_start + self.eval_set.found_at_start)
+            self._report_bad_samples()
         self.flops_per_sample = self._count_flops(model) if cfg.logging.count_flops else None
         self.peak_tflops = peak_tflops(acc.device, cfg.logging.peak_tflops)
-        loader_args = dict(num_workers=cfg.data.num_workers, collate_fn=task.collate, pin_memory=cfg.data.pin_memory)
+        loader_args = dict(num_workers=cfg.data.num_workers, collate_fn=self.collate, pin_memory=cfg.data.pin_memory)
         train_loader = build_loader(self.train_set, batch_size=cfg.data.micro_batch_size, shuffle=True, drop_last=True, **loader_args)
         eval_loader = build_loader(
             self.eval_set, batch_size=cfg.data.eval_micro_batch_size or cfg.data.micro_batch_size, shuffle=False, **loader_args
@@ -158,16 +176,23 @@ class Trainer:
             signal.signal(sig, self._request_stop)
         try:
             metrics = self._run()
-            # A gloo worker thread frees each finished collective's tensors, which needs the GIL.
-            # Ending straight after a gather (an eval-only run) can start interpreter shutdown
-            # before it gets it, and the thread then aborts the process. Waiting here releases the
-            # GIL until every rank is done; DDP keeps the group (and its threads) alive past
-            # destroy_process_group, so tearing it down alone does not help.
-            self.accelerator.wait_for_everyone()
+            self.watchdog.beat("shutdown", self.state.global_step)
+            self.accelerator.wait_for_everyone()  # every rank has finished its work before any leaves
             return metrics
         finally:
-            self.checkpoints.wait_for_pruning()
-            self.run_logger.close()
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        """End the run in order, whatever ended it, rather than leave it to interpreter exit (which
+        a multi-rank process skips, see core/cli.py): hang watch, checkpoint deletions, loader
+        workers, trackers, then the process group."""
+        self.watchdog.stop()
+        self.checkpoints.wait_for_pruning()
+        for loader in (self.train_loader, self.eval_loader):
+            workers = getattr(loader, "_iterator", None)  # persistent workers live on the loader
+            if workers is not None and hasattr(workers, "_shutdown_workers"):
+                workers._shutdown_workers()
+        self.run_logger.close()
 
     def _run(self) -> dict[str, float]:
         self._log_summary()
@@ -211,7 +236,9 @@ class Trainer:
         skip_nonfinite = cfg.loop.nonfinite_loss == "skip"
         pending: Optional[WindowCheck] = None  # the last window's agreement, read one step later
 
-        for batch in batches:
+        window_bad_data = False  # a bad sample met in this window (data.bad_samples: error)
+        for batch, report in watched(batches, self.watchdog, "train step", lambda: state.global_step):
+            window_bad_data = self._take_report(report) or window_bad_data
             batch = self._cast_inputs(batch)
             with acc.accumulate(self.model):
                 loss = self.task.training_step(self.model, batch)
@@ -220,13 +247,14 @@ class Trainer:
                 window_ok = True
                 if acc.sync_gradients:
                     # Every rank must take the same branch: one small all-reduce per optimizer
-                    # step says whether any rank saw a non-finite loss or a stop signal.
+                    # step says whether any rank saw a non-finite loss, a bad sample or a stop signal.
                     where = self._where(epoch)
-                    flags = agreement_flags(acc, window_sum, self.stop_signal is not None)
+                    flags = agreement_flags(acc, window_sum, window_bad_data, self.stop_signal is not None)
+                    window_bad_data = False
                     if skip_nonfinite:
                         # Skipping must be decided before the last backward (DeepSpeed steps
                         # inside it), so this mode reads the flags at once: a host sync per step.
-                        finite, stop_now = read_agreement(flags)
+                        finite, stop_now = self._read(flags)
                         stop = stop or stop_now
                         window_ok = finite or self._on_nonfinite_loss(window_sum, where)
                 if window_ok:
@@ -248,6 +276,7 @@ class Trainer:
                     window_count = 0
             if not acc.sync_gradients:
                 continue
+            self.watchdog.started()
             bar.update(1)
             logging_step = state.global_step % cfg.logging.every_steps == 0 and loss_count
             saving_step = cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0
@@ -257,6 +286,7 @@ class Trainer:
                 stop = self._check(pending) or stop
                 pending = None
             if logging_step:
+                self._report_bad_samples()
                 self._log_train(epoch, reduce_mean(acc, loss_sum / loss_count).item(), meter.images_per_sec(), grad_norm, bar)
                 loss_sum.zero_()
                 loss_count = 0
@@ -284,12 +314,23 @@ class Trainer:
         was_training = model.training
         model.eval()
         metrics = self.task.build_metrics()
-        for batch in self.eval_loader:
+        for batch, report in watched(self.eval_loader, self.watchdog, "evaluation", lambda: self.state.global_step):
+            self._take_report(report)
             batch = self._cast_inputs(batch)
             with self.accelerator.autocast():
                 outputs = self.task.evaluation_step(model, batch)
-            metrics.update(self.accelerator.gather_for_metrics(outputs))
+            outputs = self.accelerator.gather_for_metrics(outputs)
+            # Every rank sees every rank's flags, so all stop (or drop) together.
+            ok = self.accelerator.gather_for_metrics(report.ok.to(self.accelerator.device)).cpu()
+            if not ok.all():
+                if not self.skip_bad_samples:
+                    raise self.bad_samples.error()
+                outputs = _only(outputs, ok)  # a stand-in sample must not count twice
+            metrics.update(outputs)
+            self.watchdog.started()  # an eval-only run's startup ends with its first batch
         model.train(was_training)
+        if self.skip_bad_samples:
+            self._report_bad_samples()
         values = metrics.compute()
         table = metrics.table()
         if table:
@@ -319,6 +360,7 @@ class Trainer:
         """Consolidated weights in `<output_dir>/final/model.safetensors`, whatever the strategy:
         gathered from ZeRO-3/FSDP shards on rank 0 (a collective, so every rank calls it)."""
         acc = self.accelerator
+        self.watchdog.beat("export", self.state.global_step)
         final_dir = os.path.join(self.cfg.output_dir, "final")
         acc.wait_for_everyone()
         # DeepSpeed gathers ZeRO-3 shards through its engine; elsewhere the module itself is
@@ -355,6 +397,8 @@ class Trainer:
 
     def _log_train(self, epoch: int, loss: float, images_per_sec: float, grad_norm: Optional[torch.Tensor], bar: Any) -> None:
         values = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "images_per_sec": images_per_sec, "memory_mb": memory_mb(self.accelerator.device)}
+        if self.skip_bad_samples:
+            values["bad_samples"] = len(self.bad_samples.known)
         if self.flops_per_sample:
             values["tflops_per_device"] = images_per_sec * self.flops_per_sample / 1e12 / self.accelerator.num_processes
             if self.peak_tflops:
@@ -390,7 +434,9 @@ class Trainer:
     def _count_flops(self, model: torch.nn.Module) -> Optional[float]:
         if len(self.eval_set) == 0:
             return None
-        batch = self.task.collate([self.eval_set[0]])
+        batch, _ = self.collate([self.eval_set[0]])
+        if batch is None:
+            return None
         return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
 
     def _clip_gradients(self) -> Optional[torch.Tensor]:
@@ -403,14 +449,39 @@ class Trainer:
         return f"optimizer step {self.state.global_step} (epoch {epoch}, accumulation window ending at micro-batch {self.state.batches_in_epoch})"
 
     def _check(self, window: Optional[WindowCheck]) -> bool:
-        """Read a window's agreement: raise on a non-finite loss (error mode); True if any rank
-        asked to stop."""
+        """Read a window's agreement: raise on a non-finite loss (error mode) or a bad sample;
+        True if any rank asked to stop."""
         if window is None:
             return False
-        finite, stop = read_agreement(window.flags)
+        finite, stop = self._read(window.flags)
         if not finite:
             self._on_nonfinite_loss(window.loss, window.where)
         return stop
+
+    def _read(self, flags: torch.Tensor) -> tuple[bool, bool]:
+        """(loss finite everywhere, a stop asked for anywhere); raises, on every rank at once, if a
+        rank met a bad sample (data.bad_samples: error)."""
+        agreement = read_agreement(flags)
+        if agreement.bad_data:
+            raise self.bad_samples.error()
+        return agreement.finite, agreement.stop
+
+    def _take_report(self, report: SampleReport) -> bool:
+        """Note the batch's bad samples; True if there were any and the run must stop for them."""
+        if report.fatal:
+            raise DataError(report.fatal)
+        if not report.problems:
+            return False
+        self.bad_samples.add(report.problems)
+        return not self.skip_bad_samples
+
+    def _report_bad_samples(self) -> None:
+        """Gather the ranks' skipped samples into bad_samples.txt (a collective, at logging steps)."""
+        if not self.skip_bad_samples:
+            return
+        before = len(self.bad_samples.known)
+        if self.bad_samples.flush() > before:
+            logger.warning("skipped %d bad samples so far (data.bad_samples: skip), listed in %s", len(self.bad_samples.known), self.bad_samples.path)
 
     def _on_nonfinite_loss(self, window_loss: torch.Tensor, where: str) -> bool:
         """False (drop the step) in skip mode; raises in error mode. All ranks get here together."""
@@ -438,7 +509,9 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         if self.checkpoints.last_saved_step != self.state.global_step:
+            self.watchdog.beat("checkpoint save", self.state.global_step)
             self.checkpoints.save(self.state, self._ema_weights())
+            self.watchdog.beat("train step", self.state.global_step)
 
     def _log_summary(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -465,3 +538,10 @@ class Trainer:
         if self.ema is not None:
             lines.append(f"EMA of weights, decay {cfg.loop.ema_decay}")
         logger.info("run summary\n  %s", "\n  ".join(lines))
+
+
+def _only(outputs: Any, keep: torch.Tensor) -> Any:
+    """The gathered per-sample outputs (tensors batch-first, or a list) where `keep` is True."""
+    if isinstance(outputs, dict):
+        return {k: v[keep.to(v.device)] for k, v in outputs.items()}
+    return [o for o, k in zip(outputs, keep.tolist()) if k]

@@ -119,9 +119,14 @@ def test_coco_loader_checks_and_policies(tmp_path):
                               eval_images="images", eval_annotations="instances.json", min_size=48, max_size=64)
     with pytest.raises(DataError, match=r"instances\.json: annotation 90 of image 1 \(1\.jpg\): unknown category_id 7"):
         build_datasets(cfg, 0)
-    cfg.bad_annotations = "drop"
+    cfg.bad_samples = "skip"
     train, val = build_datasets(cfg, 0)
     assert len(val) == 3 and val.base.targets[2]["boxes"] == [[10, 8, 40, 28]]  # 91 and 92 dropped
+    assert [p.split(": ", 1)[1] for p in val.problems] == [
+        "annotation 90 of image 1 (1.jpg): unknown category_id 7",
+        "annotation 91 of image 2 (2.jpg): zero-area box [1, 1, 0, 5]",
+        "annotation 92 of image 2 (2.jpg): box [50, 40, 30, 30] outside the 64x48 image",
+    ]
     sample = val[0]
     assert sample["image"].shape == (3, 48, 64) and sample["boxes"].tolist() == [[4, 4, 24, 20], [30, 10, 54, 40]]
     assert val[2]["boxes"].shape == (0, 4)  # an image without annotations is kept
@@ -136,10 +141,10 @@ def test_coco_loader_checks_and_policies(tmp_path):
                               eval_images="images", eval_annotations="instances.json")
     with pytest.raises(DataError, match=r"instances\.json: 1 images are missing, e\.g\. image 2: .*2\.jpg"):
         build_datasets(cfg, 0)
-    cfg.bad_annotations = "drop"
+    cfg.bad_samples = "skip"
     assert len(build_datasets(cfg, 0)[1]) == 2
     (tmp_path / "missing" / "images" / "1.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(DataError, match=r"1\.jpg \(image 1 of .*instances\.json\): cannot read image"):
+    with pytest.raises(DataError, match=r"images/1\.jpg: cannot read image \(cannot identify image file"):
         build_datasets(cfg, 0)[1][0]
 
 

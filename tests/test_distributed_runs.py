@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DIGITS, QUICK, REPO, launch, launch_command, read_metrics, run_env, run_killed_after_checkpoint, run_killed_when
+from tests.conftest import DIGITS, QUICK, REPO, kill_tree, launch, launch_command, read_metrics, run_env, run_killed_after_checkpoint, run_killed_when
 
 pytestmark = pytest.mark.slow
 
@@ -243,6 +244,78 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(ddp_referenc
     expected = train_losses(ddp_reference)
     assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
     assert final_weights_equal(ddp_reference, tmp_path)
+
+
+def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
+    """The launched ranks by their RANK, once both have started."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ranks = {}
+        for p in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                if "train.py" in " ".join(p.cmdline()) and "RANK" in p.environ():
+                    ranks[int(p.environ()["RANK"])] = p
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        if len(ranks) == 2:
+            return ranks
+        time.sleep(0.1)
+    raise AssertionError("the two ranks never started")
+
+
+def test_a_frozen_rank_is_reported_by_the_other_within_the_limit_and_the_run_resumes_exactly(ddp_reference, tmp_path):
+    """SIGSTOP freezes rank 1 mid-training, as a stuck filesystem or a wedged host would: rank 0,
+    waiting in a collective, writes its stacks and exits 124 after distributed.hang_timeout_minutes."""
+    limit_s = 15
+    args = [*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "4", "--distributed.hang_timeout_minutes", str(limit_s / 60)]
+    proc = subprocess.Popen(launch_command(args, "torchrun"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_train_step(tmp_path, 5, proc)
+        frozen_at = time.time()
+        rank_processes(proc.pid)[1].suspend()
+        hang_file = tmp_path / "hang-0.txt"
+        while not hang_file.exists() and time.time() - frozen_at < limit_s + 60:
+            time.sleep(0.1)
+        reported_after = time.time() - frozen_at
+        _, stderr = proc.communicate(timeout=120)  # torchrun then stops the frozen rank (SIGTERM, then SIGKILL)
+    finally:
+        kill_tree(proc.pid)
+    assert limit_s <= reported_after < limit_s + 30, reported_after
+    assert "exitcode  : 124" in stderr, stderr[-3000:]
+    error = re.search(r"shardvision: error: rank 0 made no progress for [\d.]+ min in phase '([^']+)' at optimizer step (\d+)", stderr)
+    assert error and error.group(1) in ("train step", "waiting for the data loader") and int(error.group(2)) >= 5, stderr[-3000:]
+    stacks = hang_file.read_text()
+    assert "Thread" in stacks and "core/trainer.py" in stacks and "in train_one_epoch" in stacks
+    published = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert published and published[-1] <= int(error.group(2)), published  # nothing newer than the last complete save
+
+    launch([*args, "--resume", "auto"], launcher="torchrun")
+    expected = train_losses(ddp_reference)
+    assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
+    assert final_weights_equal(ddp_reference, tmp_path)
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
+def test_a_crashed_rank_brings_the_other_down_within_seconds(tmp_path, launcher):
+    """torchrun's own case is the kill during a save above; these launchers must do the same."""
+    args = ["--config", DIGITS, *QUICK, "--output-dir", str(tmp_path), "--logging.every_steps", "1", "--loop.epochs", "3"]
+    kwargs = {"accelerate": dict(accelerate_config=accelerate_config("multi_gpu_ddp.yaml")),
+              "deepspeed": {}}[launcher]
+    if launcher == "deepspeed":
+        args += ["--distributed.deepspeed_config", "ds_configs/zero2.json"]
+    proc = subprocess.Popen(launch_command(args, launcher, **kwargs), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_train_step(tmp_path, 2, proc)
+        survivor = rank_processes(proc.pid)[0]
+        rank_processes(proc.pid)[1].kill()
+        killed_at = time.time()
+        survivor.wait(timeout=60)
+        survivor_gone_after = time.time() - killed_at
+        proc.wait(timeout=60)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode != 0
+    assert survivor_gone_after < 40, survivor_gone_after
 
 
 def test_single_process_sigterm_exit_code(tmp_path):

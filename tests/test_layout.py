@@ -40,7 +40,7 @@ def test_no_unsafe_torch_load():
 def test_console_script(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fly", "classification"])
-    assert exit_info.value.code == 2 and "usage: shardvision {train,eval}" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: shardvision {train,eval,check-data}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "classification", "--help"])
     assert exit_info.value.code == 0
@@ -51,8 +51,16 @@ def test_console_script(capsys):
 def test_slurm_template_parses_and_matches_the_exit_code():
     import subprocess
 
-    from core.trainer import PREEMPTED_EXIT_CODE
+    from core.exit_codes import ExitCode
 
     path = REPO / "launchers" / "slurm.sbatch"
     subprocess.run(["bash", "-n", str(path)], check=True)
-    assert f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}" in path.read_text()
+    assert f"PREEMPTED_EXIT_CODE={ExitCode.PREEMPTED.value}" in path.read_text()
+
+
+def test_every_exit_code_is_in_the_failures_table():
+    from core.exit_codes import ExitCode
+
+    doc = (REPO / "docs" / "failures.md").read_text()
+    for code in ExitCode:
+        assert re.search(rf"^\| `{code.value}` \| {code.name.lower().replace('_', ' ')} \|", doc, re.M), code

@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.config import ConfigError, DataConfig, option
-from core.data import SeededTransforms
+from core.data import DECODE_ERRORS, DataError, SeededTransforms, decode_failure, read_image
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -85,25 +85,45 @@ class Digits(Dataset):
 
 
 class HFImages(Dataset):
-    """A `datasets` split as (PIL image, label) pairs."""
+    """A `datasets` split as (PIL image, label) pairs; an undecodable image or a label outside
+    0..num_classes-1 is a DataError naming the row (and its file, where the set keeps one)."""
 
-    def __init__(self, ds: Any, image_column: str, label_column: str, where: str):
+    def __init__(self, ds: Any, image_column: str, label_column: str, where: str, num_classes: int):
         for column in (image_column, label_column):
             if column not in ds.column_names:
                 raise ConfigError(f"{where}: no column {column!r}; columns are {ds.column_names} (set data.image_column / data.label_column)")
-        self.ds, self.image_column, self.label_column = ds, image_column, label_column
-        feature = ds.features[label_column]
-        self.classes = list(getattr(feature, "names", None) or [str(c) for c in sorted(set(ds[label_column]))])
+        self.ds, self.image_column, self.label_column, self.where, self.num_classes = ds, image_column, label_column, where, num_classes
+        # Named classes (a ClassLabel column) are checked against model.num_classes up front; plain
+        # integers are checked row by row, so one mislabelled row is named rather than miscounted.
+        self.classes = list(getattr(ds.features[label_column], "names", None) or [])
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        row = self.ds[int(i)]
-        return row[self.image_column].convert("RGB"), int(row[self.label_column])
+        try:
+            row = self.ds[int(i)]  # `datasets` decodes the image here
+            image = row[self.image_column].convert("RGB")
+        except DECODE_ERRORS as e:
+            raise DataError(f"{self._name(i)}: cannot read image ({decode_failure(e)})") from None
+        label = int(row[self.label_column])
+        if not 0 <= label < self.num_classes:
+            raise DataError(f"{self._name(i)}: label {label} is outside 0..{self.num_classes - 1} (model.num_classes {self.num_classes})")
+        return image, label
+
+    def _name(self, i: int) -> str:
+        """'<root> [split] row i', with the image's original file where the set recorded one."""
+        import datasets
+
+        try:
+            raw = self.ds.cast_column(self.image_column, datasets.Image(decode=False))[int(i)][self.image_column]
+            path = raw.get("path") if isinstance(raw, dict) else None
+        except Exception:  # naming the file is best effort; the row number always names the sample
+            path = None
+        return f"{self.where} row {i}" + (f" ({path})" if path else "")
 
 
-def _load_raw(cfg: ClassificationDataConfig) -> tuple[Dataset, Dataset]:
+def _load_raw(cfg: ClassificationDataConfig, num_classes: int) -> tuple[Dataset, Dataset]:
     if cfg.source == "digits":
         return Digits("train"), Digits("val")
     if cfg.source == "imagefolder":
@@ -114,7 +134,7 @@ def _load_raw(cfg: ClassificationDataConfig) -> tuple[Dataset, Dataset]:
             folder = os.path.join(cfg.root, split)
             if not os.path.isdir(folder):
                 raise ConfigError(f"data.root: {folder!r} is missing; an ImageFolder root needs {cfg.train_split}/ and {cfg.eval_split}/ with one subfolder per class")
-            sets.append(ImageFolder(folder))
+            sets.append(ImageFolder(folder, loader=read_image))
         if sets[0].classes != sets[1].classes:
             raise ConfigError(f"{cfg.root}: class folders differ between {cfg.train_split}/ and {cfg.eval_split}/")
         return sets[0], sets[1]
@@ -129,7 +149,7 @@ def _load_raw(cfg: ClassificationDataConfig) -> tuple[Dataset, Dataset]:
     for split in (cfg.train_split, cfg.eval_split):
         if split not in loaded:
             raise ConfigError(f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)")
-        out.append(HFImages(loaded[split], cfg.image_column, cfg.label_column, f"{cfg.root} [{split}]"))
+        out.append(HFImages(loaded[split], cfg.image_column, cfg.label_column, f"{cfg.root} [{split}]", num_classes))
     return out[0], out[1]
 
 
@@ -147,7 +167,7 @@ class ToSample:
 def build_datasets(cfg: ClassificationDataConfig, num_classes: int, seed: int) -> tuple[Dataset, Dataset]:
     from timm.data import create_transform
 
-    train_raw, eval_raw = _load_raw(cfg)
+    train_raw, eval_raw = _load_raw(cfg, num_classes)
     classes = len(getattr(train_raw, "classes", [])) or num_classes
     if classes > num_classes:
         raise ConfigError(f"the dataset has {classes} classes but model.num_classes is {num_classes}")

@@ -13,20 +13,16 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from core.config import ConfigError, DataConfig, option
-from core.data import SeededTransforms, folder_written_once
+from core.data import DataError, SeededTransforms, folder_written_once, read_image
 
 logger = logging.getLogger(__name__)
 SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}]
-
-
-class DataError(ValueError):
-    """An image or annotation that cannot be used; the message names it."""
 
 
 @dataclass
@@ -37,9 +33,6 @@ class DetectionDataConfig(DataConfig):
     train_annotations: str = option("annotations/instances_train2017.json", "Training annotations, relative to root.")
     eval_images: str = option("val2017", "Evaluation images folder, relative to root.")
     eval_annotations: str = option("annotations/instances_val2017.json", "Evaluation annotations, relative to root.")
-    bad_annotations: Literal["error", "drop"] = option(
-        "error", "Boxes outside the image, of zero area or with an unknown category: stop naming them, or drop them with a logged count."
-    )
     min_size: int = option(800, "Shorter image side after resizing.")
     max_size: int = option(1333, "Cap on the longer side after resizing.")
     scale_jitter: list[float] = option([1.0, 1.0], "Training: random factor range applied to min_size/max_size.")
@@ -66,9 +59,11 @@ class CocoDetection(Dataset):
 
     Labels are contiguous 1..K in the json's category order (0 is the detectors' background);
     `category_ids[label - 1]` maps back for COCO-format results. Crowd annotations are skipped
-    for training, as usual; images without annotations are kept (negatives)."""
+    for training, as usual; images without annotations are kept (negatives). A box outside its
+    image, of zero area or of an unknown category, and an image file that is missing, stop the
+    run naming them (`data.bad_samples: error`) or are left out and listed in `problems` (skip)."""
 
-    def __init__(self, images: str, annotations: str, bad_annotations: str, training: bool):
+    def __init__(self, images: str, annotations: str, bad_samples: str, training: bool):
         from pycocotools.coco import COCO
 
         self.images_dir, self.annotations_file = images, annotations
@@ -78,14 +73,16 @@ class CocoDetection(Dataset):
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
         self.category_names = [self.coco.cats[c]["name"] for c in self.category_ids]
         self.ids = sorted(self.coco.getImgIds())
+        self.problems: list[str] = []
         missing = [i for i in self.ids if not os.path.isfile(os.path.join(images, self.coco.imgs[i]["file_name"]))]
         if missing:
             first = os.path.join(images, self.coco.imgs[missing[0]]["file_name"])
-            if bad_annotations == "error":
-                raise DataError(f"{annotations}: {len(missing)} images are missing, e.g. image {missing[0]}: {first} (set data.bad_annotations: drop to skip them)")
-            logger.warning("dropped %d images of %s whose files are missing, e.g. %s", len(missing), annotations, first)
+            if bad_samples == "error":
+                raise DataError(f"{annotations}: {len(missing)} images are missing, e.g. image {missing[0]}: {first} (set data.bad_samples: skip to leave them out)")
+            logger.warning("left out %d images of %s whose files are missing, e.g. %s", len(missing), annotations, first)
+            self.problems += [f"{annotations}: image {i}: {os.path.join(images, self.coco.imgs[i]['file_name'])} is missing" for i in missing]
             self.ids = [i for i in self.ids if i not in set(missing)]
-        self.targets = {image_id: self._checked(image_id, bad_annotations, training) for image_id in self.ids}
+        self.targets = {image_id: self._checked(image_id, bad_samples, training) for image_id in self.ids}
 
     def _checked(self, image_id: int, policy: str, training: bool) -> dict:
         info = self.coco.imgs[image_id]
@@ -104,14 +101,14 @@ class CocoDetection(Dataset):
             if problem:
                 where = f"{self.annotations_file}: annotation {ann['id']} of image {image_id} ({info['file_name']}): {problem}"
                 if policy == "error":
-                    raise DataError(where + " (set data.bad_annotations: drop to skip such annotations)")
+                    raise DataError(where + " (set data.bad_samples: skip to leave such annotations out)")
                 dropped.append(where)
                 continue
             boxes.append([x, y, x + w, y + h])
             labels.append(self.label_of[ann["category_id"]])
         if dropped:
-            self.dropped = getattr(self, "dropped", 0) + len(dropped)
-            logger.warning("dropped %d bad annotations, e.g. %s", len(dropped), dropped[0])
+            self.problems += dropped
+            logger.warning("left out %d bad annotations, e.g. %s", len(dropped), dropped[0])
         return {"boxes": boxes, "labels": labels, "size": (info["height"], info["width"]), "file": info["file_name"]}
 
     def __len__(self) -> int:
@@ -121,11 +118,7 @@ class CocoDetection(Dataset):
         image_id = self.ids[i]
         target = self.targets[image_id]
         path = os.path.join(self.images_dir, target["file"])
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            raise DataError(f"{path} (image {image_id} of {self.annotations_file}): cannot read image ({e})") from None
+        image = read_image(path)
         if (image.height, image.width) != target["size"]:
             raise DataError(f"{path}: image is {image.width}x{image.height} but {self.annotations_file} says {target['size'][1]}x{target['size'][0]}")
         return image, {"image_id": image_id, "boxes": target["boxes"], "labels": target["labels"]}
@@ -236,6 +229,6 @@ def build_datasets(cfg: DetectionDataConfig, seed: int) -> tuple[Dataset, Datase
     else:
         root = cfg.root
         paths = (cfg.train_images, cfg.train_annotations, cfg.eval_images, cfg.eval_annotations)
-    train = CocoDetection(os.path.join(root, paths[0]), os.path.join(root, paths[1]), cfg.bad_annotations, training=True)
-    val = CocoDetection(os.path.join(root, paths[2]), os.path.join(root, paths[3]), cfg.bad_annotations, training=False)
+    train = CocoDetection(os.path.join(root, paths[0]), os.path.join(root, paths[1]), cfg.bad_samples, training=True)
+    val = CocoDetection(os.path.join(root, paths[2]), os.path.join(root, paths[3]), cfg.bad_samples, training=False)
     return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(val, DetectionTransform(cfg, False), seed)

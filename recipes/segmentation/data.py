@@ -11,20 +11,16 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from core.config import ConfigError, DataConfig, option
-from core.data import SeededTransforms, folder_written_once
+from core.data import DECODE_ERRORS, DataError, SeededTransforms, decode_failure, folder_written_once, read_image
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SHAPES_CLASSES = ["background", "square", "circle", "triangle"]
-
-
-class DataError(ValueError):
-    """A sample that cannot be used; the message names the file."""
 
 
 @dataclass
@@ -69,22 +65,15 @@ class SegmentationDataConfig(DataConfig):
 # --------------------------------------------------------------------------------------------
 
 
-def _read_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
-
-
 def _read_mask(path: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
-            if img.mode not in ("P", "L", "I", "I;16"):
-                raise DataError(f"{path}: a mask must be a single-channel index PNG (mode P or L), got mode {img.mode}")
-            return np.array(img, dtype=np.int64)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: cannot read mask ({e})") from None
+            mode, mask = img.mode, np.array(img, dtype=np.int64)
+    except DECODE_ERRORS as e:
+        raise DataError(f"{path}: cannot read mask ({decode_failure(e)})") from None
+    if mode not in ("P", "L", "I", "I;16"):
+        raise DataError(f"{path}: a mask must be a single-channel index PNG (mode P or L), got mode {mode}")
+    return mask
 
 
 class PairFolder(Dataset):
@@ -98,7 +87,7 @@ class PairFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
         image_path, mask_path = self.pairs[i]
-        return self.check(_read_image(image_path), _read_mask(mask_path), image_path, mask_path)
+        return self.check(read_image(image_path), _read_mask(mask_path), image_path, mask_path)
 
     def check(self, image: Image.Image, mask: np.ndarray, image_name: str, mask_name: str) -> tuple[Image.Image, np.ndarray]:
         if mask.shape != (image.height, image.width):
@@ -129,9 +118,13 @@ class HFPairs(PairFolder):
         return len(self.ds)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
-        row = self.ds[int(i)]
         name = f"{self.where} row {i}"
-        return self.check(row[self.image_column].convert("RGB"), np.array(row[self.mask_column], dtype=np.int64), name, name)
+        try:
+            row = self.ds[int(i)]  # `datasets` decodes both images here
+            image, mask = row[self.image_column].convert("RGB"), np.array(row[self.mask_column], dtype=np.int64)
+        except DECODE_ERRORS as e:
+            raise DataError(f"{name}: cannot read image or mask ({decode_failure(e)})") from None
+        return self.check(image, mask, name, name)
 
 
 def voc_pairs(root: str, split: str) -> list[tuple[str, str]]:
