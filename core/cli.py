@@ -59,7 +59,14 @@ def _one_of_several_ranks() -> bool:
 
 
 def _exit(code: ExitCode, message: str = "") -> NoReturn:
-    """Leave with `code`; rank 0 alone prints `message`.
+    """Leave with `code`, the message said once.
+
+    Every rank meets a known failure together (one config, and data, non-finite loss and stop
+    signals agreed on each step), so rank 0 says it for all. The others go only after rank 0: the
+    launcher (torchrun, accelerate, deepspeed, srun --kill-on-bad-exit) stops the rest as soon as
+    one rank exits, and a rank 1 that left first would get rank 0 stopped before it had said
+    anything. They leave with the same code when stopped; if no stop comes, rank 0 did not meet
+    this failure, and they say it themselves.
 
     A rank of a multi-rank run leaves without finalizing the interpreter. gloo's worker threads
     free each finished collective's buffers in the background, and freeing a tensor that has a
@@ -70,16 +77,37 @@ def _exit(code: ExitCode, message: str = "") -> NoReturn:
     PyThread_exit_thread, while the main thread was in Py_FinalizeEx; see docs/failures.md).
     By now Trainer.fit has shut everything down in order (trackers, checkpoint threads, loader
     workers, process group), so nothing is left for finalization to do but that race."""
-    if message and os.environ.get("RANK", "0") == "0":
-        print(f"shardvision: {message}", file=sys.stderr, flush=True)
+    rank = int(os.environ.get("RANK", "0"))
     if not _one_of_several_ranks():
+        if message:
+            print(f"shardvision: {message}", file=sys.stderr, flush=True)
         sys.exit(code)
+    if message and rank != 0:
+        _wait_for_the_launchers_stop(code)
+        message = f"{message} (rank {rank})"
+    if message:
+        print(f"shardvision: {message}", file=sys.stderr, flush=True)
     import logging
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+RANK_0_GRACE_SECONDS = 60
+
+
+def _wait_for_the_launchers_stop(code: ExitCode) -> None:
+    """Wait (bounded) for the launcher to stop this rank once rank 0 has left, then leave with `code`."""
+    import signal
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, lambda *_: os._exit(code))
+    deadline = time.monotonic() + RANK_0_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def check_data(task: Any, cfg: Any) -> int:
