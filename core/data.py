@@ -21,6 +21,7 @@ batches of the same size whatever it skips; the trainer then either stops every 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import random
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+logger = logging.getLogger(__name__)
 
 # How many following samples may stand in for a bad one before the data set is declared broken.
 MAX_SUBSTITUTES = 16
@@ -201,8 +204,9 @@ class GuardedCollate:
 def check_samples(dataset: Dataset, split: str, num_workers: int, batch_size: int = 32) -> tuple[list[str], int]:
     """Read every sample of `dataset` once, `num_workers` processes in parallel, and return
     (every problem found, the number of samples read). Nothing stands in for a bad sample here."""
-    loader = DataLoader(_EachSample(GuardedSamples(dataset, split)), batch_size=batch_size, num_workers=num_workers, collate_fn=_problems_of)
-    problems = list(getattr(dataset, "problems", []))
+    guarded = GuardedSamples(dataset, split)
+    loader = DataLoader(_EachSample(guarded), batch_size=batch_size, num_workers=num_workers, collate_fn=_problems_of)
+    problems = list(guarded.found_at_start)
     for found in loader:
         problems += found
     return problems, len(dataset)
@@ -229,35 +233,52 @@ def _problems_of(items: list[list[str]]) -> list[str]:
     return [p for found in items for p in found]
 
 
-class BadSampleLog:
-    """The run's bad samples: each rank notes what its loader reported; `flush` (a collective)
-    gathers them, and the main process appends each sample once to `<output_dir>/bad_samples.txt`."""
+class BadSamples:
+    """What the run does with bad samples (data.bad_samples), on every rank.
 
-    def __init__(self, accelerator: Any, output_dir: str):
-        self.accelerator = accelerator
+    Each rank notes what its loader reported (`take`). In error mode the trainer raises `error()`
+    on every rank at once, when the per-step agreement or an evaluation's gathered flags say some
+    rank met one. In skip mode `flush` (a collective) gathers them, and the main process appends
+    each sample once to `<output_dir>/bad_samples.txt`."""
+
+    def __init__(self, accelerator: Any, output_dir: str, policy: str):
+        self.accelerator, self.skip = accelerator, policy == "skip"
         self.path = os.path.join(output_dir, "bad_samples.txt")
         self.unflushed: list[str] = []
         self.known: set[str] = set()  # the same on every rank, so every rank reports the same count
 
-    def add(self, problems: list[str]) -> None:
-        self.unflushed += problems
+    def take(self, report: SampleReport) -> bool:
+        """Note a batch's bad samples; True when the run must stop for them (error mode)."""
+        if report.fatal:
+            raise DataError(report.fatal)
+        self.unflushed += report.problems
+        return bool(report.problems) and not self.skip
 
-    def flush(self) -> int:
-        """Gather every rank's new problems; return how many distinct ones the run has met."""
+    def add_found_at_start(self, *datasets: GuardedSamples) -> None:
+        """Problems the data sets found while indexing themselves (only skip mode gets this far)."""
+        for dataset in datasets:
+            self.unflushed += dataset.found_at_start
+
+    def flush(self) -> None:
+        """Skip mode: gather every rank's new bad samples and list them (a collective)."""
+        if not self.skip:
+            return
         from accelerate.utils import gather_object
 
         gathered = gather_object(self.unflushed) if self.accelerator.num_processes > 1 else self.unflushed
         self.unflushed = []
         new = [p for p in dict.fromkeys(gathered) if p not in self.known]
-        if new and self.accelerator.is_main_process:
+        if not new:
+            return
+        if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write("".join(p + "\n" for p in new))
         self.known.update(new)
-        return len(self.known)
+        logger.warning("skipped %d bad samples so far (data.bad_samples: skip), listed in %s", len(self.known), self.path)
 
     def error(self) -> DataError:
-        """The error every rank raises together once any rank met a bad sample (data.bad_samples: error);
-        a collective, so rank 0 can name every problem the ranks met."""
+        """The error every rank raises together once any rank met a bad sample (error mode); a
+        collective, so rank 0 can name what the ranks met."""
         from accelerate.utils import gather_object
 
         problems = gather_object(self.unflushed) if self.accelerator.num_processes > 1 else self.unflushed

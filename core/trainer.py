@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from core.checkpoint import CheckpointManager, TrainerState
 from core.config import ConfigError, TrainConfig, save_config, to_dict
-from core.data import BadSampleLog, DataError, GuardedCollate, GuardedSamples, SampleReport, build_loader
+from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
 from core.distributed import (
     agreement_flags,
     build_accelerator,
@@ -111,11 +111,9 @@ class Trainer:
         train_set, eval_set = task.build_datasets()
         self.train_set, self.eval_set = GuardedSamples(train_set, "train"), GuardedSamples(eval_set, "eval")
         self.collate = GuardedCollate(task.collate)
-        self.bad_samples = BadSampleLog(acc, cfg.output_dir)
-        self.skip_bad_samples = cfg.data.bad_samples == "skip"
-        if self.skip_bad_samples:
-            self.bad_samples.add(self.train_set.found_at_start + self.eval_set.found_at_start)
-            self._report_bad_samples()
+        self.bad_samples = BadSamples(acc, cfg.output_dir, cfg.data.bad_samples)
+        self.bad_samples.add_found_at_start(self.train_set, self.eval_set)
+        self.bad_samples.flush()
         self.flops_per_sample = self._count_flops(model) if cfg.logging.count_flops else None
         self.peak_tflops = peak_tflops(acc.device, cfg.logging.peak_tflops)
         loader_args = dict(num_workers=cfg.data.num_workers, collate_fn=self.collate, pin_memory=cfg.data.pin_memory)
@@ -238,7 +236,7 @@ class Trainer:
 
         window_bad_data = False  # a bad sample met in this window (data.bad_samples: error)
         for batch, report in watched(batches, self.watchdog, "train step", lambda: state.global_step):
-            window_bad_data = self._take_report(report) or window_bad_data
+            window_bad_data = self.bad_samples.take(report) or window_bad_data
             batch = self._cast_inputs(batch)
             with acc.accumulate(self.model):
                 loss = self.task.training_step(self.model, batch)
@@ -286,7 +284,7 @@ class Trainer:
                 stop = self._check(pending) or stop
                 pending = None
             if logging_step:
-                self._report_bad_samples()
+                self.bad_samples.flush()
                 self._log_train(epoch, reduce_mean(acc, loss_sum / loss_count).item(), meter.images_per_sec(), grad_norm, bar)
                 loss_sum.zero_()
                 loss_count = 0
@@ -315,7 +313,7 @@ class Trainer:
         model.eval()
         metrics = self.task.build_metrics()
         for batch, report in watched(self.eval_loader, self.watchdog, "evaluation", lambda: self.state.global_step):
-            self._take_report(report)
+            self.bad_samples.take(report)
             batch = self._cast_inputs(batch)
             with self.accelerator.autocast():
                 outputs = self.task.evaluation_step(model, batch)
@@ -323,14 +321,13 @@ class Trainer:
             # Every rank sees every rank's flags, so all stop (or drop) together.
             ok = self.accelerator.gather_for_metrics(report.ok.to(self.accelerator.device)).cpu()
             if not ok.all():
-                if not self.skip_bad_samples:
+                if not self.bad_samples.skip:
                     raise self.bad_samples.error()
                 outputs = _only(outputs, ok)  # a stand-in sample must not count twice
             metrics.update(outputs)
             self.watchdog.started()  # an eval-only run's startup ends with its first batch
         model.train(was_training)
-        if self.skip_bad_samples:
-            self._report_bad_samples()
+        self.bad_samples.flush()
         values = metrics.compute()
         table = metrics.table()
         if table:
@@ -397,7 +394,7 @@ class Trainer:
 
     def _log_train(self, epoch: int, loss: float, images_per_sec: float, grad_norm: Optional[torch.Tensor], bar: Any) -> None:
         values = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "images_per_sec": images_per_sec, "memory_mb": memory_mb(self.accelerator.device)}
-        if self.skip_bad_samples:
+        if self.bad_samples.skip:
             values["bad_samples"] = len(self.bad_samples.known)
         if self.flops_per_sample:
             values["tflops_per_device"] = images_per_sec * self.flops_per_sample / 1e12 / self.accelerator.num_processes
@@ -465,23 +462,6 @@ class Trainer:
         if agreement.bad_data:
             raise self.bad_samples.error()
         return agreement.finite, agreement.stop
-
-    def _take_report(self, report: SampleReport) -> bool:
-        """Note the batch's bad samples; True if there were any and the run must stop for them."""
-        if report.fatal:
-            raise DataError(report.fatal)
-        if not report.problems:
-            return False
-        self.bad_samples.add(report.problems)
-        return not self.skip_bad_samples
-
-    def _report_bad_samples(self) -> None:
-        """Gather the ranks' skipped samples into bad_samples.txt (a collective, at logging steps)."""
-        if not self.skip_bad_samples:
-            return
-        before = len(self.bad_samples.known)
-        if self.bad_samples.flush() > before:
-            logger.warning("skipped %d bad samples so far (data.bad_samples: skip), listed in %s", len(self.bad_samples.known), self.bad_samples.path)
 
     def _on_nonfinite_loss(self, window_loss: torch.Tensor, where: str) -> bool:
         """False (drop the step) in skip mode; raises in error mode. All ranks get here together."""

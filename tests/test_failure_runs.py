@@ -117,3 +117,41 @@ def test_every_finished_run_exits_0_on_a_busy_machine(tmp_path, digits_weights):
     assert not failed, f"{len(failed)} of {STRESS_RUNS} finished runs exited non-zero:\n" + "\n".join(map(str, failed))
     print(f"{STRESS_RUNS} runs, 0 failed exits, {time.time() - started:.0f} s")
 
+
+
+def test_a_stalled_data_loader_is_reported_with_its_phase(tmp_path):
+    """A loader worker that stops answering (frozen here with SIGSTOP) leaves the main process
+    waiting for a batch: the watchdog names that phase."""
+    import psutil
+
+    from tests.conftest import kill_tree
+
+    args = ["--config", DIGITS, *QUICK, "--data.num_workers", "1", "--output-dir", str(tmp_path), "--logging.every_steps", "1",
+            "--distributed.hang_timeout_minutes", "0.2"]
+    proc = subprocess.Popen(launch_command(args, "python"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not ((tmp_path / "metrics.jsonl").exists() and read_metrics(tmp_path, "train")):
+            assert proc.poll() is None and time.time() < deadline, "the run never logged a step"
+            time.sleep(0.05)
+        workers = psutil.Process(proc.pid).children()
+        assert workers, "no loader worker"
+        for worker in workers:
+            worker.suspend()
+        proc.wait(timeout=120)
+        for worker in workers:  # frozen, they still hold the stderr pipe open
+            worker.kill()
+        stderr = proc.stderr.read()
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 124, stderr[-3000:]
+    assert re.search(r"shardvision: error: rank 0 made no progress for [\d.]+ min in phase 'waiting for the data loader' at optimizer step \d+", stderr)
+    assert "_get_data" in (tmp_path / "hang-0.txt").read_text()  # the DataLoader's wait, in the stacks
+
+
+def test_startup_has_its_own_limit(tmp_path):
+    args = ["--config", DIGITS, *QUICK, "--output-dir", str(tmp_path), "--distributed.startup_timeout_minutes", "0.01"]
+    proc = launch(args, launcher="python", check=False)
+    assert proc.returncode == 124, proc.stderr[-3000:]
+    assert "in phase 'startup' at optimizer step 0" in proc.stderr and "raise distributed.startup_timeout_minutes" in proc.stderr
+    assert (tmp_path / "hang-0.txt").is_file()
