@@ -124,3 +124,19 @@ def test_eval_only_evaluates_exported_weights(fresh_accelerate_state, tmp_path):
     evaluated = Trainer(eval_cfg, TinyTask(eval_cfg)).fit()
     assert evaluated["loss"] == pytest.approx(trained["loss"], rel=1e-6)
     assert not os.path.exists(tmp_path / "eval" / "checkpoints")
+
+
+def test_known_failures_exit_with_their_code_and_one_line(fresh_accelerate_state, tmp_path, capsys):
+    from core.cli import run
+
+    base = ["--output-dir", str(tmp_path), "--data.micro_batch_size", "8", "--data.num_workers", "0",
+            "--logging.progress_bar", "false", "--logging.tensorboard", "false"]
+    with pytest.raises(SystemExit) as exit_info:
+        run(TrainConfig, lambda cfg: TinyTask(cfg, nan_at=2), base)
+    assert exit_info.value.code == 3
+    assert capsys.readouterr().err.count("shardvision: error: non-finite loss (nan) at optimizer step 1") == 1
+    reset_accelerator_state()
+    with pytest.raises(SystemExit) as exit_info:
+        run(TrainConfig, TinyTask, [*base, "--distributed.hang_timeout_minutes", "90"])
+    assert exit_info.value.code == 2
+    assert "distributed.hang_timeout_minutes must be below distributed.timeout_minutes (60), got 90.0" in capsys.readouterr().err
