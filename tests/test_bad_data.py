@@ -20,7 +20,8 @@ from core.data import DataError, GuardedCollate, GuardedSamples, MAX_SUBSTITUTES
 
 QUICK_RUN = ["--logging.progress_bar", "false", "--logging.tensorboard", "false", "--logging.count_flops", "false",
              "--logging.every_steps", "1", "--data.num_workers", "0", "--loop.epochs", "1"]
-TINY_CLASSIFIER = ["--model.name", "test_vit", "--model.kwargs", "{img_size: 16}", "--model.num_classes", "2"]
+TINY_CLASSIFIER = ["--model.name", "test_vit", "--model.kwargs", "{img_size: 16}", "--model.num_classes", "2",
+                   "--data.image_size", "16", "--data.micro_batch_size", "4"]
 
 
 def rng_for(name: str) -> np.random.Generator:
@@ -61,8 +62,7 @@ def imagefolder(root: Path):
     truncate(root / "train" / "a" / "3.jpg")
     (root / "train" / "b" / "2.jpg").write_bytes(b"")
     (root / "val" / "a" / "1.jpg").write_text("not an image")
-    args = [*TINY_CLASSIFIER, "--data.source", "imagefolder", "--data.root", str(root),
-            "--data.image_size", "16", "--data.micro_batch_size", "4"]
+    args = [*TINY_CLASSIFIER, "--data.source", "imagefolder", "--data.root", str(root)]
     bad = {"train": [r"train sample 3: .*train/a/3\.jpg: cannot read image \(.*[Tt]runcated",
                      r"train sample 10: .*train/b/2\.jpg: cannot read image \(cannot identify image file"],
            "eval": [r"eval sample 1: .*val/a/1\.jpg: cannot read image \(cannot identify image file"]}
@@ -80,8 +80,7 @@ def classification_hf_disk(root: Path):
         return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
     datasets.DatasetDict({"train": split(16, 5, 9), "val": split(8, 2, None)}).save_to_disk(str(root))
-    args = [*TINY_CLASSIFIER, "--data.source", "hf_disk", "--data.root", str(root),
-            "--data.image_size", "16", "--data.micro_batch_size", "4"]
+    args = [*TINY_CLASSIFIER, "--data.source", "hf_disk", "--data.root", str(root)]
     bad = {"train": [r"train sample 5: .* \[train\] row 5 \(img5\.png\): cannot read image",
                      r"train sample 9: .* \[train\] row 9 \(img9\.png\): label 7 is outside 0\.\.1"],
            "eval": [r"eval sample 2: .* \[val\] row 2 \(img2\.png\): cannot read image"]}
