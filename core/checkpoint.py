@@ -35,6 +35,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
+from core.watchdog import HangWatchdog
+
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
@@ -101,11 +103,41 @@ def pickled_format(path: str) -> Optional[str]:
 
 
 class CheckpointManager:
-    def __init__(self, accelerator: Accelerator, root: str, keep_last: int, keep_best: int = 0, higher_is_better: bool = True):
+    """Decides when to save (`maybe_save`), saves, resumes and prunes the checkpoints under `root`."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        root: str,
+        keep_last: int,
+        keep_best: int = 0,
+        higher_is_better: bool = True,
+        every_steps: int = 0,
+        at_epoch_end: bool = True,
+        watchdog: HangWatchdog | None = None,
+    ):
         self.accelerator, self.root = accelerator, root
         self.keep_last, self.keep_best, self.higher_is_better = keep_last, keep_best, higher_is_better
-        self.last_saved_step: Optional[int] = None
-        self._pruning: Optional[threading.Thread] = None
+        self.every_steps, self.at_epoch_end = every_steps, at_epoch_end
+        self.watchdog = watchdog
+        self.last_saved_step: int | None = None
+        self._pruning: threading.Thread | None = None
+
+    def due(self, step: int) -> bool:
+        """checkpoint.every_steps asks for a save after this optimizer step."""
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def maybe_save(self, state: TrainerState, ema: torch.nn.Module | None, *, epoch_end: bool = False, force: bool = False) -> None:
+        """Save if one is due: every `every_steps` optimizer steps, at an epoch's end (at_epoch_end),
+        or when forced (a stop, the run's end). A step already saved is not saved again."""
+        wanted = force or (self.at_epoch_end if epoch_end else self.due(state.global_step))
+        if not wanted or self.last_saved_step == state.global_step:
+            return
+        if self.watchdog is not None:
+            self.watchdog.beat("checkpoint save", state.global_step)
+        self.save(state, ema)
+        if self.watchdog is not None:
+            self.watchdog.beat("train step", state.global_step)
 
     def complete(self) -> list[tuple[int, str]]:
         """(step, path) of every published checkpoint, oldest first."""

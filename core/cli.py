@@ -20,6 +20,7 @@ from typing import Any, NoReturn, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from core.agreement import NonFiniteLossError, Preempted  # noqa: E402
 from core.checkpoint import CheckpointError  # noqa: E402
 from core.config import ConfigError, parse_args  # noqa: E402
 from core.data import DataError  # noqa: E402
@@ -34,7 +35,7 @@ def run(config_cls: type, task_cls: type, argv: Optional[list[str]] = None) -> d
     """Parse the command line, build the task, then train, evaluate (--eval-only) or read every
     sample once (--check-data). A known failure exits with its ExitCode and one line instead of a
     traceback; every rank meets it together, so rank 0 alone prints it."""
-    from core.trainer import NonFiniteLossError, Preempted, Trainer
+    from core.trainer import Trainer
 
     argv = list(sys.argv[1:] if argv is None else argv)
     check_only = "--check-data" in argv

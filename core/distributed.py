@@ -23,7 +23,7 @@ import logging
 import os
 import random
 from datetime import timedelta
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -295,24 +295,3 @@ def setup_logging(accelerator: Accelerator) -> None:
 def reduce_mean(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
     """The mean of a per-rank scalar over all ranks."""
     return accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device), reduction="mean")[0]
-
-
-def agreement_flags(accelerator: Accelerator, loss: torch.Tensor, bad_data: bool, stop_requested: bool) -> torch.Tensor:
-    """[ranks whose loss is not finite, ranks that met a bad sample, ranks asked to stop], summed
-    over ranks by one small all-reduce, so every rank takes the same branch. Stays on the device
-    until read_agreement."""
-    host = torch.tensor([float(bad_data), float(stop_requested)], device=loss.device)
-    flags = torch.cat([(~torch.isfinite(loss.detach())).float().reshape(1), host])
-    return accelerator.reduce(flags.to(accelerator.device), reduction="sum")
-
-
-class Agreement(NamedTuple):
-    finite: bool  # the loss was finite on every rank
-    bad_data: bool  # some rank met a sample it must stop for
-    stop: bool  # some rank was asked to stop
-
-
-def read_agreement(flags: torch.Tensor) -> Agreement:
-    """What agreement_flags summed, read on the host."""
-    nonfinite, bad_data, stop = flags.tolist()
-    return Agreement(nonfinite == 0, bad_data > 0, stop > 0)

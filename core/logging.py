@@ -8,11 +8,14 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable
 from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+
+from core.distributed import reduce_mean
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -50,22 +53,55 @@ class RunLogger:
         self.accelerator.end_training()
 
 
-class Throughput:
-    """Images per second over a window, counted on this rank and scaled by the world size."""
+class TrainMeter:
+    """The training loss, gradient norm and throughput between two log lines, and when the next
+    line is due. The loss stays summed on the device (no host sync per step); a window whose
+    optimizer step was dropped (non-finite loss, loop.nonfinite_loss: skip) is left out."""
 
-    def __init__(self, world_size: int):
-        self.world_size = world_size
-        self.reset()
+    def __init__(self, accelerator: Accelerator, every_steps: int):
+        self.accelerator, self.every_steps = accelerator, every_steps
+        self.restart()
 
-    def reset(self) -> None:
-        self.images, self.start = 0, time.perf_counter()
+    def restart(self) -> None:
+        """Forget everything: each epoch is measured on its own."""
+        device = self.accelerator.device
+        self.window_loss = torch.zeros((), device=device)  # this accumulation window's
+        self._window_batches = 0
+        self._loss = torch.zeros((), device=device)  # applied windows since the last line
+        self._batches = 0
+        self._grad_norm: torch.Tensor | None = None  # the last one computed
+        self._images, self._start = 0, time.perf_counter()
 
-    def add(self, images: int) -> None:
-        self.images += images
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.window_loss += loss.detach().float()
+        self._window_batches += 1
+        self._images += images
 
-    def images_per_sec(self) -> float:
-        elapsed = time.perf_counter() - self.start
-        return self.images * self.world_size / elapsed if elapsed > 0 else 0.0
+    def close_window(self, applied: bool, grad_norm: torch.Tensor | None) -> None:
+        if applied:
+            self._loss += self.window_loss
+            self._batches += self._window_batches
+        self._grad_norm = grad_norm if grad_norm is not None else self._grad_norm
+        self.window_loss.zero_()
+        self._window_batches = 0
+
+    def due(self, step: int) -> bool:
+        return step % self.every_steps == 0 and self._batches > 0
+
+    def read(self) -> dict[str, float]:
+        """Loss (mean over ranks), images/s (all ranks) and gradient norm since the last read; restarts the sums."""
+        acc = self.accelerator
+        elapsed = time.perf_counter() - self._start
+        values = {
+            "loss": reduce_mean(acc, self._loss / self._batches).item(),
+            "images_per_sec": self._images * acc.num_processes / elapsed if elapsed > 0 else 0.0,
+        }
+        if self._grad_norm is not None:
+            values["grad_norm"] = float(self._grad_norm)
+        self._loss.zero_()
+        self._batches = 0
+        self._images, self._start = 0, time.perf_counter()
+        return values
 
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, in TFLOP/s per device, matched
@@ -107,11 +143,15 @@ def training_flops_per_sample(model: torch.nn.Module, forward: Callable[[], Any]
     return 3.0 * counter.get_total_flops() / samples
 
 
-def progress_bar(accelerator: Accelerator, enabled: bool, total: int, initial: int, desc: str) -> tqdm:
+def progress_bar(accelerator: Accelerator, enabled: bool, batches: Iterable, total: int, initial: int, desc: str) -> tqdm:
+    """`batches`, counted on rank 0's console. Use it as a context manager so the bar is closed
+    however the loop ends."""
     return tqdm(
+        batches,
         total=total,
         initial=initial,
         desc=desc,
+        unit="batch",
         disable=not (enabled and accelerator.is_main_process),
         dynamic_ncols=True,
         mininterval=1.0,

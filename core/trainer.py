@@ -12,45 +12,23 @@ import json
 import logging
 import math
 import os
-import signal
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from core.agreement import Preempted, StepAgreement
 from core.checkpoint import CheckpointManager, TrainerState
 from core.config import ConfigError, TrainConfig, save_config, to_dict
 from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
-from core.distributed import (
-    agreement_flags,
-    build_accelerator,
-    read_agreement,
-    reduce_mean,
-    seed_everything,
-    seed_rank,
-    setup_logging,
-    strategy_of,
-    zero_stage,
-)
-from core.logging import RunLogger, Throughput, memory_mb, peak_tflops, progress_bar, training_flops_per_sample
+from core.distributed import build_accelerator, seed_everything, seed_rank, setup_logging, strategy_of, zero_stage
+from core.logging import RunLogger, TrainMeter, memory_mb, peak_tflops, progress_bar, training_flops_per_sample
 from core.optim import build_optimizer, build_scheduler, describe_param_groups, set_schedule_step, warmup_steps_of
 from core.task import Task
 from core.watchdog import HangWatchdog, watched
 from core.weights import load_weights
 
 logger = logging.getLogger("shardvision")
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and cloud schedulers send before a kill
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class Preempted(Exception):
-    """Raised after a stop signal once the checkpoint of the current step is written."""
 
 
 def apply_model_options(model: torch.nn.Module, cfg: TrainConfig) -> None:
@@ -68,15 +46,6 @@ def apply_model_options(model: torch.nn.Module, cfg: TrainConfig) -> None:
             raise ConfigError(f"model.grad_checkpointing: {cfg.model.name} ({type(model).__name__}) cannot recompute activations: {e}") from None
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
-
-
-@dataclass
-class WindowCheck:
-    """An accumulation window's agreement flags, all-reduced but not yet read on the host."""
-
-    flags: torch.Tensor  # summed over ranks: [windows with a non-finite loss, stop requests]
-    loss: torch.Tensor  # this rank's summed window loss, for the error message
-    where: str  # the optimizer step and micro-batch the window ended at
 
 
 class Trainer:
@@ -152,7 +121,14 @@ class Trainer:
                     buffer.data = buffer.data.to(self.input_dtype)
         self.state = TrainerState(world_size=acc.num_processes, micro_batch_size=cfg.data.micro_batch_size, grad_accum_steps=accum)
         self.checkpoints = CheckpointManager(
-            acc, os.path.join(cfg.output_dir, "checkpoints"), cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, task.higher_is_better
+            acc,
+            os.path.join(cfg.output_dir, "checkpoints"),
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.keep_best,
+            task.higher_is_better,
+            cfg.checkpoint.every_steps,
+            cfg.checkpoint.at_epoch_end,
+            self.watchdog,
         )
         resume_from = self.checkpoints.resolve(cfg.checkpoint.resume)
         if resume_from is not None:
@@ -161,7 +137,8 @@ class Trainer:
         elif cfg.checkpoint.resume == "auto":
             logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
         self.run_logger = RunLogger(acc, cfg.output_dir, to_dict(cfg), cfg.logging.tensorboard)
-        self.stop_signal: Optional[str] = None
+        self.agreement = StepAgreement(acc, cfg.loop.nonfinite_loss, self.bad_samples)
+        self.meter = TrainMeter(acc, cfg.logging.every_steps)
 
     # ------------------------------------------------------------------------------------------
 
@@ -170,8 +147,7 @@ class Trainer:
         SIGTERM/SIGUSR1 end the run after the current optimizer step with a checkpoint (Preempted).
         However it ends, the trackers are closed and the process group is torn down here, not
         left to interpreter exit."""
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._request_stop)
+        self.agreement.listen_for_stop_signals()
         try:
             metrics = self._run()
             self.watchdog.beat("shutdown", self.state.global_step)
@@ -207,8 +183,7 @@ class Trainer:
             last = epoch + 1 == self.cfg.loop.epochs or self._reached_max_steps()
             if last or (epoch + 1) % self.cfg.loop.eval_every_epochs == 0:
                 metrics = self.evaluate_and_log()
-            if self.cfg.checkpoint.at_epoch_end or last:
-                self._save_checkpoint()
+            self.checkpoints.maybe_save(self.state, self._ema_weights(), epoch_end=True, force=last)
             if last:
                 break
         if not metrics:  # resumed from a finished run: nothing left to train
@@ -218,93 +193,54 @@ class Trainer:
         return metrics
 
     def train_one_epoch(self, epoch: int) -> None:
-        cfg, acc, state = self.cfg, self.accelerator, self.state
+        """One pass over the training set (what is left of it after a mid-epoch resume)."""
+        state, agreement = self.state, self.agreement
         self.model.train()
-        if hasattr(self.train_set, "set_epoch"):
-            self.train_set.set_epoch(epoch)
-        self.train_loader.set_epoch(epoch)
-        batches = self.train_loader
-        if state.batches_in_epoch:  # resumed mid-epoch: the order is a function of (seed, epoch)
-            batches = acc.skip_first_batches(self.train_loader, state.batches_in_epoch)
-        bar = progress_bar(acc, cfg.logging.progress_bar, self.steps_per_epoch, state.batches_in_epoch // cfg.loop.grad_accum_steps, f"epoch {epoch}")
-        loss_sum = torch.zeros((), device=acc.device)  # finite windows since the last log, summed on the device
-        loss_count, grad_norm, stop = 0, None, False
-        window_sum, window_count = torch.zeros((), device=acc.device), 0
-        meter = Throughput(acc.num_processes)
-        skip_nonfinite = cfg.loop.nonfinite_loss == "skip"
-        pending: Optional[WindowCheck] = None  # the last window's agreement, read one step later
-
-        window_bad_data = False  # a bad sample met in this window (data.bad_samples: error)
-        for batch, report in watched(batches, self.watchdog, "train step", lambda: state.global_step):
-            window_bad_data = self.bad_samples.take(report) or window_bad_data
-            batch = self._cast_inputs(batch)
-            with acc.accumulate(self.model):
-                loss = self.task.training_step(self.model, batch)
-                window_sum += loss.detach().float()
-                window_count += 1
-                window_ok = True
-                if acc.sync_gradients:
-                    # Every rank must take the same branch: one small all-reduce per optimizer
-                    # step says whether any rank saw a non-finite loss, a bad sample or a stop signal.
-                    where = self._where(epoch)
-                    flags = agreement_flags(acc, window_sum, window_bad_data, self.stop_signal is not None)
-                    window_bad_data = False
-                    if skip_nonfinite:
-                        # Skipping must be decided before the last backward (DeepSpeed steps
-                        # inside it), so this mode reads the flags at once: a host sync per step.
-                        finite, stop_now = self._read(flags)
-                        stop = stop or stop_now
-                        window_ok = finite or self._on_nonfinite_loss(window_sum, where)
-                if window_ok:
-                    acc.backward(loss)  # divides by grad_accum_steps (DeepSpeed divides inside)
-                state.batches_in_epoch += 1
-                meter.add(self.task.batch_size(batch))
-                # Only the micro-batch that closes an accumulation window (or the epoch) may clip,
-                # step and schedule: the others just add to .grad, and under DDP skip the all-reduce.
-                if acc.sync_gradients:
-                    step_norm = self._optimizer_step(window_ok)
-                    grad_norm = grad_norm if step_norm is None else step_norm
-                    if not skip_nonfinite:
-                        stop = self._check(pending) or stop
-                        pending = WindowCheck(flags, window_sum.clone(), where)
-                    if window_ok:
-                        loss_sum += window_sum
-                        loss_count += window_count
-                    window_sum.zero_()
-                    window_count = 0
-            if not acc.sync_gradients:
-                continue
-            self.watchdog.started()
-            bar.update(1)
-            logging_step = state.global_step % cfg.logging.every_steps == 0 and loss_count
-            saving_step = cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0
-            if logging_step or saving_step or self._reached_max_steps():
-                # In error mode the flags are read one step late, so the host never waits for the
-                # step it just queued; nothing is logged or saved before they are read.
-                stop = self._check(pending) or stop
-                pending = None
-            if logging_step:
-                self.bad_samples.flush()
-                self._log_train(epoch, reduce_mean(acc, loss_sum / loss_count).item(), meter.images_per_sec(), grad_norm, bar)
-                loss_sum.zero_()
-                loss_count = 0
-                meter.reset()
-            if stop or saving_step:
-                self._save_checkpoint()
-            if stop:
-                bar.close()
-                raise Preempted(f"stopped by {self.stop_signal or 'a signal on another rank'} at step {state.global_step}")
-            if self._reached_max_steps():
-                bar.close()
-                return
-        bar.close()
+        self.meter.restart()
+        with self._epoch_batches(epoch) as batches:
+            for batch, report in batches:
+                agreement.note(self.bad_samples.take(report))
+                if not self.train_step(batch, epoch):
+                    continue  # inside an accumulation window
+                self.watchdog.started()
+                logging_due = self.meter.due(state.global_step)
+                if logging_due or self.checkpoints.due(state.global_step) or self._reached_max_steps():
+                    agreement.settle()  # nothing is logged or saved before every rank's flags are read
+                if logging_due:
+                    self._log_train(epoch, batches)
+                self.checkpoints.maybe_save(state, self._ema_weights(), force=agreement.stop_requested)
+                if agreement.stop_requested:
+                    raise Preempted(f"{agreement.stop_reason()} at step {state.global_step}")
+                if self._reached_max_steps():
+                    return
         state.epoch, state.batches_in_epoch = epoch + 1, 0
-        if self._check(pending):  # a stop requested during the epoch's last step
-            self._save_checkpoint()
-            raise Preempted(f"stopped by {self.stop_signal or 'a signal on another rank'} at the end of epoch {epoch}")
+        agreement.settle()  # a stop requested during the epoch's last step
+        if agreement.stop_requested:
+            self.checkpoints.maybe_save(state, self._ema_weights(), force=True)
+            raise Preempted(f"{agreement.stop_reason()} at the end of epoch {epoch}")
+
+    def train_step(self, batch: Any, epoch: int) -> bool:
+        """Forward and backward one micro-batch. The one that closes an accumulation window (or the
+        epoch) also settles with the other ranks whether the step is applied, then clips, steps and
+        schedules; the others only add to .grad (and under DDP skip the all-reduce). True when an
+        optimizer step was taken."""
+        acc, meter = self.accelerator, self.meter
+        batch = self._cast_inputs(batch)
+        with acc.accumulate(self.model):
+            loss = self.task.training_step(self.model, batch)
+            meter.add(loss, self.task.batch_size(batch))
+            closing = acc.sync_gradients
+            apply = self.agreement.close_window(meter.window_loss, self._where(epoch)) if closing else True
+            if apply:
+                acc.backward(loss)  # divides by grad_accum_steps (DeepSpeed divides inside)
+            self.state.batches_in_epoch += 1
+            if closing:
+                meter.close_window(apply, self._optimizer_step(apply))
+                self.agreement.step_taken()
+        return closing
 
     @torch.no_grad()
-    def evaluate(self, model: Optional[torch.nn.Module] = None, tag: str = "") -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module | None = None, tag: str = "") -> dict[str, float]:
         """Metrics over the whole eval set: each rank runs its shard, outputs are gathered with
         the padding accelerate adds to even out the last batch dropped, so every sample counts once.
         Files the metrics write go to <output_dir>/eval/step-<N><tag>/."""
@@ -376,7 +312,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
 
-    def _optimizer_step(self, window_ok: bool) -> Optional[torch.Tensor]:
+    def _optimizer_step(self, window_ok: bool) -> torch.Tensor | None:
         """Close an accumulation window: clip, step, EMA (or drop the step), schedule. Returns the
         gradient norm when it was computed."""
         grad_norm = None
@@ -392,20 +328,36 @@ class Trainer:
         self.state.global_step += 1
         return grad_norm
 
-    def _log_train(self, epoch: int, loss: float, images_per_sec: float, grad_norm: Optional[torch.Tensor], bar: Any) -> None:
-        values = {"loss": loss, "lr": self.scheduler.get_last_lr()[0], "images_per_sec": images_per_sec, "memory_mb": memory_mb(self.accelerator.device)}
+    def _epoch_batches(self, epoch: int) -> Any:
+        """This epoch's (batch, sample report) pairs in the order (seed, epoch) fixes, after a
+        mid-epoch resume only those not yet trained on; watched for hangs, shown by the progress bar."""
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)
+        done, loader = self.state.batches_in_epoch, self.train_loader
+        if done:
+            loader = self.accelerator.skip_first_batches(loader, done)
+        batches = watched(loader, self.watchdog, "train step", lambda: self.state.global_step)
+        return progress_bar(self.accelerator, self.cfg.logging.progress_bar, batches, len(self.train_loader), done, f"epoch {epoch}")
+
+    def _log_train(self, epoch: int, bar: Any) -> None:
+        self.bad_samples.flush()
+        measured = self.meter.read()
+        images_per_sec = measured["images_per_sec"]
+        values = {"loss": measured["loss"], "lr": self.scheduler.get_last_lr()[0], "images_per_sec": images_per_sec}
+        values["memory_mb"] = memory_mb(self.accelerator.device)
         if self.bad_samples.skip:
             values["bad_samples"] = len(self.bad_samples.known)
         if self.flops_per_sample:
             values["tflops_per_device"] = images_per_sec * self.flops_per_sample / 1e12 / self.accelerator.num_processes
             if self.peak_tflops:
                 values["mfu"] = values["tflops_per_device"] / self.peak_tflops
-        if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
+        if "grad_norm" in measured:
+            values["grad_norm"] = measured["grad_norm"]
         self.run_logger.log("train", self.state.global_step, epoch + self.state.batches_in_epoch / len(self.train_loader), values)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{images_per_sec:.0f}")
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{images_per_sec:.0f}")
 
-    def _input_dtype(self) -> Optional[torch.dtype]:
+    def _input_dtype(self) -> torch.dtype | None:
         """DeepSpeed casts the whole model to bf16/fp16, so inputs must follow; DDP autocasts."""
         if self.strategy != "deepspeed":
             return None
@@ -428,7 +380,7 @@ class Trainer:
 
         return {k: cast(v) if k in self.task.input_keys else v for k, v in batch.items()}
 
-    def _count_flops(self, model: torch.nn.Module) -> Optional[float]:
+    def _count_flops(self, model: torch.nn.Module) -> float | None:
         if len(self.eval_set) == 0:
             return None
         batch, _ = self.collate([self.eval_set[0]])
@@ -436,7 +388,7 @@ class Trainer:
             return None
         return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
 
-    def _clip_gradients(self) -> Optional[torch.Tensor]:
+    def _clip_gradients(self) -> torch.Tensor | None:
         # DeepSpeed clips inside its own step, from "gradient_clipping" in its filled-in config.
         if self.cfg.loop.clip_grad_norm is None or self.strategy == "deepspeed":
             return None
@@ -445,53 +397,15 @@ class Trainer:
     def _where(self, epoch: int) -> str:
         return f"optimizer step {self.state.global_step} (epoch {epoch}, accumulation window ending at micro-batch {self.state.batches_in_epoch})"
 
-    def _check(self, window: Optional[WindowCheck]) -> bool:
-        """Read a window's agreement: raise on a non-finite loss (error mode) or a bad sample;
-        True if any rank asked to stop."""
-        if window is None:
-            return False
-        finite, stop = self._read(window.flags)
-        if not finite:
-            self._on_nonfinite_loss(window.loss, window.where)
-        return stop
-
-    def _read(self, flags: torch.Tensor) -> tuple[bool, bool]:
-        """(loss finite everywhere, a stop asked for anywhere); raises, on every rank at once, if a
-        rank met a bad sample (data.bad_samples: error)."""
-        agreement = read_agreement(flags)
-        if agreement.bad_data:
-            raise self.bad_samples.error()
-        return agreement.finite, agreement.stop
-
-    def _on_nonfinite_loss(self, window_loss: torch.Tensor, where: str) -> bool:
-        """False (drop the step) in skip mode; raises in error mode. All ranks get here together."""
-        if self.cfg.loop.nonfinite_loss == "error":
-            raise NonFiniteLossError(
-                f"non-finite loss ({window_loss.item()}) at {where} on at least one rank. Lower optim.lr, set "
-                "loop.clip_grad_norm, check the data, or set loop.nonfinite_loss=skip."
-            )
-        logger.warning("non-finite loss at %s: skipping this optimizer step", where)
-        return False
-
-    def _request_stop(self, signum: int, frame: Any) -> None:
-        self.stop_signal = signal.Signals(signum).name
-        logger.warning("%s received: stopping after this optimizer step, with a checkpoint", self.stop_signal)
-
     def _bare_model(self) -> torch.nn.Module:
         """The model without DDP's or torch.compile's wrappers (FSDP2 shards stay in place)."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
-    def _ema_weights(self) -> Optional[torch.nn.Module]:
+    def _ema_weights(self) -> torch.nn.Module | None:
         return self.ema.module if self.ema is not None else None
 
     def _reached_max_steps(self) -> bool:
         return self.cfg.loop.max_steps is not None and self.state.global_step >= self.cfg.loop.max_steps
-
-    def _save_checkpoint(self) -> None:
-        if self.checkpoints.last_saved_step != self.state.global_step:
-            self.watchdog.beat("checkpoint save", self.state.global_step)
-            self.checkpoints.save(self.state, self._ema_weights())
-            self.watchdog.beat("train step", self.state.global_step)
 
     def _log_summary(self) -> None:
         cfg, acc = self.cfg, self.accelerator

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from core.config import TrainConfig
 from core.distributed import reset_accelerator_state
 from core.task import Metrics, Task
-from core.trainer import NonFiniteLossError, Trainer
+from core.agreement import NonFiniteLossError
+from core.trainer import Trainer
 
 
 class MeanLoss(Metrics):
