@@ -1,11 +1,12 @@
 # The two commands a newcomer needs (see README):
 #   make demo   install into .venv, then train the digits classifier on 2 CPU ranks and print its accuracy
-#   make test   install into .venv, then run the whole test suite (CI runs exactly this)
+#   make test   install into .venv, then run the whole test suite (CI runs it after `make lint`)
+# For contributors: make lint (ruff + mypy, as CI runs them), make format (fix in place)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast lint format clean
 
 $(BIN)/.installed: setup.py requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +24,16 @@ test: install
 	$(BIN)/python -m pytest
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,9 +11,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def pinned(names: list[str]) -> list[str]:
     """`name==version` for each name, from requirements.lock (the one place versions live)."""
     with open(os.path.join(HERE, "requirements.lock")) as f:
-        lock = dict(
-            m.groups() for m in (re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)", line) for line in f) if m
-        )
+        lock = dict(m.groups() for m in (re.match(r"^([A-Za-z0-9_.\-]+)==(\S+)", line) for line in f) if m)
     lock = {k.lower().replace("_", "-"): v for k, v in lock.items()}
     missing = [n for n in names if n not in lock]
     if missing:
@@ -50,6 +48,20 @@ setup(
             "xxhash",
         ]
     ),
-    extras_require={"dev": pinned(["pytest", "pytest-timeout", "torchmetrics", "psutil"])},
+    extras_require={
+        "dev": pinned(
+            [
+                "pytest",
+                "pytest-timeout",
+                "torchmetrics",
+                "psutil",
+                "ruff",
+                "mypy",
+                "types-pyyaml",
+                "types-tqdm",
+                "pre-commit",
+            ]
+        )
+    },
     entry_points={"console_scripts": ["shardvision=core.cli:main"]},
 )

@@ -100,7 +100,11 @@ def worker(args: argparse.Namespace) -> None:
             fsync_file(target)
             plain.append(os.path.getsize(target) / (time.perf_counter() - start) / 1e9)
             os.remove(target)
-    write_report(args.out, acc.process_index, {"bytes": nbytes, "save_s": saves[1:], "load_s": loads[1:], "disk_gbs": disk, "torch_save_gbs": plain})
+    write_report(
+        args.out,
+        acc.process_index,
+        {"bytes": nbytes, "save_s": saves[1:], "load_s": loads[1:], "disk_gbs": disk, "torch_save_gbs": plain},
+    )
 
 
 def main() -> None:
@@ -119,7 +123,9 @@ def main() -> None:
     try:
         for name, config in LAYOUTS.items():
             out = tempfile.mkdtemp(dir=root)
-            report = launch_ranks(config, args.nproc, __file__, ["--model", args.model, "--repeats", str(args.repeats)], out)[0]
+            report = launch_ranks(
+                config, args.nproc, __file__, ["--model", args.model, "--repeats", str(args.repeats)], out
+            )[0]
             shutil.rmtree(out)
             nbytes = report["bytes"]
             rows[name] = {
@@ -130,15 +136,24 @@ def main() -> None:
             }
             if report["torch_save_gbs"]:
                 rows["plain torch.save"] = {
-                    "MB": nbytes / 1e6, "disk": rows[name]["disk"], "save": statistics.median(report["torch_save_gbs"]), "load": float("nan"),
+                    "MB": nbytes / 1e6,
+                    "disk": rows[name]["disk"],
+                    "save": statistics.median(report["torch_save_gbs"]),
+                    "load": float("nan"),
                 }
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"{args.model} + AdamW state, {args.nproc} ranks, {args.repeats} repeats, medians (loads may come from the page cache)")
+    print(
+        f"{args.model} + AdamW state, {args.nproc} ranks, {args.repeats} repeats, medians (loads may "
+        "come from the page cache)"
+    )
     print(f"{'layout':<17} {'MB':>6} {'disk GB/s':>10} {'save GB/s':>10} {'x disk':>7} {'load GB/s':>10}")
     for name, row in rows.items():
-        print(f"{name:<17} {row['MB']:6.0f} {row['disk']:10.2f} {row['save']:10.2f} {row['save'] / row['disk']:7.2f} {row['load']:10.2f}")
+        print(
+            f"{name:<17} {row['MB']:6.0f} {row['disk']:10.2f} {row['save']:10.2f} "
+            f"{row['save'] / row['disk']:7.2f} {row['load']:10.2f}"
+        )
     ratio = min(rows[name]["save"] / rows[name]["disk"] for name in LAYOUTS)
     print(f"ratio shardvision save / disk write (lower of {', '.join(LAYOUTS)}): {ratio:.2f} (target >= 0.7)")
 

@@ -20,7 +20,11 @@ from core.task import Metrics, Task
 REPO = Path(__file__).resolve().parents[1]
 
 # Optimizer update kernels by name, as flags that both torch's optimizers and OptimConfig take.
-OPTIMIZER_KERNELS = {"per-tensor": dict(fused=False, foreach=False), "foreach": dict(fused=False, foreach=True), "fused": dict(fused=True)}
+OPTIMIZER_KERNELS = {
+    "per-tensor": dict(fused=False, foreach=False),
+    "foreach": dict(fused=False, foreach=True),
+    "fused": dict(fused=True),
+}
 
 
 def create_timm_model(name: str, image_size: int, num_classes: int) -> torch.nn.Module:
@@ -41,7 +45,15 @@ class SyntheticTask(Task):
     """A timm classifier on fixed random images held in memory: the model and the engine are
     measured, not the data."""
 
-    def __init__(self, cfg, model_name: str, image_size: int, num_samples: int, num_classes: int = 10, samples: list | None = None):
+    def __init__(
+        self,
+        cfg,
+        model_name: str,
+        image_size: int,
+        num_samples: int,
+        num_classes: int = 10,
+        samples: list | None = None,
+    ):
         super().__init__(cfg)
         self.model_name, self.num_classes, self.image_size = model_name, num_classes, image_size
         self.samples = samples if samples is not None else synthetic_samples(num_samples, image_size, num_classes)
@@ -78,10 +90,20 @@ def launch_ranks(accelerate_config: str, nproc: int, script: str, args: list[str
     """`accelerate launch` `script --worker --out OUT ARGS` on `nproc` gloo ranks; return the JSON
     report each rank wrote to OUT/rank<N>.json."""
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "accelerate_configs" / accelerate_config),
-        "--num_processes", str(nproc), "--main_process_port", str(free_port()),
-        script, "--worker", "--out", out, *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / accelerate_config),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        script,
+        "--worker",
+        "--out",
+        out,
+        *args,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -36,7 +36,9 @@ def write_imagefolder(root: str, images: int) -> None:
     yy, xx = np.mgrid[0:350, 0:400]
     for i in range(images):
         # smooth gradients plus noise: JPEG sizes and decode cost close to real photos
-        base = (np.sin(xx / rng.uniform(10, 60)) + np.cos(yy / rng.uniform(10, 60)))[..., None] * rng.uniform(40, 100, 3)
+        base = (np.sin(xx / rng.uniform(10, 60)) + np.cos(yy / rng.uniform(10, 60)))[..., None] * rng.uniform(
+            40, 100, 3
+        )
         pixels = np.clip(base + 128 + rng.normal(0, 12, (350, 400, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(root, "train", f"class{i % 4}", f"{i}.jpg"), quality=90)
     Image.fromarray(pixels).save(os.path.join(root, "val", "class0", "0.jpg"), quality=90)
@@ -46,11 +48,19 @@ def write_imagefolder(root: str, images: int) -> None:
 
 def loader_images_per_sec(cfg: ClassificationDataConfig, batches: int) -> float:
     train, _ = build_datasets(cfg, num_classes=10, seed=0)
-    loader = build_loader(train, batch_size=cfg.micro_batch_size, shuffle=True, num_workers=cfg.num_workers, collate_fn=torch.utils.data.default_collate, pin_memory=False, drop_last=True)
+    loader = build_loader(
+        train,
+        batch_size=cfg.micro_batch_size,
+        shuffle=True,
+        num_workers=cfg.num_workers,
+        collate_fn=torch.utils.data.default_collate,
+        pin_memory=False,
+        drop_last=True,
+    )
     it = iter(loader)
     next(it)  # workers started, first batch ready
     start, seen = time.perf_counter(), 0
-    for _, batch in zip(range(batches), it):
+    for _, batch in zip(range(batches), it, strict=False):
         seen += len(batch["label"])
     return seen / (time.perf_counter() - start)
 
@@ -70,7 +80,9 @@ def model_images_per_sec(model_name: str, image_size: int, batch: int, steps: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=DataConfig().num_workers, help="default: the recipe's data.num_workers default")
+    parser.add_argument(
+        "--workers", type=int, default=DataConfig().num_workers, help="default: the recipe's data.num_workers default"
+    )
     parser.add_argument("--images", type=int, default=384)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
@@ -78,16 +90,38 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         write_imagefolder(root, args.images)
-        cfg = ClassificationDataConfig(source="imagefolder", root=root, image_size=224, micro_batch_size=args.batch, num_workers=args.workers)
-        rows.append(("ImageFolder JPEG, 224 px / resnet18", loader_images_per_sec(cfg, args.images // args.batch - 2), model_images_per_sec("resnet18", 224, args.batch, 3)))
-    digits = ClassificationDataConfig(source="digits", image_size=32, crop_pct=1.0, hflip=0.0, scale=[0.7, 1.0], micro_batch_size=64, num_workers=args.workers)
-    rows.append(("digits demo, 32 px / resnet18", loader_images_per_sec(digits, 20), model_images_per_sec("resnet18", 32, 64, 10)))
+        cfg = ClassificationDataConfig(
+            source="imagefolder", root=root, image_size=224, micro_batch_size=args.batch, num_workers=args.workers
+        )
+        rows.append(
+            (
+                "ImageFolder JPEG, 224 px / resnet18",
+                loader_images_per_sec(cfg, args.images // args.batch - 2),
+                model_images_per_sec("resnet18", 224, args.batch, 3),
+            )
+        )
+    digits = ClassificationDataConfig(
+        source="digits",
+        image_size=32,
+        crop_pct=1.0,
+        hflip=0.0,
+        scale=[0.7, 1.0],
+        micro_batch_size=64,
+        num_workers=args.workers,
+    )
+    rows.append(
+        (
+            "digits demo, 32 px / resnet18",
+            loader_images_per_sec(digits, 20),
+            model_images_per_sec("resnet18", 32, 64, 10),
+        )
+    )
 
     print(f"loader with {args.workers} workers vs one process's training steps ({torch.get_num_threads()} threads)")
     print(f"{'pipeline / model':<38} {'loader img/s':>13} {'model img/s':>12} {'ratio':>7}")
     for name, loader, model in rows:
         print(f"{name:<38} {loader:13.1f} {model:12.1f} {loader / model:7.2f}")
-    print(f"ratio loader / model (lowest): {min(l / m for _, l, m in rows):.2f} (target >= 2)")
+    print(f"ratio loader / model (lowest): {min(loader / model for _, loader, model in rows):.2f} (target >= 2)")
 
 
 if __name__ == "__main__":

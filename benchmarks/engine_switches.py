@@ -60,10 +60,27 @@ def worker(args: argparse.Namespace) -> None:
 def measure(args: argparse.Namespace, model: str, switch: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [
-            sys.executable, __file__, "--worker", "--out", out, "--model", model, "--switch", switch,
-            "--image-size", str(args.image_size), "--batch", str(args.batch), "--steps", str(args.steps), "--precision", args.precision,
+            sys.executable,
+            __file__,
+            "--worker",
+            "--out",
+            out,
+            "--model",
+            model,
+            "--switch",
+            switch,
+            "--image-size",
+            str(args.image_size),
+            "--batch",
+            str(args.batch),
+            "--steps",
+            str(args.steps),
+            "--precision",
+            args.precision,
         ]
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+        proc = subprocess.run(
+            cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True
+        )
         if proc.returncode:
             sys.exit(f"{model} with {switch} failed:\n{proc.stderr[-3000:]}")
         with open(os.path.join(out, "report.json")) as f:
@@ -94,7 +111,10 @@ def main() -> None:
             row = base if switch == "baseline" else measure(args, model, switch)
             speed = row["images_per_sec"] / base["images_per_sec"]
             memory = row["memory_bytes"] / max(1, base["memory_bytes"])
-            print(f"{model:<22} {switch:<19} {row['images_per_sec']:8.1f} {speed:7.2f} {row['memory_bytes'] / 2**20:15.0f} {memory:7.2f}")
+            print(
+                f"{model:<22} {switch:<19} {row['images_per_sec']:8.1f} {speed:7.2f} "
+                f"{row['memory_bytes'] / 2**20:15.0f} {memory:7.2f}"
+            )
             if switch != "baseline" and speed > best[0]:
                 best = (speed, f"{switch} on {model}")
     print(f"best speed-up over the baseline: {best[0]:.2f}x ({best[1]})")

@@ -39,8 +39,13 @@ def timm_loop_images_per_sec(args: argparse.Namespace, name: str, device: torch.
         model = torch.compile(model)
     optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
     loader = DataLoader(
-        samples, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=args.workers,
-        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        samples,
+        batch_size=args.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
     )
 
     def epoch() -> None:
@@ -93,27 +98,35 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["vit_base_patch16_224", "resnet50"])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per epoch (one warm-up epoch, one timed)")
+    parser.add_argument(
+        "--steps", type=int, default=20, help="optimizer steps per epoch (one warm-up epoch, one timed)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of both loops")
     parser.add_argument("--repeats", type=int, default=2, help="A B B A rounds")
     parser.add_argument("--compile", action="store_true", help="torch.compile both loops")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU when the GPU is not known")
-    parser.add_argument("--cpu", action="store_true", help="run on CPU (a smoke run: CPU figures say nothing about GPUs)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="per-device peak for MFU when the GPU is not known"
+    )
+    parser.add_argument(
+        "--cpu", action="store_true", help="run on CPU (a smoke run: CPU figures say nothing about GPUs)"
+    )
     args = parser.parse_args()
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("no GPU here: this benchmark measures GPU throughput (use --cpu for a smoke run)")
     device = torch.device("cpu" if args.cpu else "cuda")
     peak = peak_tflops(device, args.peak_tflops)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"{where}, {args.image_size} px, batch {args.batch}, bf16 autocast, channels_last, AdamW"
-          f"{', torch.compile' if args.compile else ''}; peak {peak or 'unknown'} TFLOP/s")
+    print(
+        f"{where}, {args.image_size} px, batch {args.batch}, bf16 autocast, channels_last, AdamW"
+        f"{', torch.compile' if args.compile else ''}; peak {peak or 'unknown'} TFLOP/s"
+    )
     print(f"{'model':<22} {'loop':<12} {'img/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'ratio':>6}")
     ratios = []
     for name in args.models:
         timm_runs, ours_runs, flops = [], [], None
         samples = synthetic_samples(args.batch * args.steps, args.image_size, 1000)
         for repeat in range(args.repeats):
-            for which in (("timm", "ours") if repeat % 2 == 0 else ("ours", "timm")):
+            for which in ("timm", "ours") if repeat % 2 == 0 else ("ours", "timm"):
                 if which == "timm":
                     timm_runs.append(timm_loop_images_per_sec(args, name, device, samples))
                 else:
@@ -121,14 +134,17 @@ def main() -> None:
                     ours_runs.append(rate)
         if flops is None:  # the trainer counts them unless logging.count_flops is off
             model = create_timm_model(name, args.image_size, 1000)
-            flops = training_flops_per_sample(model, lambda: model(torch.randn(1, 3, args.image_size, args.image_size)), 1)
+            image = torch.randn(1, 3, args.image_size, args.image_size)
+            flops = training_flops_per_sample(model, lambda model=model, image=image: model(image), 1)
         ratio = statistics.median(ours_runs) / statistics.median(timm_runs)
         ratios.append(ratio)
         for loop, runs in (("timm loop", timm_runs), ("shardvision", ours_runs)):
             rate = statistics.median(runs)
             tflops = rate * flops / 1e12
             mfu = f"{tflops / peak:6.1%}" if peak else "     -"
-            print(f"{name:<22} {loop:<12} {rate:9.1f} {tflops:8.2f} {mfu} {ratio if loop == 'shardvision' else 1.0:6.3f}")
+            print(
+                f"{name:<22} {loop:<12} {rate:9.1f} {tflops:8.2f} {mfu} {ratio if loop == 'shardvision' else 1.0:6.3f}"
+            )
     print(f"ratio shardvision / timm loop images/s (lower of {', '.join(args.models)}): {min(ratios):.3f}")
 
 

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from common import OPTIMIZER_KERNELS, SyntheticTask, create_timm_model, synthetic_samples
-from core.distributed import reset_accelerator_state
 from core.config import TrainConfig
+from core.distributed import reset_accelerator_state
 from core.trainer import Trainer
 
 
@@ -75,11 +75,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per timed epoch")
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--kernel", choices=tuple(OPTIMIZER_KERNELS), default="fused", help="AdamW's update kernel, in both loops")
+    parser.add_argument(
+        "--kernel", choices=tuple(OPTIMIZER_KERNELS), default="fused", help="AdamW's update kernel, in both loops"
+    )
     args = parser.parse_args()
     samples = synthetic_samples(args.batch * args.steps, args.image_size, num_classes=10)
 
-    print(f"{args.model}, {args.image_size} px, batch {args.batch}, {args.steps} steps per epoch, {args.kernel} AdamW, {args.repeats} alternating (ABBA) repeats, {torch.get_num_threads()} threads")
+    print(
+        f"{args.model}, {args.image_size} px, batch {args.batch}, {args.steps} steps per epoch, "
+        f"{args.kernel} AdamW, {args.repeats} alternating (ABBA) repeats, {torch.get_num_threads()} threads"
+    )
     print(f"{'precision':<10} {'hand-written img/s':>19} {'shardvision img/s':>18} {'ratio':>7}")
     ratios = []
     for precision in ("no", "bf16"):
@@ -91,7 +96,10 @@ def main() -> None:
                 results.append(measure(samples, args, precision))
         ratio = statistics.median(ours) / statistics.median(hand)
         ratios.append(ratio)
-        print(f"{'fp32' if precision == 'no' else precision:<10} {statistics.median(hand):19.1f} {statistics.median(ours):18.1f} {ratio:7.3f}")
+        print(
+            f"{'fp32' if precision == 'no' else precision:<10} {statistics.median(hand):19.1f} "
+            f"{statistics.median(ours):18.1f} {ratio:7.3f}"
+        )
     print(f"ratio shardvision / hand-written (lower of fp32, bf16): {min(ratios):.3f} (target >= 0.97)")
 
 

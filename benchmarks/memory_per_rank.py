@@ -24,7 +24,12 @@ import tempfile
 
 from common import SyntheticTask, add_worker_arguments, launch_ranks, write_report
 
-STRATEGIES = {"DDP": "multi_gpu_ddp.yaml", "ZeRO-1": "deepspeed_zero1.yaml", "ZeRO-2": "deepspeed_zero2.yaml", "ZeRO-3": "deepspeed_zero3.yaml"}
+STRATEGIES = {
+    "DDP": "multi_gpu_ddp.yaml",
+    "ZeRO-1": "deepspeed_zero1.yaml",
+    "ZeRO-2": "deepspeed_zero2.yaml",
+    "ZeRO-3": "deepspeed_zero3.yaml",
+}
 CATEGORIES = ("weights", "master", "grads", "optimizer", "other")
 
 
@@ -54,7 +59,13 @@ def state_bytes(model, optimizer, zero) -> dict[str, int]:
     claim("weights", [getattr(p, "ds_tensor", p) for p in params])
     master = [p for group in optimizer.param_groups for p in group["params"]]
     # DeepSpeed hands its torch optimizer one sub-group at a time; all of its fp32 partitions are master weights.
-    claim("master", master + list(getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", [])))
+    claim(
+        "master",
+        master
+        + list(
+            getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", [])
+        ),
+    )
     claim("grads", [p.grad for p in master + params])
     claim("optimizer", [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)])
     gc.collect()
@@ -126,7 +137,10 @@ def main() -> None:
 
     params = results["DDP"][0]["parameters"]
     precision = "fp32" if args.precision == "no" else args.precision
-    print(f"{args.model}: {params / 1e6:.1f}M parameters, AdamW, {precision}, {args.nproc} ranks; MB per rank (the rank with the most)")
+    print(
+        f"{args.model}: {params / 1e6:.1f}M parameters, AdamW, {precision}, {args.nproc} ranks; MB per "
+        "rank (the rank with the most)"
+    )
     print(f"{'strategy':<8} " + " ".join(f"{c:>9}" for c in CATEGORIES) + f" {'total':>7} {'x DDP':>6} {'peak RSS':>9}")
     ddp = max(total(r) for r in results["DDP"])
     for name in (n for n in STRATEGIES if n in results):

@@ -23,6 +23,7 @@ from common import OPTIMIZER_KERNELS, create_timm_model
 from core.config import OptimConfig
 from core.optim import build_optimizer
 
+
 def step_ms(optimizer: torch.optim.Optimizer, steps: int, device: torch.device) -> float:
     start = time.perf_counter()
     for _ in range(steps):
@@ -35,21 +36,31 @@ def step_ms(optimizer: torch.optim.Optimizer, steps: int, device: torch.device) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "vit_small_patch16_224"])
-    parser.add_argument("--optimizer", default="adamw", help="a timm optimizer name with a fused kernel (adamw, adam, sgd, momentum, adagrad)")
+    parser.add_argument(
+        "--optimizer",
+        default="adamw",
+        help="a timm optimizer name with a fused kernel (adamw, adam, sgd, momentum, adagrad)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    print(f"{args.optimizer} step time in ms on {device} ({torch.get_num_threads()} threads), median of {args.rounds} rounds of {args.steps} steps")
+    print(
+        f"{args.optimizer} step time in ms on {device} ({torch.get_num_threads()} threads), median of "
+        f"{args.rounds} rounds of {args.steps} steps"
+    )
     print(f"{'model':<24} {'parameters':>11} " + " ".join(f"{k:>11}" for k in OPTIMIZER_KERNELS) + f" {'speed-up':>9}")
     speedups = []
     for name in args.models:
         model = create_timm_model(name, 224, num_classes=1000).to(device)
         for p in model.parameters():
             p.grad = torch.randn_like(p) * 1e-3
-        optimizers = {kernel: build_optimizer(model, OptimConfig(name=args.optimizer, **flags)) for kernel, flags in OPTIMIZER_KERNELS.items()}
+        optimizers = {
+            kernel: build_optimizer(model, OptimConfig(name=args.optimizer, **flags))
+            for kernel, flags in OPTIMIZER_KERNELS.items()
+        }
         for optimizer in optimizers.values():  # warm-up: state allocated, kernels loaded
             step_ms(optimizer, 2, device)
         times: dict[str, list[float]] = {k: [] for k in OPTIMIZER_KERNELS}
@@ -60,7 +71,11 @@ def main() -> None:
         medians = {k: statistics.median(v) for k, v in times.items()}
         speedups.append(medians["per-tensor"] / medians["fused"])
         parameters = sum(p.numel() for p in model.parameters())
-        print(f"{name:<24} {parameters:>11,} " + " ".join(f"{medians[k]:>11.2f}" for k in OPTIMIZER_KERNELS) + f" {speedups[-1]:>8.2f}x")
+        print(
+            f"{name:<24} {parameters:>11,} "
+            + " ".join(f"{medians[k]:>11.2f}" for k in OPTIMIZER_KERNELS)
+            + f" {speedups[-1]:>8.2f}x"
+        )
     print(f"speed-up of the fused step over the per-tensor loop (smallest over models): {min(speedups):.2f}x")
 
 

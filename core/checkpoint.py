@@ -26,7 +26,6 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.utils.serialization.config as serialization_config
@@ -55,9 +54,9 @@ class TrainerState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already trained on (per rank)
     global_step: int = 0  # optimizer steps taken since the start of the run
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss
-    best_metric: Optional[float] = None
-    best_step: Optional[int] = None
-    eval_metric: Optional[float] = None  # the primary metric of the latest evaluation (keep_best ranks by it)
+    best_metric: float | None = None
+    best_step: int | None = None
+    eval_metric: float | None = None  # the primary metric of the latest evaluation (keep_best ranks by it)
     world_size: int = 1  # the geometry the position was recorded under
     micro_batch_size: int = 0
     grad_accum_steps: int = 1
@@ -92,12 +91,14 @@ def verify(path: str) -> None:
         if not os.path.isfile(full):
             raise CheckpointError(f"{path}: {rel} is listed in {MANIFEST} but missing")
         if os.path.getsize(full) != expected["bytes"]:
-            raise CheckpointError(f"{path}: {rel} has {os.path.getsize(full)} bytes, {MANIFEST} says {expected['bytes']}")
+            raise CheckpointError(
+                f"{path}: {rel} has {os.path.getsize(full)} bytes, {MANIFEST} says {expected['bytes']}"
+            )
         if _checksum(full) != expected["xxh3_64"]:
             raise CheckpointError(f"{path}: {rel} is damaged (its checksum differs from {MANIFEST})")
 
 
-def pickled_format(path: str) -> Optional[str]:
+def pickled_format(path: str) -> str | None:
     """'DeepSpeed' or 'FSDP' when the checkpoint's model state is stored as Python pickles."""
     return next((fmt for sub, fmt in PICKLED_FORMATS.items() if os.path.isdir(os.path.join(path, sub))), None)
 
@@ -127,7 +128,9 @@ class CheckpointManager:
         """checkpoint.every_steps asks for a save after this optimizer step."""
         return self.every_steps > 0 and step % self.every_steps == 0
 
-    def maybe_save(self, state: TrainerState, ema: torch.nn.Module | None, *, epoch_end: bool = False, force: bool = False) -> None:
+    def maybe_save(
+        self, state: TrainerState, ema: torch.nn.Module | None, *, epoch_end: bool = False, force: bool = False
+    ) -> None:
         """Save if one is due: every `every_steps` optimizer steps, at an epoch's end (at_epoch_end),
         or when forced (a stop, the run's end). A step already saved is not saved again."""
         wanted = force or (self.at_epoch_end if epoch_end else self.due(state.global_step))
@@ -150,7 +153,7 @@ class CheckpointManager:
                 found.append((int(name), path))
         return sorted(found)
 
-    def resolve(self, resume: Optional[str]) -> Optional[str]:
+    def resolve(self, resume: str | None) -> str | None:
         """The checkpoint folder `--resume` means, verified; None for a fresh start. Rank 0 reads
         the files and every rank gets its answer, so all ranks resume from the same folder."""
         answer: list = [None]
@@ -166,7 +169,7 @@ class CheckpointManager:
             raise CheckpointError(value)
         return value
 
-    def _resolve_on_main(self, resume: Optional[str]) -> Optional[str]:
+    def _resolve_on_main(self, resume: str | None) -> str | None:
         if resume is None:
             return None
         if resume == "auto":
@@ -187,7 +190,7 @@ class CheckpointManager:
         verify(resume)
         return resume
 
-    def save(self, state: TrainerState, ema: Optional[torch.nn.Module] = None) -> str:
+    def save(self, state: TrainerState, ema: torch.nn.Module | None = None) -> str:
         step = state.global_step
         final = os.path.join(self.root, str(step))
         tmp = os.path.join(self.root, f".tmp-{step}")
@@ -199,7 +202,8 @@ class CheckpointManager:
         # The manifest's xxh3 sums already guard every byte, so torch.save (accelerate's optimizer
         # and RNG files, DeepSpeed's shards) need not CRC-32 each record too: that CRC costs
         # about a third of the save (benchmarks/checkpoint_bandwidth.py).
-        with serialization_config.patch({"save.compute_crc32": False}):
+        # patch() is added to the module at import time, where mypy cannot see it.
+        with serialization_config.patch({"save.compute_crc32": False}):  # type: ignore[attr-defined]
             acc.save_state(tmp, safe_serialization=True)
         acc.wait_for_everyone()  # every rank's shards are on disk before the folder is published
         if acc.is_main_process:
@@ -222,7 +226,7 @@ class CheckpointManager:
         logger.info("saved checkpoint %s", final)
         return final
 
-    def load(self, path: str, state: TrainerState, allow_pickle: bool, ema: Optional[torch.nn.Module] = None) -> None:
+    def load(self, path: str, state: TrainerState, allow_pickle: bool, ema: torch.nn.Module | None = None) -> None:
         """Restore `path` (already verified by resolve) into the accelerator, `state` and `ema`."""
         with open(os.path.join(path, TRAINER_STATE)) as f:
             saved = json.load(f)
@@ -243,7 +247,9 @@ class CheckpointManager:
                 f"{saved_world} ranks, or export its weights (`shardvision export {path} OUT --allow-pickle`) and "
                 "start a new run from them with --weights OUT/model.safetensors (the optimizer state starts anew)."
             )
-        new_geometry = dict(world_size=world, micro_batch_size=state.micro_batch_size, grad_accum_steps=state.grad_accum_steps)
+        new_geometry = dict(
+            world_size=world, micro_batch_size=state.micro_batch_size, grad_accum_steps=state.grad_accum_steps
+        )
         for key, value in saved.items():
             setattr(state, key, value)
         self._remap_position(state, **new_geometry)
@@ -257,7 +263,9 @@ class CheckpointManager:
         self.last_saved_step = state.global_step
         logger.info("resumed from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
 
-    def _remap_position(self, state: TrainerState, world_size: int, micro_batch_size: int, grad_accum_steps: int) -> None:
+    def _remap_position(
+        self, state: TrainerState, world_size: int, micro_batch_size: int, grad_accum_steps: int
+    ) -> None:
         """Carry the position in the epoch over to another number of ranks or micro-batch size.
 
         The data order is one permutation per epoch, cut into micro-batches that are dealt to the
@@ -270,28 +278,50 @@ class CheckpointManager:
         if old_global != new_global:
             logger.warning(
                 "the global batch changes from %d to %d samples: the optimizer-step count and the lr schedule "
-                "continue from step %d but no longer describe the same data", old_global, new_global, state.global_step,
+                "continue from step %d but no longer describe the same data",
+                old_global,
+                new_global,
+                state.global_step,
             )
         consumed = state.batches_in_epoch * old[0] * old[1]
         windows, leftover = divmod(consumed, new_global)
         state.batches_in_epoch = windows * grad_accum_steps
         if leftover:
-            logger.warning("%d samples of epoch %d will be trained on again: the new geometry cannot stop where the old one did", leftover, state.epoch)
-        logger.info("resuming a %d-rank checkpoint on %d ranks: %d samples of epoch %d already done", old[0], world_size, consumed - leftover, state.epoch)
-        state.world_size, state.micro_batch_size, state.grad_accum_steps = world_size, micro_batch_size, grad_accum_steps
+            logger.warning(
+                "%d samples of epoch %d will be trained on again: the new geometry cannot stop where the old one did",
+                leftover,
+                state.epoch,
+            )
+        logger.info(
+            "resuming a %d-rank checkpoint on %d ranks: %d samples of epoch %d already done",
+            old[0],
+            world_size,
+            consumed - leftover,
+            state.epoch,
+        )
+        state.world_size, state.micro_batch_size, state.grad_accum_steps = (
+            world_size,
+            micro_batch_size,
+            grad_accum_steps,
+        )
 
     def _check_rng_restored(self, path: str) -> None:
         """accelerate logs a failed RNG restore at INFO and carries on; make it visible."""
         rank = self.accelerator.process_index
         if not os.path.isfile(os.path.join(path, f"random_states_{rank}.pkl")):
-            logger.warning("rank %d: %s has no saved RNG state for this rank; it continues from the seeded state", rank, path)
+            logger.warning(
+                "rank %d: %s has no saved RNG state for this rank; it continues from the seeded state", rank, path
+            )
 
     def _write_manifest(self, folder: str) -> None:
         paths = [os.path.join(d, name) for d, _, names in os.walk(folder) for name in names]
         # fsync and xxh3 release the GIL: overlapping them across files hides most of their cost.
         with ThreadPoolExecutor(max_workers=4) as pool:
             sums = list(pool.map(_fsync_and_checksum, paths))
-        files = {os.path.relpath(p, folder): {"bytes": os.path.getsize(p), "xxh3_64": digest} for p, digest in zip(paths, sums)}
+        files = {
+            os.path.relpath(p, folder): {"bytes": os.path.getsize(p), "xxh3_64": digest}
+            for p, digest in zip(paths, sums, strict=True)
+        }
         path = os.path.join(folder, MANIFEST)
         with open(path, "w") as f:
             json.dump({"files": files}, f, indent=1, sort_keys=True)
@@ -317,7 +347,9 @@ class CheckpointManager:
             if path not in keep:
                 os.replace(path, os.path.join(self.root, f".pruned-{step}"))
         # leftovers of saves that crashed, and of deletions a crash interrupted
-        doomed = [os.path.join(self.root, n) for n in os.listdir(self.root) if n.startswith((".tmp-", ".old-", ".pruned-"))]
+        doomed = [
+            os.path.join(self.root, n) for n in os.listdir(self.root) if n.startswith((".tmp-", ".old-", ".pruned-"))
+        ]
         if doomed:
             self._pruning = threading.Thread(target=_remove_all, args=(doomed,), name="checkpoint-prune")
             self._pruning.start()

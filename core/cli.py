@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 # Models and data are local by contract; make the HF libraries fail fast instead of reaching out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,7 +31,7 @@ TASKS = ("classification", "detection", "segmentation")
 COMMANDS = {"train": [], "eval": ["--eval-only"], "check-data": ["--check-data"]}  # each one's flag to the recipe
 
 
-def run(config_cls: type, task_cls: type, argv: Optional[list[str]] = None) -> dict[str, float]:
+def run(config_cls: type, task_cls: type, argv: list[str] | None = None) -> dict[str, float]:
     """Parse the command line, build the task, then train, evaluate (--eval-only) or read every
     sample once (--check-data). A known failure exits with its ExitCode and one line instead of a
     traceback; every rank meets it together, so rank 0 alone prints it."""
@@ -128,7 +128,10 @@ def check_data(task: Any, cfg: Any) -> int:
         problems += found
     print("\n".join(problems + lines))
     if problems:
-        print(f"shardvision: {len(problems)} problems in the data; fix them, or train with --data.bad_samples skip to leave them out")
+        print(
+            f"shardvision: {len(problems)} problems in the data; fix them, or train with "
+            "--data.bad_samples skip to leave them out"
+        )
     return 1 if problems else 0
 
 
@@ -137,10 +140,14 @@ def export_main(argv: list[str]) -> None:
 
     from core.export import export_checkpoint
 
-    parser = argparse.ArgumentParser(prog="shardvision export", description="Write consolidated safetensors from any checkpoint.")
+    parser = argparse.ArgumentParser(
+        prog="shardvision export", description="Write consolidated safetensors from any checkpoint."
+    )
     parser.add_argument("checkpoint", help="a checkpoints/<step> folder")
     parser.add_argument("out", help="output folder (model.safetensors, config.yaml, export.json)")
-    parser.add_argument("--allow-pickle", action="store_true", help="allow reading DeepSpeed/FSDP shards, which are Python pickles")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="allow reading DeepSpeed/FSDP shards, which are Python pickles"
+    )
     args = parser.parse_args(argv)
     try:
         print(export_checkpoint(args.checkpoint, args.out, args.allow_pickle))
@@ -148,11 +155,14 @@ def export_main(argv: list[str]) -> None:
         _exit(ExitCode.USER_ERROR, f"error: {e}")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
-    usage = f"usage: shardvision {{train,eval,check-data}} {{{','.join(TASKS)}}} [options] | shardvision export CHECKPOINT OUT"
+    usage = (
+        f"usage: shardvision {{train,eval,check-data}} {{{','.join(TASKS)}}} [options] | shardvision "
+        "export CHECKPOINT OUT"
+    )
     if len(argv) < 2 or argv[0] not in COMMANDS or argv[1] not in TASKS:
         print(usage, file=sys.stderr)
         sys.exit(ExitCode.USER_ERROR)

@@ -22,7 +22,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -51,21 +51,27 @@ def section(cls: type, help: str) -> Any:
 class ModelConfig:
     name: str = option("resnet18", "Model name in the recipe's model factory (e.g. a timm name).")
     num_classes: int = option(1000, "Number of output classes.")
-    weights: Optional[str] = option(
+    weights: str | None = option(
         None, "Local weights to start from (.safetensors, or .pt/.pth read with weights_only=True)."
     )
     weights_exclude: list[str] = option(
         [], "Glob patterns of weight names to skip when loading `weights` (e.g. a new head: 'head.*')."
     )
     kwargs: dict[str, Any] = option({}, "Extra keyword arguments for the model constructor.")
-    compile: bool = option(False, "torch.compile the model (inductor, through accelerate's dynamo plugin). Costs a compile at start.")
+    compile: bool = option(
+        False, "torch.compile the model (inductor, through accelerate's dynamo plugin). Costs a compile at start."
+    )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = option("default", "torch.compile mode.")
     compile_regional: bool = option(
         False, "Compile one instance of each repeated block (e.g. a ViT's Block) and reuse it: a much shorter compile."
     )
-    channels_last: bool = option(False, "Store weights and 4-D inputs channels-last (NHWC): faster convolutions on tensor cores.")
+    channels_last: bool = option(
+        False, "Store weights and 4-D inputs channels-last (NHWC): faster convolutions on tensor cores."
+    )
     grad_checkpointing: bool = option(
-        False, "Recompute block activations in the backward pass (timm/transformers models): less memory, about 1/3 more compute."
+        False,
+        "Recompute block activations in the backward pass (timm/transformers models): less memory, about "
+        "1/3 more compute.",
     )
 
     def validate(self) -> None:
@@ -77,38 +83,56 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     micro_batch_size: int = option(32, "Samples per rank per forward pass (before accumulation).")
-    eval_micro_batch_size: Optional[int] = option(None, "Samples per rank per eval forward; default micro_batch_size.")
+    eval_micro_batch_size: int | None = option(None, "Samples per rank per eval forward; default micro_batch_size.")
     num_workers: int = option(2, "DataLoader worker processes per rank (0 loads in the main process).")
-    pin_memory: bool = option(True, "Pin host memory, so batches are copied to the GPU without blocking the host (ignored on CPU).")
+    pin_memory: bool = option(
+        True, "Pin host memory, so batches are copied to the GPU without blocking the host (ignored on CPU)."
+    )
     bad_samples: Literal["error", "skip"] = option(
         "error",
-        "A sample that cannot be used (unreadable, truncated or empty file, bad box or mask value): stop every rank with an "
-        "error naming it, or skip it (the next readable sample takes its place; each is listed in <output_dir>/bad_samples.txt).",
+        "A sample that cannot be used (unreadable, truncated or empty file, bad box or mask value): stop "
+        "every rank with an error naming it, or skip it (the next readable sample takes its place; each is "
+        "listed in <output_dir>/bad_samples.txt).",
     )
 
     def validate(self) -> None:
         _check(self.micro_batch_size >= 1, "data.micro_batch_size", self.micro_batch_size, "must be >= 1")
         if self.eval_micro_batch_size is not None:
-            _check(self.eval_micro_batch_size >= 1, "data.eval_micro_batch_size", self.eval_micro_batch_size, "must be >= 1")
+            _check(
+                self.eval_micro_batch_size >= 1,
+                "data.eval_micro_batch_size",
+                self.eval_micro_batch_size,
+                "must be >= 1",
+            )
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
 
 
 @dataclass
 class OptimConfig:
-    name: str = option("adamw", "Optimizer, any name timm.optim.create_optimizer_v2 knows (adamw, sgd, momentum, lamb, ...).")
+    name: str = option(
+        "adamw", "Optimizer, any name timm.optim.create_optimizer_v2 knows (adamw, sgd, momentum, lamb, ...)."
+    )
     lr: float = option(1e-3, "Peak learning rate (after warmup) for the whole global batch.")
     weight_decay: float = option(0.05, "Decoupled weight decay; never applied to norm layers and biases.")
     momentum: float = option(0.9, "Momentum for SGD-style optimizers.")
     betas: list[float] = option([0.9, 0.999], "Adam-style betas.")
     eps: float = option(1e-8, "Adam-style epsilon.")
-    layer_decay: Optional[float] = option(None, "Layer-wise lr decay for ViT/ConvNeXt fine-tuning (e.g. 0.65).")
-    fused: Optional[bool] = option(None, "One fused kernel per optimizer step (torch's adam, adamw, sgd, momentum, adagrad; CPU and GPU); None: on wherever the optimizer has it.")
-    foreach: Optional[bool] = option(None, "Multi-tensor (foreach) optimizer kernels where no fused one is used; None: on wherever the optimizer has them.")
+    layer_decay: float | None = option(None, "Layer-wise lr decay for ViT/ConvNeXt fine-tuning (e.g. 0.65).")
+    fused: bool | None = option(
+        None,
+        "One fused kernel per optimizer step (torch's adam, adamw, sgd, momentum, adagrad; CPU and GPU); "
+        "None: on wherever the optimizer has it.",
+    )
+    foreach: bool | None = option(
+        None,
+        "Multi-tensor (foreach) optimizer kernels where no fused one is used; None: on wherever the "
+        "optimizer has them.",
+    )
 
     def validate(self) -> None:
         from timm.optim import list_optimizers
 
-        names = list_optimizers()
+        names = [name for name in list_optimizers() if isinstance(name, str)]
         if self.name.lower() not in names:
             raise ConfigError(_unknown("optim.name", self.name, names, "optimizer"))
         _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
@@ -119,25 +143,43 @@ class OptimConfig:
         if self.fused:
             from core.optim import kernel_options
 
-            _check(not self.foreach, "optim.foreach", self.foreach, "contradicts optim.fused: true (one kernel choice per step; set one of them)")
-            _check("fused" in kernel_options(self.name), "optim.fused", self.fused, f"optimizer {self.name!r} has no fused kernel (torch's adam, adamw, sgd, momentum and adagrad have one)")
+            _check(
+                not self.foreach,
+                "optim.foreach",
+                self.foreach,
+                "contradicts optim.fused: true (one kernel choice per step; set one of them)",
+            )
+            _check(
+                "fused" in kernel_options(self.name),
+                "optim.fused",
+                self.fused,
+                f"optimizer {self.name!r} has no fused kernel (torch's adam, adamw, sgd, momentum and "
+                "adagrad have one)",
+            )
 
 
 @dataclass
 class ScheduleConfig:
     name: Literal["cosine", "step", "constant"] = option("cosine", "LR shape after warmup.")
     warmup_epochs: float = option(0.0, "Linear warmup length in epochs (converted to optimizer steps).")
-    warmup_steps: Optional[int] = option(None, "Warmup length in optimizer steps; overrides warmup_epochs.")
+    warmup_steps: int | None = option(None, "Warmup length in optimizer steps; overrides warmup_epochs.")
     warmup_start_factor: float = option(0.01, "LR multiplier at the first optimizer step of warmup.")
     min_lr_ratio: float = option(0.0, "Cosine floor as a fraction of the peak lr.")
-    milestones_epochs: list[float] = option([30.0, 60.0, 90.0], "Step schedule: epochs at which lr is multiplied by gamma.")
+    milestones_epochs: list[float] = option(
+        [30.0, 60.0, 90.0], "Step schedule: epochs at which lr is multiplied by gamma."
+    )
     gamma: float = option(0.1, "Step schedule: lr multiplier at each milestone.")
 
     def validate(self) -> None:
         _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", self.warmup_epochs, "must be >= 0")
         if self.warmup_steps is not None:
             _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "must be >= 0")
-        _check(0 < self.warmup_start_factor <= 1, "schedule.warmup_start_factor", self.warmup_start_factor, "must be in (0, 1]")
+        _check(
+            0 < self.warmup_start_factor <= 1,
+            "schedule.warmup_start_factor",
+            self.warmup_start_factor,
+            "must be in (0, 1]",
+        )
         _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(0 < self.gamma <= 1, "schedule.gamma", self.gamma, "must be in (0, 1]")
 
@@ -145,11 +187,11 @@ class ScheduleConfig:
 @dataclass
 class LoopConfig:
     epochs: int = option(10, "Training epochs.")
-    max_steps: Optional[int] = option(None, "Stop after this many optimizer steps in total (for smoke runs and tests).")
+    max_steps: int | None = option(None, "Stop after this many optimizer steps in total (for smoke runs and tests).")
     grad_accum_steps: int = option(1, "Micro-batches accumulated per optimizer step.")
-    clip_grad_norm: Optional[float] = option(None, "Clip the global gradient norm to this value; None disables.")
+    clip_grad_norm: float | None = option(None, "Clip the global gradient norm to this value; None disables.")
     precision: Literal["no", "bf16", "fp16"] = option("no", "Mixed precision. fp16 needs a GPU.")
-    ema_decay: Optional[float] = option(None, "Keep an exponential moving average of the weights with this decay.")
+    ema_decay: float | None = option(None, "Keep an exponential moving average of the weights with this decay.")
     nonfinite_loss: Literal["error", "skip"] = option(
         "error", "On a NaN/inf loss: stop with an error naming the step, or skip that optimizer step."
     )
@@ -172,9 +214,11 @@ class LoopConfig:
 class CheckpointConfig:
     every_steps: int = option(0, "Save every N optimizer steps (0: only at epoch end).")
     at_epoch_end: bool = option(True, "Save at the end of every epoch.")
-    keep_last: int = option(3, "Newest complete checkpoints to keep (older ones are deleted after a new one is complete).")
+    keep_last: int = option(
+        3, "Newest complete checkpoints to keep (older ones are deleted after a new one is complete)."
+    )
     keep_best: int = option(0, "Also keep this many checkpoints with the best eval metric (the task's primary metric).")
-    resume: Optional[str] = option(None, "'auto' (newest intact checkpoint in output_dir, if any) or a checkpoint path.")
+    resume: str | None = option(None, "'auto' (newest intact checkpoint in output_dir, if any) or a checkpoint path.")
     allow_pickle: bool = option(
         False,
         "Allow resuming a DeepSpeed/FSDP checkpoint from outside this run's output_dir: their files are Python "
@@ -193,21 +237,25 @@ class DistributedConfig:
     strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = option(
         "auto", "auto follows the launcher (accelerate config / deepspeed launcher); else must agree with it."
     )
-    deepspeed_config: Optional[str] = option(
-        None, "DeepSpeed JSON (ds_configs/*.json); its \"auto\" values are filled from this config."
+    deepspeed_config: str | None = option(
+        None, 'DeepSpeed JSON (ds_configs/*.json); its "auto" values are filled from this config.'
     )
     fsdp_reshard_after_forward: bool = option(True, "FSDP2: free gathered params after forward (ZeRO-3-like).")
     fsdp_auto_wrap_classes: list[str] = option([], "FSDP2: module class names to shard as units (e.g. Block).")
     fsdp_activation_checkpointing: bool = option(False, "FSDP2: recompute activations of wrapped blocks.")
     find_unused_parameters: bool = option(False, "DDP: tolerate parameters that get no gradient.")
-    timeout_minutes: int = option(60, "The backend's own collective timeout (gloo/NCCL), the last resort after the two below.")
+    timeout_minutes: int = option(
+        60, "The backend's own collective timeout (gloo/NCCL), the last resort after the two below."
+    )
     hang_timeout_minutes: float = option(
         15.0,
         "A rank that makes no progress this long (a collective, a save, a data fetch) writes its stacks to "
         "<output_dir>/hang-<rank>.txt and exits with code 124. 0 disables.",
     )
     startup_timeout_minutes: float = option(
-        30.0, "The same limit from launch to the end of the first optimizer step (rendezvous, data, resume, compile). 0 disables."
+        30.0,
+        "The same limit from launch to the end of the first optimizer step (rendezvous, data, resume, "
+        "compile). 0 disables.",
     )
 
     def validate(self) -> None:
@@ -218,7 +266,12 @@ class DistributedConfig:
             value = getattr(self, key)
             _check(value >= 0, f"distributed.{key}", value, "must be >= 0")
             # Past the backend's timeout the collective fails first, with no stacks and no phase.
-            _check(value < self.timeout_minutes, f"distributed.{key}", value, f"must be below distributed.timeout_minutes ({self.timeout_minutes})")
+            _check(
+                value < self.timeout_minutes,
+                f"distributed.{key}",
+                value,
+                f"must be below distributed.timeout_minutes ({self.timeout_minutes})",
+            )
 
 
 @dataclass
@@ -227,8 +280,10 @@ class LoggingConfig:
     progress_bar: bool = option(True, "Show a tqdm progress bar on rank 0.")
     tensorboard: bool = option(True, "Write TensorBoard events to <output_dir>/tensorboard.")
     count_flops: bool = option(True, "Count the model's FLOPs per sample once at start, to log TFLOP/s and MFU.")
-    peak_tflops: Optional[float] = option(
-        None, "Peak TFLOP/s of one device for MFU; None: the bf16 peak of a known GPU (H100, H200, A100, L40S, L4), else no MFU."
+    peak_tflops: float | None = option(
+        None,
+        "Peak TFLOP/s of one device for MFU; None: the bf16 peak of a known GPU (H100, H200, A100, L40S, "
+        "L4), else no MFU.",
     )
 
     def validate(self) -> None:
@@ -282,7 +337,7 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
 def all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for name, (_, tp) in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             keys += all_keys(tp, f"{prefix}{name}.")
         else:
             keys.append(prefix + name)
@@ -399,7 +454,7 @@ def _validate(obj: Any) -> None:
         obj.validate()
 
 
-def load_config(cls: type, yaml_path: Optional[str] = None, overrides: Optional[list[tuple[str, Any, str]]] = None):
+def load_config(cls: type, yaml_path: str | None = None, overrides: list[tuple[str, Any, str]] | None = None):
     """Build `cls` from defaults, then a YAML file, then (key, value, source) overrides; validate."""
     cfg = cls()
     if yaml_path is not None:
@@ -451,17 +506,19 @@ def describe(cls: type) -> str:
     def walk(obj: Any, c: type, prefix: str) -> None:
         for name, (f, tp) in _fields(c).items():
             value = getattr(obj, name)
-            if dataclasses.is_dataclass(tp):
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 lines.append(f"\n{prefix}{name}: {f.metadata.get('help', '')}")
                 walk(value, tp, f"{prefix}{name}.")
             else:
-                lines.append(f"  --{prefix}{name} ({_type_name(tp)}, default {value!r})\n      {f.metadata.get('help', '')}")
+                lines.append(
+                    f"  --{prefix}{name} ({_type_name(tp)}, default {value!r})\n      {f.metadata.get('help', '')}"
+                )
 
     walk(default, cls, "")
     return "\n".join(lines)
 
 
-def parse_args(cls: type, argv: Optional[list[str]] = None):
+def parse_args(cls: type, argv: list[str] | None = None):
     """The command line every recipe shares; returns a validated `cls` instance."""
     parser = argparse.ArgumentParser(
         description="shardvision training entry point. Any config key can be overridden as --section.key VALUE.",

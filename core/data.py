@@ -28,8 +28,9 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -65,10 +66,19 @@ def read_image(path: str) -> Image.Image:
         raise DataError(f"{path}: cannot read image ({decode_failure(e)})") from None
 
 
+class MapDataset(Protocol):
+    """What the trainer needs of a data set: a length and samples by index (torch's Dataset
+    does not promise the length)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
 class SeededTransforms(Dataset):
     """`transform(base[i])` under RNG state derived from (seed, epoch, i)."""
 
-    def __init__(self, base: Dataset, transform: Callable[[Any], Any], seed: int = 0):
+    def __init__(self, base: MapDataset, transform: Callable[[Any], Any], seed: int = 0):
         self.base, self.transform, self.seed = base, transform, seed
         self._epoch = multiprocessing.RawValue("q", 0)  # shared with worker processes
 
@@ -163,7 +173,7 @@ class GuardedSamples(Dataset):
     """`dataset[i]` as `(sample, problems)`: a DataError becomes a line in `problems` and the next
     readable sample stands in, so the error never escapes a loader worker (see the module doc)."""
 
-    def __init__(self, dataset: Dataset, split: str):
+    def __init__(self, dataset: MapDataset, split: str):
         self.dataset, self.split = dataset, split
         # Problems the data set found while indexing itself (e.g. annotations it dropped).
         self.found_at_start: list[str] = list(getattr(dataset, "problems", []))
@@ -176,7 +186,7 @@ class GuardedSamples(Dataset):
             self.dataset.set_epoch(epoch)
 
     def __getitem__(self, index: int) -> tuple[Any, list[str]]:
-        problems = []
+        problems: list[str] = []
         for offset in range(MAX_SUBSTITUTES + 1):
             j = (int(index) + offset) % len(self.dataset)
             try:
@@ -201,7 +211,7 @@ class GuardedCollate:
         return self.collate([sample for sample, _ in items]), SampleReport(ok, problems)
 
 
-def check_samples(dataset: Dataset, split: str, num_workers: int, batch_size: int = 32) -> tuple[list[str], int]:
+def check_samples(dataset: MapDataset, split: str, num_workers: int, batch_size: int = 32) -> tuple[list[str], int]:
     """Read every sample of `dataset` once, `num_workers` processes in parallel, and return
     (every problem found, the number of samples read). Nothing stands in for a bad sample here."""
     guarded = GuardedSamples(dataset, split)
@@ -274,7 +284,9 @@ class BadSamples:
             with open(self.path, "a") as f:
                 f.write("".join(p + "\n" for p in new))
         self.known.update(new)
-        logger.warning("skipped %d bad samples so far (data.bad_samples: skip), listed in %s", len(self.known), self.path)
+        logger.warning(
+            "skipped %d bad samples so far (data.bad_samples: skip), listed in %s", len(self.known), self.path
+        )
 
     def error(self) -> DataError:
         """The error every rank raises together once any rank met a bad sample (error mode); a
@@ -283,4 +295,6 @@ class BadSamples:
 
         problems = gather_object(self.unflushed) if self.accelerator.num_processes > 1 else self.unflushed
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        return DataError(f"{problems[0]}{more}. Fix or remove the file, or set data.bad_samples: skip to train without it.")
+        return DataError(
+            f"{problems[0]}{more}. Fix or remove the file, or set data.bad_samples: skip to train without it."
+        )

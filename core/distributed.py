@@ -23,7 +23,7 @@ import logging
 import os
 import random
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def resolve_strategy(cfg: TrainConfig) -> str:
         raise ConfigError(
             f"distributed.strategy={asked!r} contradicts the launcher, which set up {launched!r}. "
             f"Set distributed.strategy to 'auto' or {launched!r}, or launch with a matching config "
-            f"(accelerate_configs/ holds one per strategy)."
+            "(accelerate_configs/ holds one per strategy)."
         )
     return asked
 
@@ -100,7 +100,9 @@ def deepspeed_config_path(cfg: TrainConfig) -> str:
         )
     path = from_cfg or from_launcher
     if not path:
-        shipped = sorted(os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "ds_configs", "*.json")))
+        shipped = sorted(
+            os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "ds_configs", "*.json"))
+        )
         raise ConfigError(
             "DeepSpeed was asked for but no DeepSpeed JSON was given: set "
             f"--distributed.deepspeed_config to one of {', '.join(shipped)}."
@@ -129,7 +131,7 @@ def fill_deepspeed_config(ds: dict, cfg: TrainConfig, world_size: int, source: s
         if have == "auto":
             ds[key] = value
         elif have != value:
-            raise ConfigError(f"{source}: {key}={have!r} contradicts the run config ({value!r}); set it to \"auto\".")
+            raise ConfigError(f'{source}: {key}={have!r} contradicts the run config ({value!r}); set it to "auto".')
     for section, on in (("bf16", cfg.loop.precision == "bf16"), ("fp16", cfg.loop.precision == "fp16")):
         block = ds.setdefault(section, {})
         have = block.get("enabled", "auto")
@@ -137,16 +139,17 @@ def fill_deepspeed_config(ds: dict, cfg: TrainConfig, world_size: int, source: s
             block["enabled"] = on
         elif bool(have) != on:
             raise ConfigError(
-                f"{source}: {section}.enabled={have!r} contradicts loop.precision={cfg.loop.precision!r}; set it to \"auto\"."
+                f"{source}: {section}.enabled={have!r} contradicts "
+                f'loop.precision={cfg.loop.precision!r}; set it to "auto".'
             )
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(
-            f"{source}: remove the \"optimizer\"/\"scheduler\" sections: shardvision builds the optimizer "
+            f'{source}: remove the "optimizer"/"scheduler" sections: shardvision builds the optimizer '
             "(optim.*) and steps the schedule itself so the lr is the same under every strategy."
         )
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
-        raise ConfigError(f"{source}: shardvision cannot fill these \"auto\" values, give numbers: {', '.join(leftover)}")
+        raise ConfigError(f'{source}: shardvision cannot fill these "auto" values, give numbers: {", ".join(leftover)}')
     return ds
 
 
@@ -210,7 +213,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.loop.grad_accum_steps,
         kwargs_handlers=handlers,
         dataloader_config=build_dataloader_config(cfg, on_gpu),
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard")),
+        project_config=ProjectConfiguration(
+            project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard")
+        ),
         log_with="tensorboard" if cfg.logging.tensorboard else None,
         dynamo_plugin=build_dynamo_plugin(cfg),
         **plugins,
@@ -221,7 +226,9 @@ def build_dataloader_config(cfg: TrainConfig, on_gpu: bool) -> DataLoaderConfigu
     """Data order is a function of (seed, epoch) alone, so resuming mid-epoch replays it exactly.
     Batches from pinned memory are copied to the GPU without blocking the host, so the copy of
     one batch overlaps the previous step's kernels."""
-    return DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=on_gpu and cfg.data.pin_memory)
+    return DataLoaderConfiguration(
+        use_seedable_sampler=True, data_seed=cfg.seed, non_blocking=on_gpu and cfg.data.pin_memory
+    )
 
 
 def reset_accelerator_state() -> None:
@@ -234,13 +241,15 @@ def reset_accelerator_state() -> None:
     PartialState._reset_state()
 
 
-def build_dynamo_plugin(cfg: TrainConfig) -> Optional[TorchDynamoPlugin]:
+def build_dynamo_plugin(cfg: TrainConfig) -> TorchDynamoPlugin | None:
     """model.compile as accelerate's dynamo plugin, which compiles after wrapping (DDP, FSDP) or
     through the DeepSpeed engine. None leaves accelerate's default: an accelerate config's
     dynamo_config still applies."""
     if not cfg.model.compile:
         return None
-    return TorchDynamoPlugin(backend="inductor", mode=cfg.model.compile_mode, use_regional_compilation=cfg.model.compile_regional)
+    return TorchDynamoPlugin(
+        backend="inductor", mode=cfg.model.compile_mode, use_regional_compilation=cfg.model.compile_regional
+    )
 
 
 def build_fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
@@ -255,7 +264,9 @@ def build_fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
         cpu_ram_efficient_loading=False,
     )
     if d.fsdp_auto_wrap_classes:
-        kwargs.update(auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(d.fsdp_auto_wrap_classes))
+        kwargs.update(
+            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(d.fsdp_auto_wrap_classes)
+        )
     return FullyShardedDataParallelPlugin(**kwargs)
 
 

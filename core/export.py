@@ -26,7 +26,9 @@ from core.checkpoint import TRAINER_STATE, CheckpointError, pickled_format, veri
 
 def _save(state_dict: dict[str, torch.Tensor], path: str) -> None:
     # clone: tied weights share storage, which safetensors refuses to write twice
-    save_file({k: v.detach().to("cpu").clone().contiguous() for k, v in state_dict.items()}, path, metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().to("cpu").clone().contiguous() for k, v in state_dict.items()}, path, metadata={"format": "pt"}
+    )
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, allow_pickle: bool = False) -> str:

@@ -8,8 +8,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -46,7 +46,10 @@ class RunLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.use_trackers:
-            self.accelerator.log({f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=step)
+            self.accelerator.log(
+                {f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+                step=step,
+            )
 
     def close(self) -> None:
         """Finish the trackers and tear down the process group (accelerate's end_training)."""
@@ -118,7 +121,7 @@ PEAK_BF16_TFLOPS = (
 )
 
 
-def peak_tflops(device: torch.device, configured: Optional[float]) -> Optional[float]:
+def peak_tflops(device: torch.device, configured: float | None) -> float | None:
     """The per-device peak MFU is measured against: the configured one, else a known GPU's bf16 peak."""
     if configured is not None or device.type != "cuda":
         return configured
@@ -143,7 +146,9 @@ def training_flops_per_sample(model: torch.nn.Module, forward: Callable[[], Any]
     return 3.0 * counter.get_total_flops() / samples
 
 
-def progress_bar(accelerator: Accelerator, enabled: bool, batches: Iterable, total: int, initial: int, desc: str) -> tqdm:
+def progress_bar(
+    accelerator: Accelerator, enabled: bool, batches: Iterable, total: int, initial: int, desc: str
+) -> tqdm:
     """`batches`, counted on rank 0's console. Use it as a context manager so the bar is closed
     however the loop ends."""
     return tqdm(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2, get_optimizer_info
@@ -25,7 +26,7 @@ from core.config import OptimConfig, ScheduleConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    kwargs = step_kernel(cfg)
+    kwargs: dict[str, Any] = dict(step_kernel(cfg))
     if cfg.name.lower() in ("adam", "adamw", "nadam", "nadamw", "radam", "lamb", "lambw", "adan"):
         kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
     optimizer = create_optimizer_v2(
@@ -112,8 +113,8 @@ def build_scheduler(
 def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
     """Put the schedule at optimizer step `step` (used on resume)."""
     scheduler.last_epoch = step
-    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = lrs
 
@@ -127,5 +128,8 @@ def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:
     lines = [f"optimizer {type(inner).__name__}, {kernel} update kernel"]
     for i, group in enumerate(optimizer.param_groups):
         n = sum(p.numel() for p in group["params"])
-        lines.append(f"group {i}: {len(group['params'])} tensors, {n:,} values, lr {group['lr']:.3g}, weight_decay {group.get('weight_decay', 0.0):g}")
+        lines.append(
+            f"group {i}: {len(group['params'])} tensors, {n:,} values, lr {group['lr']:.3g}, "
+            f"weight_decay {group.get('weight_decay', 0.0):g}"
+        )
     return lines

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import default_collate
+
+from core.data import MapDataset
 
 
 class Metrics:
@@ -43,7 +45,7 @@ class Task:
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
 
-    def build_datasets(self) -> tuple[Dataset, Dataset]:
+    def build_datasets(self) -> tuple[MapDataset, MapDataset]:
         """(train, eval) map-style datasets that return transformed samples."""
         raise NotImplementedError
 

@@ -36,14 +36,20 @@ def apply_model_options(model: torch.nn.Module, cfg: TrainConfig) -> None:
     (model.compile is accelerate's: it compiles after wrapping, see build_dynamo_plugin.)"""
     if cfg.model.grad_checkpointing:
         try:
-            if hasattr(model, "set_grad_checkpointing"):  # timm
-                model.set_grad_checkpointing(True)
-            elif hasattr(model, "gradient_checkpointing_enable"):  # transformers
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            timm_switch = getattr(model, "set_grad_checkpointing", None)
+            transformers_switch = getattr(model, "gradient_checkpointing_enable", None)
+            if callable(timm_switch):
+                timm_switch(True)
+            elif callable(transformers_switch):
+                transformers_switch(gradient_checkpointing_kwargs={"use_reentrant": False})
             else:
-                raise ValueError("it has neither timm's set_grad_checkpointing() nor transformers' gradient_checkpointing_enable()")
+                raise ValueError(
+                    "it has neither timm's set_grad_checkpointing() nor transformers' gradient_checkpointing_enable()"
+                )
         except (ValueError, AssertionError, NotImplementedError) as e:
-            raise ConfigError(f"model.grad_checkpointing: {cfg.model.name} ({type(model).__name__}) cannot recompute activations: {e}") from None
+            raise ConfigError(
+                f"model.grad_checkpointing: {cfg.model.name} ({type(model).__name__}) cannot recompute activations: {e}"
+            ) from None
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
 
@@ -54,7 +60,9 @@ class Trainer:
         # Started before the rendezvous, which is the first thing that can hang; the launcher's RANK
         # names the file, as no process group exists yet.
         d = cfg.distributed
-        self.watchdog = HangWatchdog(cfg.output_dir, int(os.environ.get("RANK", "0")), d.hang_timeout_minutes, d.startup_timeout_minutes)
+        self.watchdog = HangWatchdog(
+            cfg.output_dir, int(os.environ.get("RANK", "0")), d.hang_timeout_minutes, d.startup_timeout_minutes
+        )
         try:
             self._build(cfg, task)
         except BaseException:
@@ -85,13 +93,22 @@ class Trainer:
         self.bad_samples.flush()
         self.flops_per_sample = self._count_flops(model) if cfg.logging.count_flops else None
         self.peak_tflops = peak_tflops(acc.device, cfg.logging.peak_tflops)
-        loader_args = dict(num_workers=cfg.data.num_workers, collate_fn=self.collate, pin_memory=cfg.data.pin_memory)
-        train_loader = build_loader(self.train_set, batch_size=cfg.data.micro_batch_size, shuffle=True, drop_last=True, **loader_args)
+        loader_args: dict[str, Any] = dict(
+            num_workers=cfg.data.num_workers, collate_fn=self.collate, pin_memory=cfg.data.pin_memory
+        )
+        train_loader = build_loader(
+            self.train_set, batch_size=cfg.data.micro_batch_size, shuffle=True, drop_last=True, **loader_args
+        )
         eval_loader = build_loader(
-            self.eval_set, batch_size=cfg.data.eval_micro_batch_size or cfg.data.micro_batch_size, shuffle=False, **loader_args
+            self.eval_set,
+            batch_size=cfg.data.eval_micro_batch_size or cfg.data.micro_batch_size,
+            shuffle=False,
+            **loader_args,
         )
         optimizer = build_optimizer(model, cfg.optim)
-        self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(model, optimizer, train_loader, eval_loader)
+        self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
+            model, optimizer, train_loader, eval_loader
+        )
         if len(self.train_loader) == 0:
             raise ConfigError(
                 f"data.micro_batch_size={cfg.data.micro_batch_size} x {acc.num_processes} ranks is more than the "
@@ -119,7 +136,9 @@ class Trainer:
             for buffer in self.model.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(self.input_dtype)
-        self.state = TrainerState(world_size=acc.num_processes, micro_batch_size=cfg.data.micro_batch_size, grad_accum_steps=accum)
+        self.state = TrainerState(
+            world_size=acc.num_processes, micro_batch_size=cfg.data.micro_batch_size, grad_accum_steps=accum
+        )
         self.checkpoints = CheckpointManager(
             acc,
             os.path.join(cfg.output_dir, "checkpoints"),
@@ -280,7 +299,9 @@ class Trainer:
         primary = metrics.get(self.task.primary_metric)
         state.eval_metric = primary
         if primary is not None and not self.cfg.eval_only:
-            better = state.best_metric is None or (primary > state.best_metric if self.task.higher_is_better else primary < state.best_metric)
+            better = state.best_metric is None or (
+                primary > state.best_metric if self.task.higher_is_better else primary < state.best_metric
+            )
             if better:
                 state.best_metric, state.best_step = primary, state.global_step
         epoch = state.epoch + state.batches_in_epoch / max(1, len(self.train_loader))
@@ -302,7 +323,10 @@ class Trainer:
         acc.save_model(model, final_dir, max_shard_size="10000GB", safe_serialization=True)
         if acc.is_main_process:
             if self.ema is not None:
-                save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, os.path.join(final_dir, "model_ema.safetensors"))
+                save_file(
+                    {k: v.contiguous() for k, v in self.ema.module.state_dict().items()},
+                    os.path.join(final_dir, "model_ema.safetensors"),
+                )
             save_config(self.cfg, os.path.join(final_dir, "config.yaml"))
             with open(os.path.join(final_dir, "metrics.json"), "w") as f:
                 json.dump({"step": self.state.global_step, **metrics}, f, indent=2)
@@ -338,13 +362,19 @@ class Trainer:
         if done:
             loader = self.accelerator.skip_first_batches(loader, done)
         batches = watched(loader, self.watchdog, "train step", lambda: self.state.global_step)
-        return progress_bar(self.accelerator, self.cfg.logging.progress_bar, batches, len(self.train_loader), done, f"epoch {epoch}")
+        return progress_bar(
+            self.accelerator, self.cfg.logging.progress_bar, batches, len(self.train_loader), done, f"epoch {epoch}"
+        )
 
     def _log_train(self, epoch: int, bar: Any) -> None:
         self.bad_samples.flush()
         measured = self.meter.read()
         images_per_sec = measured["images_per_sec"]
-        values = {"loss": measured["loss"], "lr": self.scheduler.get_last_lr()[0], "images_per_sec": images_per_sec}
+        values = {
+            "loss": measured["loss"],
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "images_per_sec": images_per_sec,
+        }
         values["memory_mb"] = memory_mb(self.accelerator.device)
         if self.bad_samples.skip:
             values["bad_samples"] = len(self.bad_samples.known)
@@ -354,7 +384,9 @@ class Trainer:
                 values["mfu"] = values["tflops_per_device"] / self.peak_tflops
         if "grad_norm" in measured:
             values["grad_norm"] = measured["grad_norm"]
-        self.run_logger.log("train", self.state.global_step, epoch + self.state.batches_in_epoch / len(self.train_loader), values)
+        self.run_logger.log(
+            "train", self.state.global_step, epoch + self.state.batches_in_epoch / len(self.train_loader), values
+        )
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{images_per_sec:.0f}")
 
     def _input_dtype(self) -> torch.dtype | None:
@@ -395,7 +427,10 @@ class Trainer:
         return self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.loop.clip_grad_norm)
 
     def _where(self, epoch: int) -> str:
-        return f"optimizer step {self.state.global_step} (epoch {epoch}, accumulation window ending at micro-batch {self.state.batches_in_epoch})"
+        return (
+            f"optimizer step {self.state.global_step} (epoch {epoch}, accumulation window ending at "
+            f"micro-batch {self.state.batches_in_epoch})"
+        )
 
     def _bare_model(self) -> torch.nn.Module:
         """The model without DDP's or torch.compile's wrappers (FSDP2 shards stay in place)."""
@@ -414,18 +449,26 @@ class Trainer:
             strategy += f" (ZeRO-{zero_stage(acc.state.deepspeed_plugin.deepspeed_config)})"
         micro, accum = cfg.data.micro_batch_size, cfg.loop.grad_accum_steps
         lines = [
-            f"world size {acc.num_processes} | strategy {strategy} | precision {cfg.loop.precision} | device {acc.device}",
+            f"world size {acc.num_processes} | strategy {strategy} | precision {cfg.loop.precision} | "
+            f"device {acc.device}",
             f"micro batch {micro} per rank | accumulation {accum} | global batch {micro * accum * acc.num_processes}",
             f"train samples {len(self.train_set)} | eval samples {len(self.eval_set)}",
             f"optimizer steps: {self.steps_per_epoch} per epoch, {self.total_steps} in total | "
             f"warmup {warmup_steps_of(cfg.schedule, self.steps_per_epoch)} steps | schedule {cfg.schedule.name}",
-            f"model {cfg.model.name}: {sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()):,} parameters"
+            f"model {cfg.model.name}: "
+            f"{sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()):,} parameters"
             + (" (this rank's shard under ZeRO-3/FSDP)" if strategy.endswith("ZeRO-3)") or strategy == "fsdp" else ""),
             *describe_param_groups(self.optimizer),
         ]
         if self.flops_per_sample:
-            peak = f"MFU against {self.peak_tflops:g} TFLOP/s per device" if self.peak_tflops else "no MFU: set logging.peak_tflops"
-            lines.append(f"model FLOPs per training sample: {self.flops_per_sample / 1e9:.3g} GFLOP (3x forward) | {peak}")
+            peak = (
+                f"MFU against {self.peak_tflops:g} TFLOP/s per device"
+                if self.peak_tflops
+                else "no MFU: set logging.peak_tflops"
+            )
+            lines.append(
+                f"model FLOPs per training sample: {self.flops_per_sample / 1e9:.3g} GFLOP (3x forward) | {peak}"
+            )
         speed = [k for k in ("compile", "channels_last", "grad_checkpointing") if getattr(cfg.model, k)]
         if speed:
             lines.append("model options: " + ", ".join(speed))
@@ -438,4 +481,4 @@ def _only(outputs: Any, keep: torch.Tensor) -> Any:
     """The gathered per-sample outputs (tensors batch-first, or a list) where `keep` is True."""
     if isinstance(outputs, dict):
         return {k: v[keep.to(v.device)] for k, v in outputs.items()}
-    return [o for o, k in zip(outputs, keep.tolist()) if k]
+    return [o for o, k in zip(outputs, keep.tolist(), strict=True) if k]

@@ -21,7 +21,8 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 from core.exit_codes import ExitCode
 
@@ -64,7 +65,10 @@ class HangWatchdog:
         return min(10.0, max(0.2, min(limits) / 20)) if limits else 10.0
 
     def _report_and_exit(self, idle: float) -> None:
-        what = f"rank {self.rank} made no progress for {idle / 60:.1f} min in phase '{self.phase}' at optimizer step {self.step}"
+        what = (
+            f"rank {self.rank} made no progress for {idle / 60:.1f} min in phase '{self.phase}' at "
+            f"optimizer step {self.step}"
+        )
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "w") as f:
             f.write(f"{what}\nPython stacks of every thread of this rank, most recent call first:\n\n")
@@ -72,8 +76,10 @@ class HangWatchdog:
             faulthandler.dump_traceback(file=f, all_threads=True)
         limit = "distributed.startup_timeout_minutes" if self.phase == "startup" else "distributed.hang_timeout_minutes"
         print(
-            f"shardvision: error: {what}: another rank stopped or died, or this one is stuck (a collective, the filesystem, "
-            f"a loader worker). Stacks in {self.path}. Rerun with --resume auto; raise {limit} if the phase is just slow.",
+            f"shardvision: error: {what}: another rank stopped or died, or this one is stuck (a "
+            "collective, the filesystem, "
+            f"a loader worker). Stacks in {self.path}. Rerun with --resume auto; raise {limit} if the "
+            "phase is just slow.",
             file=sys.stderr,
             flush=True,
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -26,7 +27,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # noqa: TID251 (the one reader, never unpickling)
     except Exception as e:
         raise WeightsError(
             f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}). "
@@ -41,7 +42,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: torch.nn.Module, path: str, exclude: list[str] = ()) -> None:
+def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ()) -> None:
     """Load `path` into `model` strictly, except for names matching an `exclude` glob."""
     state = read_state_dict(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -49,7 +50,11 @@ def load_weights(model: torch.nn.Module, path: str, exclude: list[str] = ()) -> 
     state = {k: v for k, v in state.items() if k not in skipped}
 
     own = model.state_dict()
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
     missing = [k for k in own if k not in state and not any(fnmatch.fnmatch(k, pat) for pat in exclude)]
     unexpected = [k for k in state if k not in own]
     problems = []

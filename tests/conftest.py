@@ -26,14 +26,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(args: list[str], launcher: str = "torchrun", nproc: int = 2, script: str = CLASSIFY, accelerate_config: str | None = None) -> list[str]:
+def launch_command(
+    args: list[str],
+    launcher: str = "torchrun",
+    nproc: int = 2,
+    script: str = CLASSIFY,
+    accelerate_config: str | None = None,
+) -> list[str]:
     """The command line a user would type for `launcher`, with a free port of its own."""
     port = str(free_port())
     py = sys.executable
     if launcher == "torchrun":
         return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port, script, *args]
     if launcher == "accelerate":
-        return [py, "-m", "accelerate.commands.launch", "--config_file", accelerate_config, "--num_processes", str(nproc), "--main_process_port", port, script, *args]
+        return [
+            py,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            accelerate_config,
+            "--num_processes",
+            str(nproc),
+            "--main_process_port",
+            port,
+            script,
+            *args,
+        ]
     if launcher == "deepspeed":
         return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port, script, *args]
     if launcher == "python":
@@ -52,11 +70,16 @@ def run_env() -> dict[str, str]:
     return env
 
 
-def launch(args: list[str], launcher: str = "torchrun", nproc: int = 2, check: bool = True, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], launcher: str = "torchrun", nproc: int = 2, check: bool = True, timeout: int = 600, **kwargs
+) -> subprocess.CompletedProcess:
     cmd = launch_command(args, launcher, nproc, **kwargs)
     proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- "
+            f"stderr\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -89,7 +112,9 @@ def run_killed_when(args: list[str], marker: Path, one_rank: bool = False, **lau
     deadline = time.time() + 400
     while not marker.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {proc.returncode}) before {marker} appeared:\n{proc.stderr.read().decode()[-4000:]}")
+            raise AssertionError(
+                f"run ended (exit {proc.returncode}) before {marker} appeared:\n{proc.stderr.read().decode()[-4000:]}"
+            )
         if time.time() > deadline:
             kill_tree(proc.pid)
             raise AssertionError(f"no {marker} within the time limit")

@@ -16,12 +16,34 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import DataError, GuardedCollate, GuardedSamples, MAX_SUBSTITUTES, check_samples, read_image
+from core.data import MAX_SUBSTITUTES, DataError, GuardedCollate, GuardedSamples, check_samples, read_image
 
-QUICK_RUN = ["--logging.progress_bar", "false", "--logging.tensorboard", "false", "--logging.count_flops", "false",
-             "--logging.every_steps", "1", "--data.num_workers", "0", "--loop.epochs", "1"]
-TINY_CLASSIFIER = ["--model.name", "test_vit", "--model.kwargs", "{img_size: 16}", "--model.num_classes", "2",
-                   "--data.image_size", "16", "--data.micro_batch_size", "4"]
+QUICK_RUN = [
+    "--logging.progress_bar",
+    "false",
+    "--logging.tensorboard",
+    "false",
+    "--logging.count_flops",
+    "false",
+    "--logging.every_steps",
+    "1",
+    "--data.num_workers",
+    "0",
+    "--loop.epochs",
+    "1",
+]
+TINY_CLASSIFIER = [
+    "--model.name",
+    "test_vit",
+    "--model.kwargs",
+    "{img_size: 16}",
+    "--model.num_classes",
+    "2",
+    "--data.image_size",
+    "16",
+    "--data.micro_batch_size",
+    "4",
+]
 
 
 def rng_for(name: str) -> np.random.Generator:
@@ -63,9 +85,13 @@ def imagefolder(root: Path):
     (root / "train" / "b" / "2.jpg").write_bytes(b"")
     (root / "val" / "a" / "1.jpg").write_text("not an image")
     args = [*TINY_CLASSIFIER, "--data.source", "imagefolder", "--data.root", str(root)]
-    bad = {"train": [r"train sample 3: .*train/a/3\.jpg: cannot read image \(.*[Tt]runcated",
-                     r"train sample 10: .*train/b/2\.jpg: cannot read image \(cannot identify image file"],
-           "eval": [r"eval sample 1: .*val/a/1\.jpg: cannot read image \(cannot identify image file"]}
+    bad = {
+        "train": [
+            r"train sample 3: .*train/a/3\.jpg: cannot read image \(.*[Tt]runcated",
+            r"train sample 10: .*train/b/2\.jpg: cannot read image \(cannot identify image file",
+        ],
+        "eval": [r"eval sample 1: .*val/a/1\.jpg: cannot read image \(cannot identify image file"],
+    }
     return "classification", args, bad
 
 
@@ -75,15 +101,21 @@ def classification_hf_disk(root: Path):
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
 
     def split(n, broken, wrong_label):
-        images = [{"bytes": b"\x89PNG garbage" if i == broken else image_bytes(i), "path": f"img{i}.png"} for i in range(n)]
+        images = [
+            {"bytes": b"\x89PNG garbage" if i == broken else image_bytes(i), "path": f"img{i}.png"} for i in range(n)
+        ]
         labels = [7 if i == wrong_label else i % 2 for i in range(n)]
         return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
 
     datasets.DatasetDict({"train": split(16, 5, 9), "val": split(8, 2, None)}).save_to_disk(str(root))
     args = [*TINY_CLASSIFIER, "--data.source", "hf_disk", "--data.root", str(root)]
-    bad = {"train": [r"train sample 5: .* \[train\] row 5 \(img5\.png\): cannot read image",
-                     r"train sample 9: .* \[train\] row 9 \(img9\.png\): label 7 is outside 0\.\.1"],
-           "eval": [r"eval sample 2: .* \[val\] row 2 \(img2\.png\): cannot read image"]}
+    bad = {
+        "train": [
+            r"train sample 5: .* \[train\] row 5 \(img5\.png\): cannot read image",
+            r"train sample 9: .* \[train\] row 9 \(img9\.png\): label 7 is outside 0\.\.1",
+        ],
+        "eval": [r"eval sample 2: .* \[val\] row 2 \(img2\.png\): cannot read image"],
+    }
     return "classification", args, bad
 
 
@@ -93,26 +125,72 @@ def coco(root: Path):
         for i in range(1, n + 1):
             noise_image(root / split / f"{i}.jpg", (48, 40))
             images[split].append({"id": i, "file_name": f"{i}.jpg", "width": 48, "height": 40})
-            annotations[split].append({"id": 100 * i, "image_id": i, "category_id": 1 + i % 2, "bbox": [4, 4, 20, 16], "area": 320.0, "iscrowd": 0})
-    annotations["train"].append({"id": 999, "image_id": 2, "category_id": 1, "bbox": [40, 30, 20, 20], "area": 400.0, "iscrowd": 0})
+            annotations[split].append(
+                {
+                    "id": 100 * i,
+                    "image_id": i,
+                    "category_id": 1 + i % 2,
+                    "bbox": [4, 4, 20, 16],
+                    "area": 320.0,
+                    "iscrowd": 0,
+                }
+            )
+    annotations["train"].append(
+        {"id": 999, "image_id": 2, "category_id": 1, "bbox": [40, 30, 20, 20], "area": 400.0, "iscrowd": 0}
+    )
     truncate(root / "train" / "6.jpg")
     (root / "val" / "3.jpg").write_bytes(b"")
     (root / "annotations").mkdir()
     for split in ("train", "val"):
         cats = [{"id": 1, "name": "one"}, {"id": 2, "name": "two"}]
-        (root / "annotations" / f"{split}.json").write_text(json.dumps({"images": images[split], "annotations": annotations[split], "categories": cats}))
-    args = ["--model.name", "fasterrcnn_mobilenet_v3_large_320_fpn", "--model.num_classes", "2", "--data.source", "coco",
-            "--data.root", str(root), "--data.train_images", "train", "--data.train_annotations", "annotations/train.json",
-            "--data.eval_images", "val", "--data.eval_annotations", "annotations/val.json",
-            "--data.min_size", "48", "--data.max_size", "48", "--data.micro_batch_size", "2"]
-    bad = {"train": [r"annotations/train\.json: annotation 999 of image 2 \(2\.jpg\): box \[40, 30, 20, 20\] outside the 48x40 image",
-                     r"train sample 5: .*train/6\.jpg: cannot read image \(.*[Tt]runcated"],
-           "eval": [r"eval sample 2: .*val/3\.jpg: cannot read image \(cannot identify image file"]}
+        (root / "annotations" / f"{split}.json").write_text(
+            json.dumps({"images": images[split], "annotations": annotations[split], "categories": cats})
+        )
+    args = [
+        "--model.name",
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "--model.num_classes",
+        "2",
+        "--data.source",
+        "coco",
+        "--data.root",
+        str(root),
+        "--data.train_images",
+        "train",
+        "--data.train_annotations",
+        "annotations/train.json",
+        "--data.eval_images",
+        "val",
+        "--data.eval_annotations",
+        "annotations/val.json",
+        "--data.min_size",
+        "48",
+        "--data.max_size",
+        "48",
+        "--data.micro_batch_size",
+        "2",
+    ]
+    bad = {
+        "train": [
+            r"annotations/train\.json: annotation 999 of image 2 \(2\.jpg\): box \[40, 30, 20, 20\] "
+            r"outside the 48x40 image",
+            r"train sample 5: .*train/6\.jpg: cannot read image \(.*[Tt]runcated",
+        ],
+        "eval": [r"eval sample 2: .*val/3\.jpg: cannot read image \(cannot identify image file"],
+    }
     return "detection", args, bad
 
 
-SEGMENTATION_ARGS = ["--config", "recipes/segmentation/configs/shapes.yaml", "--model.num_classes", "3",
-                     "--data.image_size", "32", "--data.micro_batch_size", "4"]
+SEGMENTATION_ARGS = [
+    "--config",
+    "recipes/segmentation/configs/shapes.yaml",
+    "--model.num_classes",
+    "3",
+    "--data.image_size",
+    "32",
+    "--data.micro_batch_size",
+    "4",
+]
 
 
 def mask(cls: int, value_at_corner: int = 0) -> np.ndarray:
@@ -128,11 +206,15 @@ def voc(root: Path):
         for i in range(n):
             noise_image(root / "JPEGImages" / f"{split}{i}.jpg")
             (root / "SegmentationClass").mkdir(exist_ok=True)
-            Image.fromarray(mask(1 + i % 2, 37 if (split, i) == ("train", 4) else 0), mode="L").save(root / "SegmentationClass" / f"{split}{i}.png")
+            Image.fromarray(mask(1 + i % 2, 37 if (split, i) == ("train", 4) else 0), mode="L").save(
+                root / "SegmentationClass" / f"{split}{i}.png"
+            )
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(f"{split}{i}" for i in range(n)))
     truncate(root / "JPEGImages" / "val2.jpg")
-    bad = {"train": [r"train sample 4: .*SegmentationClass/train4\.png: mask values \[37\] are outside 0\.\.2"],
-           "eval": [r"eval sample 2: .*JPEGImages/val2\.jpg: cannot read image \(.*[Tt]runcated"]}
+    bad = {
+        "train": [r"train sample 4: .*SegmentationClass/train4\.png: mask values \[37\] are outside 0\.\.2"],
+        "eval": [r"eval sample 2: .*JPEGImages/val2\.jpg: cannot read image \(.*[Tt]runcated"],
+    }
     return "segmentation", [*SEGMENTATION_ARGS, "--data.source", "voc", "--data.root", str(root)], bad
 
 
@@ -144,9 +226,24 @@ def ade20k(root: Path):
             Image.fromarray(mask(1 + i % 2), mode="L").save(root / "annotations" / split / f"{i}.png")
     (root / "images" / "training" / "6.jpg").write_text("not an image")
     Image.new("RGB", (32, 32)).save(root / "annotations" / "validation" / "0.png")  # RGB: not an index mask
-    bad = {"train": [r"train sample 6: .*images/training/6\.jpg: cannot read image \(cannot identify image file"],
-           "eval": [r"eval sample 0: .*annotations/validation/0\.png: a mask must be a single-channel index PNG \(mode P or L\), got mode RGB"]}
-    args = [*SEGMENTATION_ARGS, "--data.source", "ade20k", "--data.root", str(root), "--data.train_split", "training", "--data.eval_split", "validation"]
+    bad = {
+        "train": [r"train sample 6: .*images/training/6\.jpg: cannot read image \(cannot identify image file"],
+        "eval": [
+            r"eval sample 0: .*annotations/validation/0\.png: a mask must be a single-channel index PNG "
+            r"\(mode P or L\), got mode RGB"
+        ],
+    }
+    args = [
+        *SEGMENTATION_ARGS,
+        "--data.source",
+        "ade20k",
+        "--data.root",
+        str(root),
+        "--data.train_split",
+        "training",
+        "--data.eval_split",
+        "validation",
+    ]
     return "segmentation", args, bad
 
 
@@ -164,15 +261,23 @@ def segmentation_hf_disk(root: Path):
             return {"bytes": buffer.getvalue(), "path": None}
 
         images = [{"bytes": b"garbage" if i == broken else image_bytes(i), "path": None} for i in range(n)]
-        return datasets.Dataset.from_dict({"image": images, "mask": [png(mask(cls=1 + i % 2)) for i in range(n)]}, features=features)
+        return datasets.Dataset.from_dict(
+            {"image": images, "mask": [png(mask(cls=1 + i % 2)) for i in range(n)]}, features=features
+        )
 
     datasets.DatasetDict({"train": split(8, 1), "val": split(4, None)}).save_to_disk(str(root))
     bad = {"train": [r"train sample 1: .* \[train\] row 1: cannot read image or mask"], "eval": []}
     return "segmentation", [*SEGMENTATION_ARGS, "--data.source", "hf_disk", "--data.root", str(root)], bad
 
 
-SOURCES = {"imagefolder": imagefolder, "classification-hf_disk": classification_hf_disk, "coco": coco, "voc": voc,
-           "ade20k": ade20k, "segmentation-hf_disk": segmentation_hf_disk}
+SOURCES = {
+    "imagefolder": imagefolder,
+    "classification-hf_disk": classification_hf_disk,
+    "coco": coco,
+    "voc": voc,
+    "ade20k": ade20k,
+    "segmentation-hf_disk": segmentation_hf_disk,
+}
 
 
 def run_recipe(recipe: str, args: list[str]):
@@ -247,15 +352,21 @@ def test_a_bad_sample_is_replaced_by_the_next_readable_one_and_reported():
     batch, report = collate([guarded[i] for i in (2, 3, 4, 9)])
     assert batch["image"][:, 0].tolist() == [2, 5, 5, 0]  # 3 and 4 both stand-in'd by 5; 9 wraps to 0
     assert report.ok.tolist() == [True, False, False, False]
-    assert report.problems == ["train sample 3: file3.jpg: cannot read image", "train sample 4: file4.jpg: cannot read image",
-                               "train sample 4: file4.jpg: cannot read image", "train sample 9: file9.jpg: cannot read image"]
+    assert report.problems == [
+        "train sample 3: file3.jpg: cannot read image",
+        "train sample 4: file4.jpg: cannot read image",
+        "train sample 4: file4.jpg: cannot read image",
+        "train sample 9: file9.jpg: cannot read image",
+    ]
     assert not report.fatal
 
 
 def test_a_run_of_unreadable_samples_is_fatal():
     guarded = GuardedSamples(Flaky(40, bad=range(5, 5 + MAX_SUBSTITUTES + 1)), "eval")
     batch, report = GuardedCollate(torch.utils.data.default_collate)([guarded[5]])
-    assert batch is None and report.fatal.startswith(f"{MAX_SUBSTITUTES + 1} samples in a row cannot be read, e.g. eval sample {5 + MAX_SUBSTITUTES}")
+    assert batch is None and report.fatal.startswith(
+        f"{MAX_SUBSTITUTES + 1} samples in a row cannot be read, e.g. eval sample {5 + MAX_SUBSTITUTES}"
+    )
 
 
 def test_check_samples_reads_everything_in_parallel_and_reports_every_problem():

@@ -102,10 +102,14 @@ def test_pickled_checkpoints_from_elsewhere_need_opt_in(setup, tmp_path):
     foreign = tmp_path / "elsewhere" / "7"
     (foreign / "pytorch_model").mkdir(parents=True)
     (foreign / "trainer_state.json").write_text('{"global_step": 7, "world_size": 1}')
-    with pytest.raises(CheckpointError, match=r"DeepSpeed checkpoint from outside this run's folder.*--checkpoint\.allow_pickle true"):
+    with pytest.raises(
+        CheckpointError, match=r"DeepSpeed checkpoint from outside this run's folder.*--checkpoint\.allow_pickle true"
+    ):
         manager.load(str(foreign), TrainerState(), allow_pickle=False)
     (foreign / "trainer_state.json").write_text('{"global_step": 7, "world_size": 4}')
-    with pytest.raises(CheckpointError, match=r"holds DeepSpeed shards of 4 ranks and cannot be loaded on 1.*shardvision export"):
+    with pytest.raises(
+        CheckpointError, match=r"holds DeepSpeed shards of 4 ranks and cannot be loaded on 1.*shardvision export"
+    ):
         manager.load(str(foreign), TrainerState(), allow_pickle=True)
 
 
@@ -132,5 +136,3 @@ def test_load_restores_weights_optimizer_and_position(setup):
     assert state == saved
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moment)
-
-

@@ -18,7 +18,15 @@ def parse(*argv: str) -> ClassificationConfig:
 
 
 def test_yaml_then_cli_overrides(tmp_path):
-    cfg = parse("--config", str(REPO / "recipes/classification/configs/digits.yaml"), "--optim.lr", "3e-4", "--loop.epochs=5", "--output-dir", str(tmp_path))
+    cfg = parse(
+        "--config",
+        str(REPO / "recipes/classification/configs/digits.yaml"),
+        "--optim.lr",
+        "3e-4",
+        "--loop.epochs=5",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.loop.epochs == 5
     assert cfg.output_dir == str(tmp_path)
@@ -27,7 +35,9 @@ def test_yaml_then_cli_overrides(tmp_path):
 
 
 def test_launcher_flags_map_to_keys():
-    cfg = parse("--resume", "auto", "--local_rank=1", "--data.scale", "[0.5, 1.0]", "--model.kwargs", "{drop_rate: 0.1}")
+    cfg = parse(
+        "--resume", "auto", "--local_rank=1", "--data.scale", "[0.5, 1.0]", "--model.kwargs", "{drop_rate: 0.1}"
+    )
     assert cfg.checkpoint.resume == "auto"
     assert cfg.data.scale == [0.5, 1.0]
     assert cfg.model.kwargs == {"drop_rate": 0.1}
@@ -97,10 +107,14 @@ def config_class(recipe: str) -> type:
     from recipes.detection.task import DetectionConfig
     from recipes.segmentation.task import SegmentationConfig
 
-    return {"classification": ClassificationConfig, "detection": DetectionConfig, "segmentation": SegmentationConfig}[recipe]
+    return {"classification": ClassificationConfig, "detection": DetectionConfig, "segmentation": SegmentationConfig}[
+        recipe
+    ]
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(str(REPO / "recipes/*/configs/*.yaml"))), ids=lambda p: p.split("recipes/")[1])
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(str(REPO / "recipes/*/configs/*.yaml"))), ids=lambda p: p.split("recipes/")[1]
+)
 def test_every_shipped_recipe_config_parses(path, monkeypatch):
     """Drift guard: a config that no longer matches the dataclasses fails here, not on a cluster.
     (Dataset folders of the real-scale configs do not exist here, so data.root is not checked.)"""

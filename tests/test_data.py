@@ -28,9 +28,9 @@ def test_seeded_augmentations_do_not_depend_on_workers():
 
     def first_batches(workers):
         loader = DataLoader(train, batch_size=16, num_workers=workers)
-        return [b["image"] for _, b in zip(range(3), loader)]
+        return [b["image"] for _, b in zip(range(3), loader, strict=False)]
 
-    for a, b in zip(first_batches(0), first_batches(2)):
+    for a, b in zip(first_batches(0), first_batches(2), strict=True):
         assert torch.equal(a, b)
     epoch0 = train[5]["image"]
     assert torch.equal(epoch0, train[5]["image"])
@@ -45,17 +45,19 @@ def test_persistent_workers_follow_the_epoch():
 
     def epochs(workers):
         train.set_epoch(0)
-        loader = build_loader(train, batch_size=16, shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=False)
+        loader = build_loader(
+            train, batch_size=16, shuffle=False, num_workers=workers, collate_fn=collate, pin_memory=False
+        )
         assert loader.persistent_workers == (workers > 0)
         out = []
         for epoch in range(3):
             train.set_epoch(epoch)
-            out.append(torch.cat([b["image"] for _, b in zip(range(2), loader)]))
+            out.append(torch.cat([b["image"] for _, b in zip(range(2), loader, strict=False)]))
         return out
 
     in_process, persistent = epochs(0), epochs(2)
     assert not torch.equal(in_process[0], in_process[1])  # each epoch draws new crops
-    for a, b in zip(in_process, persistent):
+    for a, b in zip(in_process, persistent, strict=True):
         assert torch.equal(a, b)  # the long-lived workers saw every set_epoch
 
 
@@ -102,7 +104,9 @@ def test_datasets_saved_to_disk_and_local_files(tmp_path):
 
     write_images(tmp_path / "files" / "train")
     write_images(tmp_path / "files" / "validation", per_class=1)
-    cfg = ClassificationDataConfig(source="hf_files", root=str(tmp_path / "files"), eval_split="validation", image_size=32)
+    cfg = ClassificationDataConfig(
+        source="hf_files", root=str(tmp_path / "files"), eval_split="validation", image_size=32
+    )
     train, val = build_datasets(cfg, num_classes=2, seed=0)  # datasets' own imagefolder builder, offline
     assert (len(train), len(val)) == (6, 2)
 
@@ -116,4 +120,10 @@ def test_datasets_saved_to_disk_and_local_files(tmp_path):
     with pytest.raises(ConfigError, match=r"no column 'image'; columns are \['img', 'label'\]"):
         build_datasets(ClassificationDataConfig(source="hf_disk", root=str(tmp_path / "disk")), 2, 0)
     with pytest.raises(ConfigError, match=r"no split 'test'"):
-        build_datasets(ClassificationDataConfig(source="hf_disk", root=str(tmp_path / "disk"), image_column="img", eval_split="test"), 2, 0)
+        build_datasets(
+            ClassificationDataConfig(
+                source="hf_disk", root=str(tmp_path / "disk"), image_column="img", eval_split="test"
+            ),
+            2,
+            0,
+        )

@@ -26,11 +26,28 @@ def write_coco(root, boxes_per_image, size=(64, 48), categories=(1, 2), extra_an
             Image.new("RGB", size, (90, 90, 90)).save(root / "images" / name)
         images.append({"id": image_id, "file_name": name, "width": size[0], "height": size[1]})
         for category, box in boxes:
-            annotations.append({"id": ann_id, "image_id": image_id, "category_id": category, "bbox": list(box), "area": box[2] * box[3], "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "bbox": list(box),
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
             ann_id += 1
     annotations += list(extra_annotations)
     path = root / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": [{"id": c, "name": f"c{c}"} for c in categories]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": c, "name": f"c{c}"} for c in categories],
+            }
+        )
+    )
     return path
 
 
@@ -49,12 +66,14 @@ def predictions_from(boxes_per_image, shift=0.0, score=0.9):
     out = []
     for image_id, boxes in enumerate(boxes_per_image, start=1):
         xyxy = [[x + shift, y, x + w + shift, y + h] for _, (x, y, w, h) in boxes]
-        out.append({
-            "image_id": image_id,
-            "boxes": torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4),
-            "scores": torch.full((len(boxes),), score),
-            "labels": torch.tensor([c for c, _ in boxes], dtype=torch.int64),
-        })
+        out.append(
+            {
+                "image_id": image_id,
+                "boxes": torch.tensor(xyxy, dtype=torch.float32).reshape(-1, 4),
+                "scores": torch.full((len(boxes),), score),
+                "labels": torch.tensor([c for c, _ in boxes], dtype=torch.int64),
+            }
+        )
     return out
 
 
@@ -78,7 +97,9 @@ def evaluate(tmp_path, predictions):
         metrics.update([prediction])
     values = metrics.compute()
     metrics.write(str(tmp_path / "eval"), values)
-    direct = pycocotools_direct(gt_path, tmp_path / "eval" / "predictions.json") if metrics.results else None  # pycocotools cannot load []
+    direct = (
+        pycocotools_direct(gt_path, tmp_path / "eval" / "predictions.json") if metrics.results else None
+    )  # pycocotools cannot load []
     return values, direct
 
 
@@ -101,7 +122,17 @@ def test_known_shift_gives_the_known_value(tmp_path):
 
 
 def test_no_predictions_and_all_wrong_labels(tmp_path):
-    values, _ = evaluate(tmp_path, [{"image_id": 1, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}])
+    values, _ = evaluate(
+        tmp_path,
+        [
+            {
+                "image_id": 1,
+                "boxes": torch.zeros(0, 4),
+                "scores": torch.zeros(0),
+                "labels": torch.zeros(0, dtype=torch.int64),
+            }
+        ],
+    )
     assert values["AP"] == 0.0
     swapped = [dict(p, labels=3 - p["labels"]) for p in predictions_from(GT)]
     values, direct = evaluate(tmp_path / "swapped", swapped)
@@ -115,8 +146,16 @@ def test_coco_loader_checks_and_policies(tmp_path):
         {"id": 92, "image_id": 2, "category_id": 1, "bbox": [50, 40, 30, 30], "area": 900, "iscrowd": 0},
     ]
     write_coco(tmp_path, GT, extra_annotations=bad)
-    cfg = DetectionDataConfig(source="coco", root=str(tmp_path), train_images="images", train_annotations="instances.json",
-                              eval_images="images", eval_annotations="instances.json", min_size=48, max_size=64)
+    cfg = DetectionDataConfig(
+        source="coco",
+        root=str(tmp_path),
+        train_images="images",
+        train_annotations="instances.json",
+        eval_images="images",
+        eval_annotations="instances.json",
+        min_size=48,
+        max_size=64,
+    )
     with pytest.raises(DataError, match=r"instances\.json: annotation 90 of image 1 \(1\.jpg\): unknown category_id 7"):
         build_datasets(cfg, 0)
     cfg.bad_samples = "skip"
@@ -137,8 +176,14 @@ def test_coco_loader_checks_and_policies(tmp_path):
     assert train[0]["boxes"].tolist() == [[40, 4, 60, 20], [10, 10, 34, 40]]  # mirrored with the image
 
     write_coco(tmp_path / "missing", GT, missing_image=2)
-    cfg = DetectionDataConfig(source="coco", root=str(tmp_path / "missing"), train_images="images", train_annotations="instances.json",
-                              eval_images="images", eval_annotations="instances.json")
+    cfg = DetectionDataConfig(
+        source="coco",
+        root=str(tmp_path / "missing"),
+        train_images="images",
+        train_annotations="instances.json",
+        eval_images="images",
+        eval_annotations="instances.json",
+    )
     with pytest.raises(DataError, match=r"instances\.json: 1 images are missing, e\.g\. image 2: .*2\.jpg"):
         build_datasets(cfg, 0)
     cfg.bad_samples = "skip"
@@ -149,7 +194,13 @@ def test_coco_loader_checks_and_policies(tmp_path):
 
 
 def test_model_options():
-    model = build_model(DetectionModelConfig(name="fasterrcnn_resnet50_fpn", num_classes=3, frozen_bn=True, trainable_backbone_layers=2), 64, 64)
+    model = build_model(
+        DetectionModelConfig(
+            name="fasterrcnn_resnet50_fpn", num_classes=3, frozen_bn=True, trainable_backbone_layers=2
+        ),
+        64,
+        64,
+    )
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
@@ -164,9 +215,13 @@ def test_model_options():
 
 def test_shapes_are_generated_once_deterministically(tmp_path):
     for name in ("a", "b"):
-        cfg = DetectionDataConfig(source="shapes", root=str(tmp_path / name), shapes_count=[4, 2], min_size=64, max_size=64)
+        cfg = DetectionDataConfig(
+            source="shapes", root=str(tmp_path / name), shapes_count=[4, 2], min_size=64, max_size=64
+        )
         train, val = build_datasets(cfg, 0)
     assert (len(train), len(val)) == (4, 2)
     a = tmp_path / "a" / "shapes-det-v1-4-2" / "annotations" / "instances_train.json"
-    assert a.read_bytes() == (tmp_path / "b" / "shapes-det-v1-4-2" / "annotations" / "instances_train.json").read_bytes()
+    assert (
+        a.read_bytes() == (tmp_path / "b" / "shapes-det-v1-4-2" / "annotations" / "instances_train.json").read_bytes()
+    )
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["shapes-det-v1-4-2"]

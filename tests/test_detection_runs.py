@@ -16,7 +16,14 @@ from tests.test_detection import pycocotools_direct
 pytestmark = pytest.mark.slow
 
 DETECT = "recipes/detection/train.py"
-SHAPES = ["--config", "recipes/detection/configs/shapes.yaml", "--logging.progress_bar", "false", "--logging.tensorboard", "false"]
+SHAPES = [
+    "--config",
+    "recipes/detection/configs/shapes.yaml",
+    "--logging.progress_bar",
+    "false",
+    "--logging.tensorboard",
+    "false",
+]
 VAL_JSON = Path.home() / ".cache" / "shardvision" / "shapes-det-v1-240-60" / "annotations" / "instances_val.json"
 
 
@@ -24,7 +31,17 @@ VAL_JSON = Path.home() / ".cache" / "shardvision" / "shapes-det-v1-240-60" / "an
 def shapes_run(tmp_path_factory) -> Path:
     """8 epochs of the demo, killed after a mid-epoch checkpoint, then resumed to the end."""
     run_dir = tmp_path_factory.mktemp("shapes_det")
-    args = [*SHAPES, "--output-dir", str(run_dir), "--loop.epochs", "8", "--loop.eval_at_start", "true", "--checkpoint.every_steps", "50"]
+    args = [
+        *SHAPES,
+        "--output-dir",
+        str(run_dir),
+        "--loop.epochs",
+        "8",
+        "--loop.eval_at_start",
+        "true",
+        "--checkpoint.every_steps",
+        "50",
+    ]
     run_killed_after_checkpoint(args, run_dir, step=50, launcher="torchrun", script=DETECT)
     proc = launch([*args, "--resume", "auto"], launcher="torchrun", script=DETECT)
     assert "world size 2 | strategy ddp" in proc.stderr and "resumed from" in proc.stderr
@@ -49,7 +66,14 @@ def test_written_predictions_rescore_to_the_reported_metrics(shapes_run):
 
 
 def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
-    common = [*SHAPES, "--eval-only", "--weights", str(shapes_run / "final" / "model.safetensors"), "--data.eval_micro_batch_size", "7"]
+    common = [
+        *SHAPES,
+        "--eval-only",
+        "--weights",
+        str(shapes_run / "final" / "model.safetensors"),
+        "--data.eval_micro_batch_size",
+        "7",
+    ]
     launch([*common, "--output-dir", str(tmp_path / "two")], launcher="torchrun", script=DETECT)
     launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python", script=DETECT)
     two, one = read_metrics(tmp_path / "two", "eval")[-1], read_metrics(tmp_path / "one", "eval")[-1]
@@ -62,7 +86,9 @@ def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
 
 
 def test_zero2_trains_checkpoints_and_resumes(tmp_path):
-    kwargs = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs/deepspeed_zero2.yaml"), script=DETECT)
+    kwargs = dict(
+        launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs/deepspeed_zero2.yaml"), script=DETECT
+    )
     args = [*SHAPES, "--output-dir", str(tmp_path), "--loop.epochs", "1", "--checkpoint.every_steps", "5"]
     run_killed_after_checkpoint(args, tmp_path, step=5, **kwargs)
     assert (tmp_path / "checkpoints" / "5" / "pytorch_model").is_dir()

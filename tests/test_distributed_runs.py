@@ -18,18 +18,35 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DIGITS, QUICK, REPO, kill_tree, launch, launch_command, read_metrics, run_env, run_killed_after_checkpoint, run_killed_when
+from tests.conftest import (
+    DIGITS,
+    QUICK,
+    REPO,
+    kill_tree,
+    launch,
+    launch_command,
+    read_metrics,
+    run_env,
+    run_killed_after_checkpoint,
+    run_killed_when,
+)
 
 pytestmark = pytest.mark.slow
 
 # Two short epochs of the digits demo, logging every step; dropout on, so resuming must also
 # restore the RNG, and random-resized-crop on, so it must also replay the augmentations.
 TRAJECTORY = [
-    "--config", DIGITS, *QUICK,
-    "--loop.epochs", "2",
-    "--logging.every_steps", "1",
-    "--model.kwargs", "{drop_rate: 0.2}",
-    "--checkpoint.at_epoch_end", "false",
+    "--config",
+    DIGITS,
+    *QUICK,
+    "--loop.epochs",
+    "2",
+    "--logging.every_steps",
+    "1",
+    "--model.kwargs",
+    "{drop_rate: 0.2}",
+    "--checkpoint.at_epoch_end",
+    "false",
 ]
 
 
@@ -88,7 +105,11 @@ def test_zero_killed_and_resumed_run_equals_uninterrupted(ddp_reference, tmp_pat
     expected, got = train_losses(reference), train_losses(resumed)
     assert sorted(got) == sorted(expected) == list(range(1, 23))
     for step, losses in got.items():
-        assert all(loss == pytest.approx(expected[step][0], rel=1e-5) for loss in losses), (step, losses, expected[step])
+        assert all(loss == pytest.approx(expected[step][0], rel=1e-5) for loss in losses), (
+            step,
+            losses,
+            expected[step],
+        )
     a = load_file(reference / "final" / "model.safetensors")
     b = load_file(resumed / "final" / "model.safetensors")  # consolidated from the shards
     assert a.keys() == b.keys()
@@ -105,7 +126,10 @@ def test_zero_killed_and_resumed_run_equals_uninterrupted(ddp_reference, tmp_pat
 def test_lr_per_optimizer_step_ignores_ranks_and_accumulation(ddp_reference, tmp_path):
     """1 process x 32 x 4 accumulation against the reference's 2 ranks x 64: the same global
     batch of 128, hence the same optimizer steps and the same lr at each of them."""
-    launch([*TRAJECTORY, "--output-dir", str(tmp_path), "--data.micro_batch_size", "32", "--loop.grad_accum_steps", "4"], launcher="python")
+    launch(
+        [*TRAJECTORY, "--output-dir", str(tmp_path), "--data.micro_batch_size", "32", "--loop.grad_accum_steps", "4"],
+        launcher="python",
+    )
     lr = {row["step"]: row["lr"] for row in read_metrics(tmp_path, "train")}
     reference = {row["step"]: row["lr"] for row in read_metrics(ddp_reference, "train")}
     assert lr == reference and len(lr) == 22
@@ -128,7 +152,11 @@ def test_two_rank_evaluation_equals_one_process(ddp_reference, tmp_path):
     batch, and each sample must still count exactly once."""
     weights = str(ddp_reference / "final" / "model.safetensors")
     common = ["--config", DIGITS, *QUICK, "--eval-only", "--weights", weights, "--data.eval_micro_batch_size", "7"]
-    two = launch([*common, "--output-dir", str(tmp_path / "two")], launcher="accelerate", accelerate_config=accelerate_config("multi_gpu_ddp.yaml"))
+    two = launch(
+        [*common, "--output-dir", str(tmp_path / "two")],
+        launcher="accelerate",
+        accelerate_config=accelerate_config("multi_gpu_ddp.yaml"),
+    )
     assert "world size 2 | strategy ddp" in two.stderr
     launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python")
     m2, m1 = eval_row(tmp_path / "two"), eval_row(tmp_path / "one")
@@ -146,13 +174,42 @@ def test_accumulation_equals_one_larger_batch(tmp_path, strategy):
     in the gradient (Adam's first step is lr * sign(g), which turns rounding noise in near-zero
     gradients into full-size differences)."""
     common = [
-        "--config", DIGITS, *QUICK, "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}",
-        "--optim.name", "sgd", "--optim.lr", "0.1", "--loop.max_steps", "1",
-        "--schedule.name", "constant", "--schedule.warmup_steps", "0",
+        "--config",
+        DIGITS,
+        *QUICK,
+        "--model.name",
+        "test_vit",
+        "--model.kwargs",
+        "{img_size: 32}",
+        "--optim.name",
+        "sgd",
+        "--optim.lr",
+        "0.1",
+        "--loop.max_steps",
+        "1",
+        "--schedule.name",
+        "constant",
+        "--schedule.warmup_steps",
+        "0",
     ]
-    kwargs = dict(launcher="torchrun") if strategy == "ddp" else dict(launcher="accelerate", accelerate_config=accelerate_config("deepspeed_zero2.yaml"))
+    kwargs = (
+        dict(launcher="torchrun")
+        if strategy == "ddp"
+        else dict(launcher="accelerate", accelerate_config=accelerate_config("deepspeed_zero2.yaml"))
+    )
     for name, micro, accum in (("accumulated", 8, 4), ("large", 32, 1)):
-        launch([*common, "--output-dir", str(tmp_path / name), "--data.micro_batch_size", str(micro), "--loop.grad_accum_steps", str(accum)], **kwargs)
+        launch(
+            [
+                *common,
+                "--output-dir",
+                str(tmp_path / name),
+                "--data.micro_batch_size",
+                str(micro),
+                "--loop.grad_accum_steps",
+                str(accum),
+            ],
+            **kwargs,
+        )
     a = load_file(tmp_path / "accumulated" / "final" / "model.safetensors")
     b = load_file(tmp_path / "large" / "final" / "model.safetensors")
 
@@ -181,7 +238,10 @@ def test_demo_reaches_95_percent(tmp_path):
 
 def test_deepspeed_launcher_and_python_module_in_bf16(tmp_path):
     common = ["--config", DIGITS, *QUICK, "--loop.max_steps", "2", "--loop.precision", "bf16"]
-    ds = launch([*common, "--output-dir", str(tmp_path / "ds"), "--distributed.deepspeed_config", "ds_configs/zero2.json"], launcher="deepspeed")
+    ds = launch(
+        [*common, "--output-dir", str(tmp_path / "ds"), "--distributed.deepspeed_config", "ds_configs/zero2.json"],
+        launcher="deepspeed",
+    )
     assert "world size 2 | strategy deepspeed (ZeRO-2) | precision bf16" in ds.stdout + ds.stderr
     single = launch([*common, "--output-dir", str(tmp_path / "py")], launcher="module")  # CPU autocast
     assert "world size 1 | strategy single | precision bf16" in single.stderr
@@ -230,7 +290,14 @@ def wait_for_train_step(run_dir: Path, step: int, proc: subprocess.Popen) -> Non
 def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(ddp_reference, tmp_path):
     """SLURM and cloud schedulers send SIGTERM (or SIGUSR1) to every rank before killing them."""
     args = [*TRAJECTORY, "--output-dir", str(tmp_path)]
-    proc = subprocess.Popen(launch_command(args, "torchrun"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        launch_command(args, "torchrun"),
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_train_step(tmp_path, 4, proc)
     for worker in psutil.Process(proc.pid).children(recursive=True):
         if "train.py" in " ".join(worker.cmdline()):
@@ -267,8 +334,23 @@ def test_a_frozen_rank_is_reported_by_the_other_within_the_limit_and_the_run_res
     """SIGSTOP freezes rank 1 mid-training, as a stuck filesystem or a wedged host would: rank 0,
     waiting in a collective, writes its stacks and exits 124 after distributed.hang_timeout_minutes."""
     limit_s = 15
-    args = [*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "4", "--distributed.hang_timeout_minutes", str(limit_s / 60)]
-    proc = subprocess.Popen(launch_command(args, "torchrun"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        *TRAJECTORY,
+        "--output-dir",
+        str(tmp_path),
+        "--checkpoint.every_steps",
+        "4",
+        "--distributed.hang_timeout_minutes",
+        str(limit_s / 60),
+    ]
+    proc = subprocess.Popen(
+        launch_command(args, "torchrun"),
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_train_step(tmp_path, 5, proc)
         ranks = rank_processes(proc.pid)
@@ -282,8 +364,12 @@ def test_a_frozen_rank_is_reported_by_the_other_within_the_limit_and_the_run_res
         kill_tree(proc.pid)
     assert limit_s <= reported_after < limit_s + 30, reported_after
     assert "exitcode  : 124" in stderr, stderr[-3000:]
-    error = re.search(r"shardvision: error: rank 0 made no progress for [\d.]+ min in phase '([^']+)' at optimizer step (\d+)", stderr)
-    assert error and error.group(1) in ("train step", "waiting for the data loader") and int(error.group(2)) >= 5, stderr[-3000:]
+    error = re.search(
+        r"shardvision: error: rank 0 made no progress for [\d.]+ min in phase '([^']+)' at optimizer step (\d+)", stderr
+    )
+    assert error and error.group(1) in ("train step", "waiting for the data loader") and int(error.group(2)) >= 5, (
+        stderr[-3000:]
+    )
     stacks = (tmp_path / "hang-0.txt").read_text()
     assert "Thread" in stacks and "core/trainer.py" in stacks and "in train_one_epoch" in stacks
     published = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
@@ -298,12 +384,28 @@ def test_a_frozen_rank_is_reported_by_the_other_within_the_limit_and_the_run_res
 @pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
 def test_a_crashed_rank_brings_the_other_down_within_seconds(tmp_path, launcher):
     """torchrun's own case is the kill during a save above; these launchers must do the same."""
-    args = ["--config", DIGITS, *QUICK, "--output-dir", str(tmp_path), "--logging.every_steps", "1", "--loop.epochs", "3"]
-    kwargs = {"accelerate": dict(accelerate_config=accelerate_config("multi_gpu_ddp.yaml")),
-              "deepspeed": {}}[launcher]
+    args = [
+        "--config",
+        DIGITS,
+        *QUICK,
+        "--output-dir",
+        str(tmp_path),
+        "--logging.every_steps",
+        "1",
+        "--loop.epochs",
+        "3",
+    ]
+    kwargs = {"accelerate": dict(accelerate_config=accelerate_config("multi_gpu_ddp.yaml")), "deepspeed": {}}[launcher]
     if launcher == "deepspeed":
         args += ["--distributed.deepspeed_config", "ds_configs/zero2.json"]
-    proc = subprocess.Popen(launch_command(args, launcher, **kwargs), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        launch_command(args, launcher, **kwargs),
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_train_step(tmp_path, 2, proc)
         survivor = rank_processes(proc.pid)[0]
@@ -320,7 +422,14 @@ def test_a_crashed_rank_brings_the_other_down_within_seconds(tmp_path, launcher)
 
 def test_single_process_sigterm_exit_code(tmp_path):
     args = ["--config", DIGITS, *QUICK, "--output-dir", str(tmp_path), "--logging.every_steps", "1"]
-    proc = subprocess.Popen(launch_command(args, "python"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        launch_command(args, "python"),
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_train_step(tmp_path, 2, proc)
     proc.send_signal(signal.SIGUSR1)
     _, stderr = proc.communicate(timeout=300)
@@ -331,8 +440,23 @@ def test_single_process_sigterm_exit_code(tmp_path):
 # LayerNorm ViT, no dropout, SGD: a step's update depends only on which samples it sees, not on
 # how they are spread over ranks, so runs on different numbers of ranks follow one trajectory.
 GEOMETRY = [
-    "--config", DIGITS, *QUICK, "--loop.epochs", "2", "--logging.every_steps", "1", "--checkpoint.at_epoch_end", "false",
-    "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}", "--optim.name", "sgd", "--optim.lr", "0.05",
+    "--config",
+    DIGITS,
+    *QUICK,
+    "--loop.epochs",
+    "2",
+    "--logging.every_steps",
+    "1",
+    "--checkpoint.at_epoch_end",
+    "false",
+    "--model.name",
+    "test_vit",
+    "--model.kwargs",
+    "{img_size: 32}",
+    "--optim.name",
+    "sgd",
+    "--optim.lr",
+    "0.05",
 ]
 
 
@@ -343,8 +467,12 @@ def test_ddp_checkpoint_resumes_on_another_number_of_ranks(tmp_path_factory, tmp
         launch([*GEOMETRY, "--output-dir", str(reference)], launcher="torchrun")  # 2 ranks x 64
     micro = {1: "128", 2: "64"}  # the same global batch of 128 either way
     args = [*GEOMETRY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "7"]
-    run_killed_after_checkpoint([*args, "--data.micro_batch_size", micro[before]], tmp_path, step=7, launcher="torchrun", nproc=before)
-    proc = launch([*args, "--data.micro_batch_size", micro[after], "--resume", "auto"], launcher="torchrun", nproc=after)
+    run_killed_after_checkpoint(
+        [*args, "--data.micro_batch_size", micro[before]], tmp_path, step=7, launcher="torchrun", nproc=before
+    )
+    proc = launch(
+        [*args, "--data.micro_batch_size", micro[after], "--resume", "auto"], launcher="torchrun", nproc=after
+    )
     assert f"resuming a {before}-rank checkpoint on {after} ranks" in proc.stderr
     expected, got = train_losses(reference), train_losses(tmp_path)
     assert sorted(got) == list(range(1, 23))
@@ -360,11 +488,30 @@ def test_zero_export_equals_deepspeeds_own_consolidation(tmp_path, stage):
     checkpoint = run / "checkpoints" / "3"
     shardvision = str(Path(sys.executable).parent / "shardvision")
 
-    refused = subprocess.run([shardvision, "export", str(checkpoint), str(tmp_path / "ours")], capture_output=True, text=True)
+    refused = subprocess.run(
+        [shardvision, "export", str(checkpoint), str(tmp_path / "ours")], capture_output=True, text=True
+    )
     assert refused.returncode == 2 and "DeepSpeed checkpoint: its shards are Python pickles" in refused.stderr
-    subprocess.run([shardvision, "export", str(checkpoint), str(tmp_path / "ours"), "--allow-pickle"], check=True, capture_output=True)
-    subprocess.run([sys.executable, str(checkpoint / "zero_to_fp32.py"), str(checkpoint), str(tmp_path / "theirs"), "--safe_serialization"], check=True, capture_output=True)
-    ours, theirs = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "theirs" / "model.safetensors")
+    subprocess.run(
+        [shardvision, "export", str(checkpoint), str(tmp_path / "ours"), "--allow-pickle"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            str(checkpoint / "zero_to_fp32.py"),
+            str(checkpoint),
+            str(tmp_path / "theirs"),
+            "--safe_serialization",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    ours, theirs = (
+        load_file(tmp_path / "ours" / "model.safetensors"),
+        load_file(tmp_path / "theirs" / "model.safetensors"),
+    )
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert (tmp_path / "ours" / "config.yaml").is_file()
 
@@ -375,13 +522,19 @@ def test_zero_export_equals_deepspeeds_own_consolidation(tmp_path, stage):
     load_weights(timm.create_model("resnet18", num_classes=10), str(tmp_path / "ours" / "model.safetensors"))  # strict
     if stage != 3:
         return
-    other_size = launch(["--config", DIGITS, *QUICK, "--output-dir", str(run), "--resume", "auto"], nproc=1, check=False, **zero)
+    other_size = launch(
+        ["--config", DIGITS, *QUICK, "--output-dir", str(run), "--resume", "auto"], nproc=1, check=False, **zero
+    )
     assert other_size.returncode != 0
     assert "holds DeepSpeed shards of 2 ranks and cannot be loaded on 1" in other_size.stderr
 
 
 def test_ddp_export_equals_the_final_weights(ddp_reference, tmp_path):
     shardvision = str(Path(sys.executable).parent / "shardvision")
-    subprocess.run([shardvision, "export", str(ddp_reference / "checkpoints" / "22"), str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [shardvision, "export", str(ddp_reference / "checkpoints" / "22"), str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     a, b = load_file(tmp_path / "model.safetensors"), load_file(ddp_reference / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

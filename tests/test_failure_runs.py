@@ -19,7 +19,12 @@ from tests.test_bad_data import coco, imagefolder, voc
 pytestmark = pytest.mark.slow
 
 SHARDVISION = str(Path(sys.executable).parent / "shardvision")
-WATCHED = ["--distributed.hang_timeout_minutes", "1", "--logging.count_flops", "false"]  # a rank out of step would hang: fail fast
+WATCHED = [
+    "--distributed.hang_timeout_minutes",
+    "1",
+    "--logging.count_flops",
+    "false",
+]  # a rank out of step would hang: fail fast
 
 
 def errors_in(stderr: str) -> list[str]:
@@ -39,7 +44,11 @@ def test_two_ranks_stop_together_on_a_bad_sample_and_say_it_once(tmp_path):
 
 def test_a_bad_annotation_found_at_start_is_one_line_from_one_rank(tmp_path):
     _, args, bad = coco(tmp_path / "data")
-    proc = launch([*args, *QUICK, *WATCHED, "--output-dir", str(tmp_path / "run")], script="recipes/detection/train.py", check=False)
+    proc = launch(
+        [*args, *QUICK, *WATCHED, "--output-dir", str(tmp_path / "run")],
+        script="recipes/detection/train.py",
+        check=False,
+    )
     errors = errors_in(proc.stderr)
     assert len(errors) == 1 and re.search(bad["train"][0], errors[0]), proc.stderr[-3000:]
     assert 2 in [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)]
@@ -49,8 +58,24 @@ def test_a_bad_annotation_found_at_start_is_one_line_from_one_rank(tmp_path):
 def test_two_ranks_skip_bad_samples_and_stay_in_step(tmp_path, source):
     recipe, args, bad = {"imagefolder": imagefolder, "voc": voc}[source](tmp_path / "data")
     run = tmp_path / "run"
-    launch([*args, *QUICK, *WATCHED, "--data.bad_samples", "skip", "--loop.epochs", "2", "--logging.every_steps", "1",
-            "--data.micro_batch_size", "2", "--output-dir", str(run)], script=f"recipes/{recipe}/train.py")
+    launch(
+        [
+            *args,
+            *QUICK,
+            *WATCHED,
+            "--data.bad_samples",
+            "skip",
+            "--loop.epochs",
+            "2",
+            "--logging.every_steps",
+            "1",
+            "--data.micro_batch_size",
+            "2",
+            "--output-dir",
+            str(run),
+        ],
+        script=f"recipes/{recipe}/train.py",
+    )
     listed = (run / "bad_samples.txt").read_text().splitlines()
     assert len(listed) == len(bad["train"] + bad["eval"])  # met by either rank, listed once
     for pattern in bad["train"] + bad["eval"]:
@@ -64,15 +89,27 @@ def test_two_ranks_skip_bad_samples_and_stay_in_step(tmp_path, source):
 
 def test_check_data_lists_every_problem_in_one_report(tmp_path):
     _, args, bad = imagefolder(tmp_path / "data")
-    proc = subprocess.run([SHARDVISION, "check-data", "classification", *args, "--data.num_workers", "2"],
-                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [SHARDVISION, "check-data", "classification", *args, "--data.num_workers", "2"],
+        cwd=REPO,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     for pattern in bad["train"] + bad["eval"]:
         assert sum(bool(re.search(pattern, line)) for line in lines) == 1, (pattern, lines)
     assert "train: 16 samples read, 2 problems" in lines and "eval: 8 samples read, 1 problems" in lines
-    clean = subprocess.run([SHARDVISION, "check-data", "classification", "--config", DIGITS], cwd=REPO, env=run_env(),
-                           capture_output=True, text=True, timeout=300)
+    clean = subprocess.run(
+        [SHARDVISION, "check-data", "classification", "--config", DIGITS],
+        cwd=REPO,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert clean.returncode == 0 and "train: 1437 samples read, 0 problems" in clean.stdout, clean.stderr[-3000:]
 
 
@@ -105,7 +142,14 @@ def test_every_finished_run_exits_0_on_a_busy_machine(tmp_path, digits_weights):
         run = tmp_path / f"{i}-{strategy}-{mode}"
         args = ["--config", DIGITS, *QUICK, "--output-dir", str(run), "--logging.count_flops", "false"]
         args += ["--loop.max_steps", "2"] if mode == "train" else ["--eval-only", "--weights", str(digits_weights)]
-        proc = subprocess.run(launch_command(args, **STRATEGIES[strategy]), cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            launch_command(args, **STRATEGIES[strategy]),
+            cwd=REPO,
+            env=run_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         finished = (run / "final" / "metrics.json").is_file() if mode == "train" else bool(read_metrics(run, "eval"))
         assert finished, proc.stderr[-3000:]  # the run did its work; only the exit is in question
         return f"{strategy}/{mode}", proc.returncode, proc.stderr
@@ -118,7 +162,6 @@ def test_every_finished_run_exits_0_on_a_busy_machine(tmp_path, digits_weights):
     print(f"{STRESS_RUNS} runs, 0 failed exits, {time.time() - started:.0f} s")
 
 
-
 def test_a_stalled_data_loader_is_reported_with_its_phase(tmp_path):
     """A loader worker that stops answering (frozen here with SIGSTOP) leaves the main process
     waiting for a batch: the watchdog names that phase."""
@@ -126,9 +169,27 @@ def test_a_stalled_data_loader_is_reported_with_its_phase(tmp_path):
 
     from tests.conftest import kill_tree
 
-    args = ["--config", DIGITS, *QUICK, "--data.num_workers", "1", "--output-dir", str(tmp_path), "--logging.every_steps", "1",
-            "--distributed.hang_timeout_minutes", "0.2"]
-    proc = subprocess.Popen(launch_command(args, "python"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args = [
+        "--config",
+        DIGITS,
+        *QUICK,
+        "--data.num_workers",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+        "--logging.every_steps",
+        "1",
+        "--distributed.hang_timeout_minutes",
+        "0.2",
+    ]
+    proc = subprocess.Popen(
+        launch_command(args, "python"),
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 300
         while not ((tmp_path / "metrics.jsonl").exists() and read_metrics(tmp_path, "train")):
@@ -145,7 +206,11 @@ def test_a_stalled_data_loader_is_reported_with_its_phase(tmp_path):
     finally:
         kill_tree(proc.pid)
     assert proc.returncode == 124, stderr[-3000:]
-    assert re.search(r"shardvision: error: rank 0 made no progress for [\d.]+ min in phase 'waiting for the data loader' at optimizer step \d+", stderr)
+    assert re.search(
+        r"shardvision: error: rank 0 made no progress for [\d.]+ min in phase 'waiting for the data "
+        r"loader' at optimizer step \d+",
+        stderr,
+    )
     assert "_get_data" in (tmp_path / "hang-0.txt").read_text()  # the DataLoader's wait, in the stacks
 
 
@@ -153,5 +218,8 @@ def test_startup_has_its_own_limit(tmp_path):
     args = ["--config", DIGITS, *QUICK, "--output-dir", str(tmp_path), "--distributed.startup_timeout_minutes", "0.01"]
     proc = launch(args, launcher="python", check=False)
     assert proc.returncode == 124, proc.stderr[-3000:]
-    assert "in phase 'startup' at optimizer step 0" in proc.stderr and "raise distributed.startup_timeout_minutes" in proc.stderr
+    assert (
+        "in phase 'startup' at optimizer step 0" in proc.stderr
+        and "raise distributed.startup_timeout_minutes" in proc.stderr
+    )
     assert (tmp_path / "hang-0.txt").is_file()

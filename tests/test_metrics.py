@@ -18,7 +18,9 @@ def test_top1_top5_loss_match_sklearn():
     metrics = ClassificationMetrics()
     for lo in range(0, n, 64):  # uneven last batch on purpose
         chunk, y = logits[lo : lo + 64], target[lo : lo + 64]
-        metrics.update({"loss": F.cross_entropy(chunk, y, reduction="none"), "topk": chunk.topk(5, dim=1).indices, "target": y})
+        metrics.update(
+            {"loss": F.cross_entropy(chunk, y, reduction="none"), "topk": chunk.topk(5, dim=1).indices, "target": y}
+        )
     got = metrics.compute()
     labels = np.arange(classes)
     assert got["top1"] == 100 * top_k_accuracy_score(target.numpy(), logits.numpy(), k=1, labels=labels)

@@ -21,7 +21,9 @@ def test_unknown_timm_name_suggests():
 
 
 def test_transformers_model_from_local_config():
-    cfg = ClassificationModelConfig(source="transformers", name=str(REPO / "recipes/classification/configs/hf_vit_tiny"), num_classes=10)
+    cfg = ClassificationModelConfig(
+        source="transformers", name=str(REPO / "recipes/classification/configs/hf_vit_tiny"), num_classes=10
+    )
     model = build_model(cfg)
     assert type(model).__name__ == "ViTForImageClassification"
     assert logits_of(model(torch.randn(2, 3, 32, 32))).shape == (2, 10)

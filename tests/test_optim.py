@@ -27,27 +27,36 @@ def test_fastest_step_kernel_wherever_the_optimizer_has_one():
     assert build_optimizer(model, OptimConfig(name="adamw")).defaults["fused"] is True  # torch leaves it off
     unfused = build_optimizer(model, OptimConfig(name="adamw", fused=False)).defaults
     assert not unfused["fused"] and unfused["foreach"] is True
-    assert not build_optimizer(model, OptimConfig(name="sgd", foreach=True)).defaults["fused"]  # foreach asked for: not fused
+    assert not build_optimizer(model, OptimConfig(name="sgd", foreach=True)).defaults[
+        "fused"
+    ]  # foreach asked for: not fused
     assert build_optimizer(model, OptimConfig(name="lamb")).defaults["foreach"] is True  # no fused kernel: foreach
     assert build_optimizer(model, OptimConfig(name="sgd", fused=False, foreach=False)).defaults["foreach"] is False
-    assert not {"fused", "foreach"} & set(build_optimizer(model, OptimConfig(name="adafactor")).defaults)  # has neither: not passed
+    assert not {"fused", "foreach"} & set(
+        build_optimizer(model, OptimConfig(name="adafactor")).defaults
+    )  # has neither: not passed
 
 
 def test_fused_and_per_tensor_steps_agree():
     """The fused kernel is the same AdamW update: a few steps on the same gradients end at the
     same weights as torch's reference per-tensor loop."""
     torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3)) for _ in range(2)]
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3)) for _ in range(2)
+    ]
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [build_optimizer(models[0], OptimConfig(name="adamw")), build_optimizer(models[1], OptimConfig(name="adamw", fused=False, foreach=False))]
+    optimizers = [
+        build_optimizer(models[0], OptimConfig(name="adamw")),
+        build_optimizer(models[1], OptimConfig(name="adamw", fused=False, foreach=False)),
+    ]
     assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["foreach"]
     for _ in range(5):
         x = torch.randn(4, 8)
-        for model, optimizer in zip(models, optimizers):
+        for model, optimizer in zip(models, optimizers, strict=True):
             model(x).square().mean().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

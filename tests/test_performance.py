@@ -88,7 +88,9 @@ def test_channels_last_changes_the_layout_not_the_result(fresh_accelerate_state,
     assert nhwc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     trainer = Trainer(cfg, TinyTask(cfg))
     batch = trainer._cast_inputs({"image": images, "label": torch.zeros(4)})
-    assert batch["image"].is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous(memory_format=torch.channels_last)
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous(
+        memory_format=torch.channels_last
+    )
     plain.eval(), nhwc.eval()
     with torch.no_grad():
         torch.testing.assert_close(nhwc(batch["image"]), plain(images), rtol=1e-4, atol=1e-4)
@@ -101,7 +103,9 @@ def test_compiled_run_checkpoints_resumes_and_exports_plain_names(fresh_accelera
     trainer = Trainer(cfg, TinyTask(cfg))
     assert type(trainer.model).__name__ == "OptimizedModule"  # accelerate compiled it
     trainer.fit()
-    names = set(load_file(tmp_path / "final" / "model.safetensors")) | set(load_file(tmp_path / "final" / "model_ema.safetensors"))
+    names = set(load_file(tmp_path / "final" / "model.safetensors")) | set(
+        load_file(tmp_path / "final" / "model_ema.safetensors")
+    )
     assert names and not any("_orig_mod" in n for n in names)  # loadable into the plain model
     torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2)).load_state_dict(
         load_file(tmp_path / "final" / "model.safetensors")

@@ -32,7 +32,7 @@ def numpy_reference(preds, targets, num_classes):
 
 def feed(preds, targets, num_classes, names=None):
     metrics = SegmentationMetrics(names or [f"c{i}" for i in range(num_classes)])
-    for pred, target in zip(preds, targets):  # one image per update, as gathered batches arrive
+    for pred, target in zip(preds, targets, strict=True):  # one image per update, as gathered batches arrive
         conf = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), num_classes, IGNORE)
         metrics.update({"confusion": conf[None], "loss": torch.zeros(1)})
     return metrics
@@ -64,7 +64,9 @@ def test_random_cases_match_numpy_and_torchmetrics(seed):
     tm = multiclass_jaccard_index(
         torch.from_numpy(np.concatenate([p.ravel() for p in preds])),
         torch.from_numpy(np.concatenate([t.ravel() for t in targets])),
-        num_classes=n, average="none", ignore_index=IGNORE,
+        num_classes=n,
+        average="none",
+        ignore_index=IGNORE,
     )
     for c in range(n - 1):  # torchmetrics has no NaN for the absent class
         assert got[f"IoU/c{c}"] == pytest.approx(100 * float(tm[c]), abs=1e-4)
@@ -75,7 +77,9 @@ def test_known_case():
     pred = np.array([[0, 0, 1, 0], [0, 0, 1, 1], [1, 1, 2, 1]])
     got = feed([pred], [target], 4).compute()
     # class 0: tp 4, fp 1 -> 4/5; class 1: tp 3, fn 1, fp 1 -> 3/5; class 2: tp 1, fn 1 -> 1/2; class 3 absent.
-    assert got["IoU/c0"] == pytest.approx(80) and got["IoU/c1"] == pytest.approx(60) and got["IoU/c2"] == pytest.approx(50)
+    assert (
+        got["IoU/c0"] == pytest.approx(80) and got["IoU/c1"] == pytest.approx(60) and got["IoU/c2"] == pytest.approx(50)
+    )
     assert got["mIoU"] == pytest.approx(100 * (0.8 + 0.6 + 0.5) / 3)
     assert got["pixel_acc"] == pytest.approx(100 * 8 / 10)
     assert "c3" in feed([pred], [target], 4).table()
@@ -101,7 +105,11 @@ def test_voc_loader_transforms_and_errors(tmp_path):
     cfg = SegmentationDataConfig(source="voc", root=str(tmp_path / "voc"), image_size=16, micro_batch_size=2)
     train, val = build_datasets(cfg, num_classes=3, seed=0)
     sample = train[0]
-    assert sample["image"].shape == (3, 16, 16) and sample["mask"].shape == (16, 16) and sample["mask"].dtype == torch.int64
+    assert (
+        sample["image"].shape == (3, 16, 16)
+        and sample["mask"].shape == (16, 16)
+        and sample["mask"].dtype == torch.int64
+    )
     assert set(sample["mask"].unique().tolist()) <= {0, 2, IGNORE}  # nearest: no blended labels
     batch = collate([val[0], val[1]])
     assert batch["image"].shape == (2, 3, 16, 24) and batch["mask"].shape == (2, 20, 30)  # eval masks keep their size
@@ -128,7 +136,14 @@ def test_ade20k_layout_with_reduced_zero_label(tmp_path):
         Image.new("RGB", (8, 6)).save(tmp_path / "images" / split / "a.jpg")
         mask = np.array([[0, 1, 2, 3] * 2] * 6, dtype=np.uint8)
         Image.fromarray(mask, mode="L").save(tmp_path / "annotations" / split / "a.png")
-    cfg = SegmentationDataConfig(source="ade20k", root=str(tmp_path), train_split="training", eval_split="validation", reduce_zero_label=True, image_size=6)
+    cfg = SegmentationDataConfig(
+        source="ade20k",
+        root=str(tmp_path),
+        train_split="training",
+        eval_split="validation",
+        reduce_zero_label=True,
+        image_size=6,
+    )
     _, val = build_datasets(cfg, num_classes=3, seed=0)
     assert val[0]["mask"][0].tolist() == [IGNORE, 0, 1, 2] * 2
 
@@ -138,7 +153,10 @@ def test_datasets_on_disk(tmp_path):
 
     images = [Image.new("RGB", (10, 8)) for _ in range(2)]
     masks = [Image.fromarray(np.full((8, 10), i, dtype=np.uint8), mode="L") for i in range(2)]
-    split = datasets.Dataset.from_dict({"image": images, "mask": masks}, features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image()}))
+    split = datasets.Dataset.from_dict(
+        {"image": images, "mask": masks},
+        features=datasets.Features({"image": datasets.Image(), "mask": datasets.Image()}),
+    )
     datasets.DatasetDict({"train": split, "val": split}).save_to_disk(str(tmp_path / "ds"))
     _, val = build_datasets(SegmentationDataConfig(source="hf_disk", root=str(tmp_path / "ds"), image_size=8), 2, 0)
     assert val[1]["mask"].unique().tolist() == [1]
@@ -152,7 +170,9 @@ def test_torchvision_models(name):
 
 
 def test_transformers_segformer_from_local_config():
-    cfg = SegmentationModelConfig(source="transformers", name=str(REPO / "recipes/segmentation/configs/segformer_tiny"), num_classes=4)
+    cfg = SegmentationModelConfig(
+        source="transformers", name=str(REPO / "recipes/segmentation/configs/segformer_tiny"), num_classes=4
+    )
     model = build_model(cfg).eval()
     assert type(model).__name__ == "SegformerForSemanticSegmentation"
     main, aux = logits_of(model, torch.randn(2, 3, 64, 64))
@@ -162,7 +182,9 @@ def test_transformers_segformer_from_local_config():
 def test_transformers_upernet_from_local_config(tmp_path):
     from transformers import ConvNextConfig, UperNetConfig
 
-    backbone = ConvNextConfig(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"])
+    backbone = ConvNextConfig(
+        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], out_features=["stage1", "stage2", "stage3", "stage4"]
+    )
     UperNetConfig(backbone_config=backbone, hidden_size=64, auxiliary_in_channels=64).save_pretrained(tmp_path)
     model = build_model(SegmentationModelConfig(source="transformers", name=str(tmp_path), num_classes=4))
     assert type(model).__name__ == "UperNetForSemanticSegmentation"

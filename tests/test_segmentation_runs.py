@@ -14,7 +14,14 @@ from tests.conftest import REPO, launch, read_metrics, run_killed_after_checkpoi
 pytestmark = pytest.mark.slow
 
 SEGMENT = "recipes/segmentation/train.py"
-SHAPES = ["--config", "recipes/segmentation/configs/shapes.yaml", "--logging.progress_bar", "false", "--logging.tensorboard", "false"]
+SHAPES = [
+    "--config",
+    "recipes/segmentation/configs/shapes.yaml",
+    "--logging.progress_bar",
+    "false",
+    "--logging.tensorboard",
+    "false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,14 @@ def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
     last one is padded on 2 ranks; per-image confusion matrices must add up identically.
     The 2-rank run is repeated: an eval-only run ends right after a gather, which once aborted
     about one exit in four (a gloo thread still freeing the gather's tensors at shutdown)."""
-    common = [*SHAPES, "--eval-only", "--weights", str(shapes_run / "final" / "model.safetensors"), "--data.eval_micro_batch_size", "3"]
+    common = [
+        *SHAPES,
+        "--eval-only",
+        "--weights",
+        str(shapes_run / "final" / "model.safetensors"),
+        "--data.eval_micro_batch_size",
+        "3",
+    ]
     launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python", script=SEGMENT)
     one = read_metrics(tmp_path / "one", "eval")[-1]
     for attempt in range(3):
@@ -59,11 +73,24 @@ def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
 
 
 def test_zero2_trains_checkpoints_and_resumes(tmp_path):
-    kwargs = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs/deepspeed_zero2.yaml"), script=SEGMENT)
+    kwargs = dict(
+        launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs/deepspeed_zero2.yaml"), script=SEGMENT
+    )
     args = [
-        *SHAPES, "--output-dir", str(tmp_path), "--loop.epochs", "2", "--checkpoint.every_steps", "10", "--loop.precision", "bf16",
+        *SHAPES,
+        "--output-dir",
+        str(tmp_path),
+        "--loop.epochs",
+        "2",
+        "--checkpoint.every_steps",
+        "10",
+        "--loop.precision",
+        "bf16",
         # torchvision's DeepLabV3 with its auxiliary head, BatchNorm buffers cast to bf16 with the weights
-        "--model.source", "torchvision", "--model.name", "deeplabv3_mobilenet_v3_large",
+        "--model.source",
+        "torchvision",
+        "--model.name",
+        "deeplabv3_mobilenet_v3_large",
     ]
     run_killed_after_checkpoint(args, tmp_path, step=10, **kwargs)
     assert (tmp_path / "checkpoints" / "10" / "pytorch_model").is_dir()

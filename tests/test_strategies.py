@@ -13,7 +13,13 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
 from core.config import ConfigError
-from core.distributed import build_accelerator, build_dataloader_config, build_fsdp_plugin, fill_deepspeed_config, resolve_strategy
+from core.distributed import (
+    build_accelerator,
+    build_dataloader_config,
+    build_fsdp_plugin,
+    fill_deepspeed_config,
+    resolve_strategy,
+)
 from recipes.classification.task import ClassificationConfig
 from tests.conftest import REPO
 
@@ -24,9 +30,19 @@ DS_CONFIGS = sorted(glob.glob(str(REPO / "ds_configs/*.json")))
 def test_the_promised_configs_exist():
     names = {os.path.basename(p) for p in ACCELERATE_CONFIGS + DS_CONFIGS}
     assert {
-        "single_gpu.yaml", "multi_gpu_ddp.yaml", "multi_node_ddp.yaml", "fsdp.yaml", "deepspeed_zero1.yaml",
-        "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "deepspeed_zero3_offload.yaml",
-        "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json", "zero3_offload.json",
+        "single_gpu.yaml",
+        "multi_gpu_ddp.yaml",
+        "multi_node_ddp.yaml",
+        "fsdp.yaml",
+        "deepspeed_zero1.yaml",
+        "deepspeed_zero2.yaml",
+        "deepspeed_zero3.yaml",
+        "deepspeed_zero3_offload.yaml",
+        "zero1.json",
+        "zero2.json",
+        "zero2_offload.json",
+        "zero3.json",
+        "zero3_offload.json",
     } <= names
 
 
@@ -80,8 +96,15 @@ def test_deepspeed_config_filled_and_accepted_by_deepspeed(path):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     cfg = ClassificationConfig()
-    cfg.data.micro_batch_size, cfg.loop.grad_accum_steps, cfg.loop.precision, cfg.loop.clip_grad_norm = 16, 4, "bf16", 1.0
-    filled = fill_deepspeed_config(json.load(open(path)), cfg, world_size=1, source=path)  # DeepSpeedConfig checks against this process's world
+    cfg.data.micro_batch_size, cfg.loop.grad_accum_steps, cfg.loop.precision, cfg.loop.clip_grad_norm = (
+        16,
+        4,
+        "bf16",
+        1.0,
+    )
+    filled = fill_deepspeed_config(
+        json.load(open(path)), cfg, world_size=1, source=path
+    )  # DeepSpeedConfig checks against this process's world
     ds = DeepSpeedConfig(filled)
     assert ds.train_micro_batch_size_per_gpu == 16 and ds.gradient_accumulation_steps == 4
     assert ds.train_batch_size == 16 * 4
@@ -92,7 +115,9 @@ def test_deepspeed_config_filled_and_accepted_by_deepspeed(path):
 def test_deepspeed_config_contradicting_the_run_config_is_an_error():
     cfg = ClassificationConfig()
     cfg.data.micro_batch_size = 16
-    with pytest.raises(ConfigError, match=r"x\.json: train_micro_batch_size_per_gpu=8 contradicts the run config \(16\)"):
+    with pytest.raises(
+        ConfigError, match=r"x\.json: train_micro_batch_size_per_gpu=8 contradicts the run config \(16\)"
+    ):
         fill_deepspeed_config({"train_micro_batch_size_per_gpu": 8}, cfg, 1, "x.json")
     with pytest.raises(ConfigError, match=r"x\.json: bf16\.enabled=True contradicts loop\.precision='no'"):
         fill_deepspeed_config({"bf16": {"enabled": True}}, cfg, 1, "x.json")
@@ -126,7 +151,11 @@ def test_cpu_refusals(fresh_accelerate_state):
     cfg.distributed.strategy = "fsdp"
     with pytest.raises(ConfigError, match=r"'fsdp' needs GPUs"):
         build_accelerator(cfg)
-    cfg.distributed.strategy, cfg.distributed.deepspeed_config, cfg.loop.ema_decay = "deepspeed", str(REPO / "ds_configs/zero3.json"), 0.99
+    cfg.distributed.strategy, cfg.distributed.deepspeed_config, cfg.loop.ema_decay = (
+        "deepspeed",
+        str(REPO / "ds_configs/zero3.json"),
+        0.99,
+    )
     with pytest.raises(ConfigError, match=r"ema_decay is not supported under ZeRO-3"):
         build_accelerator(cfg)
 

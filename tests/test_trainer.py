@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from core.agreement import NonFiniteLossError
 from core.config import TrainConfig
 from core.distributed import reset_accelerator_state
 from core.task import Metrics, Task
-from core.agreement import NonFiniteLossError
 from core.trainer import Trainer
 
 
@@ -69,21 +69,33 @@ def tiny_config(tmp_path, **loop) -> TrainConfig:
 
 def test_nonfinite_loss_stops_with_the_step(fresh_accelerate_state, tmp_path):
     trainer = Trainer(tiny_config(tmp_path), TinyTask(None, nan_at=4))
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at optimizer step 3 \(epoch 0, accumulation window ending at micro-batch 3\)"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss \(nan\) at optimizer step 3 \(epoch 0, accumulation window ending at micro-batch 3\)",
+    ):
         trainer.fit()
 
 
 @pytest.mark.parametrize("nan_at, step, stopped_at", [(4, 3, 5), (8, 7, 8)])  # mid-epoch, and the epoch's last window
-def test_nonfinite_loss_read_late_still_names_its_step_and_is_never_checkpointed(fresh_accelerate_state, tmp_path, nan_at, step, stopped_at):
+def test_nonfinite_loss_read_late_still_names_its_step_and_is_never_checkpointed(
+    fresh_accelerate_state, tmp_path, nan_at, step, stopped_at
+):
     """Between logging steps the agreement is read one optimizer step late (no host sync on
     the step just queued); the error must still name the window, before anything is saved."""
     cfg = tiny_config(tmp_path)
     cfg.loop.epochs, cfg.logging.every_steps, cfg.checkpoint.every_steps = 1, 100, 3
     trainer = Trainer(cfg, TinyTask(cfg, nan_at=nan_at))
-    with pytest.raises(NonFiniteLossError, match=rf"at optimizer step {step} \(epoch 0, accumulation window ending at micro-batch {step}\)"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=rf"at optimizer step {step} \(epoch 0, accumulation window ending at micro-batch {step}\)",
+    ):
         trainer.fit()
     assert trainer.state.global_step == stopped_at  # read at the next step, or at the epoch's end
-    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] if (tmp_path / "checkpoints").exists() else []
+    saved = (
+        [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+        if (tmp_path / "checkpoints").exists()
+        else []
+    )
     assert saved and all(s <= step for s in saved), saved  # none holds weights updated by the non-finite step
 
 
@@ -104,7 +116,10 @@ def test_ema_is_exported_checkpointed_and_restored(fresh_accelerate_state, tmp_p
     trainer = Trainer(cfg, TinyTask(cfg))
     metrics = trainer.fit()
     assert "ema_loss" in metrics
-    final, ema = load_file(tmp_path / "final" / "model.safetensors"), load_file(tmp_path / "final" / "model_ema.safetensors")
+    final, ema = (
+        load_file(tmp_path / "final" / "model.safetensors"),
+        load_file(tmp_path / "final" / "model_ema.safetensors"),
+    )
     assert final.keys() == ema.keys() and any(not torch.equal(final[k], ema[k]) for k in final)
     checkpoint = tmp_path / "checkpoints" / str(trainer.state.global_step)
     saved_ema = load_file(checkpoint / "ema.safetensors")
@@ -130,8 +145,18 @@ def test_eval_only_evaluates_exported_weights(fresh_accelerate_state, tmp_path):
 def test_known_failures_exit_with_their_code_and_one_line(fresh_accelerate_state, tmp_path, capsys):
     from core.cli import run
 
-    base = ["--output-dir", str(tmp_path), "--data.micro_batch_size", "8", "--data.num_workers", "0",
-            "--logging.progress_bar", "false", "--logging.tensorboard", "false"]
+    base = [
+        "--output-dir",
+        str(tmp_path),
+        "--data.micro_batch_size",
+        "8",
+        "--data.num_workers",
+        "0",
+        "--logging.progress_bar",
+        "false",
+        "--logging.tensorboard",
+        "false",
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run(TrainConfig, lambda cfg: TinyTask(cfg, nan_at=2), base)
     assert exit_info.value.code == 3
@@ -140,4 +165,7 @@ def test_known_failures_exit_with_their_code_and_one_line(fresh_accelerate_state
     with pytest.raises(SystemExit) as exit_info:
         run(TrainConfig, TinyTask, [*base, "--distributed.hang_timeout_minutes", "90"])
     assert exit_info.value.code == 2
-    assert "distributed.hang_timeout_minutes must be below distributed.timeout_minutes (60), got 90.0" in capsys.readouterr().err
+    assert (
+        "distributed.hang_timeout_minutes must be below distributed.timeout_minutes (60), got 90.0"
+        in capsys.readouterr().err
+    )

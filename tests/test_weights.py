@@ -21,7 +21,7 @@ def test_safetensors_and_pt_round_trip(tmp_path):
     for name in ("w.safetensors", "w.pt"):
         dst = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
         load_weights(dst, str(tmp_path / name))
-        for a, b in zip(src.state_dict().values(), dst.state_dict().values()):
+        for a, b in zip(src.state_dict().values(), dst.state_dict().values(), strict=True):
             assert torch.equal(a, b)
 
 
@@ -42,7 +42,10 @@ def test_new_head_needs_exclude_and_errors_name_the_keys(tmp_path):
     state["2.weight"] = torch.zeros(5, 8)  # a 5-class head
     state["2.bias"] = torch.zeros(5)
     save_file(state, tmp_path / "w.safetensors")
-    with pytest.raises(WeightsError, match=r"w\.safetensors does not fit the model.*2\.weight: file \(5, 8\) vs model \(3, 8\).*weights_exclude"):
+    with pytest.raises(
+        WeightsError,
+        match=r"w\.safetensors does not fit the model.*2\.weight: file \(5, 8\) vs model \(3, 8\).*weights_exclude",
+    ):
         load_weights(make_model(), str(tmp_path / "w.safetensors"))
     dst = make_model()
     head_before = dst[2].weight.clone()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -22,9 +22,10 @@ class ClassificationDataConfig(DataConfig):
     source: Literal["digits", "imagefolder", "hf_disk", "hf_files"] = option(
         "digits",
         "digits: scikit-learn's handwritten digits (built in); imagefolder: root/<split>/<class>/*.jpg; "
-        "hf_disk: a `datasets` DatasetDict saved with save_to_disk; hf_files: local files read by a `datasets` builder.",
+        "hf_disk: a `datasets` DatasetDict saved with save_to_disk; hf_files: local files read by a "
+        "`datasets` builder.",
     )
-    root: Optional[str] = option(None, "Dataset folder (not used by digits).")
+    root: str | None = option(None, "Dataset folder (not used by digits).")
     train_split: str = option("train", "Training split: a subfolder (imagefolder) or a split name (datasets).")
     eval_split: str = option("val", "Evaluation split, as train_split.")
     hf_builder: str = option("imagefolder", "hf_files: the `datasets` builder (imagefolder, parquet, arrow, ...).")
@@ -39,7 +40,7 @@ class ClassificationDataConfig(DataConfig):
     ratio: list[float] = option([0.75, 1.3333333], "RandomResizedCrop aspect-ratio range.")
     hflip: float = option(0.5, "Horizontal flip probability.")
     color_jitter: float = option(0.0, "Color jitter strength (0 disables).")
-    auto_augment: Optional[str] = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1.")
+    auto_augment: str | None = option(None, "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1.")
     random_erasing: float = option(0.0, "Random erasing probability.")
     mixup_alpha: float = option(0.0, "Mixup alpha (0 disables).")
     cutmix_alpha: float = option(0.0, "CutMix alpha (0 disables).")
@@ -91,8 +92,17 @@ class HFImages(Dataset):
     def __init__(self, ds: Any, image_column: str, label_column: str, where: str, num_classes: int):
         for column in (image_column, label_column):
             if column not in ds.column_names:
-                raise ConfigError(f"{where}: no column {column!r}; columns are {ds.column_names} (set data.image_column / data.label_column)")
-        self.ds, self.image_column, self.label_column, self.where, self.num_classes = ds, image_column, label_column, where, num_classes
+                raise ConfigError(
+                    f"{where}: no column {column!r}; columns are {ds.column_names} (set "
+                    "data.image_column / data.label_column)"
+                )
+        self.ds, self.image_column, self.label_column, self.where, self.num_classes = (
+            ds,
+            image_column,
+            label_column,
+            where,
+            num_classes,
+        )
         # Named classes (a ClassLabel column) are checked against model.num_classes up front; plain
         # integers are checked row by row, so one mislabelled row is named rather than miscounted.
         self.classes = list(getattr(ds.features[label_column], "names", None) or [])
@@ -108,7 +118,10 @@ class HFImages(Dataset):
             raise DataError(f"{self._name(i)}: cannot read image ({decode_failure(e)})") from None
         label = int(row[self.label_column])
         if not 0 <= label < self.num_classes:
-            raise DataError(f"{self._name(i)}: label {label} is outside 0..{self.num_classes - 1} (model.num_classes {self.num_classes})")
+            raise DataError(
+                f"{self._name(i)}: label {label} is outside 0..{self.num_classes - 1} (model.num_classes "
+                f"{self.num_classes})"
+            )
         return image, label
 
     def _name(self, i: int) -> str:
@@ -133,7 +146,10 @@ def _load_raw(cfg: ClassificationDataConfig, num_classes: int) -> tuple[Dataset,
         for split in (cfg.train_split, cfg.eval_split):
             folder = os.path.join(cfg.root, split)
             if not os.path.isdir(folder):
-                raise ConfigError(f"data.root: {folder!r} is missing; an ImageFolder root needs {cfg.train_split}/ and {cfg.eval_split}/ with one subfolder per class")
+                raise ConfigError(
+                    f"data.root: {folder!r} is missing; an ImageFolder root needs {cfg.train_split}/ and "
+                    f"{cfg.eval_split}/ with one subfolder per class"
+                )
             sets.append(ImageFolder(folder, loader=read_image))
         if sets[0].classes != sets[1].classes:
             raise ConfigError(f"{cfg.root}: class folders differ between {cfg.train_split}/ and {cfg.eval_split}/")
@@ -148,7 +164,9 @@ def _load_raw(cfg: ClassificationDataConfig, num_classes: int) -> tuple[Dataset,
     out = []
     for split in (cfg.train_split, cfg.eval_split):
         if split not in loaded:
-            raise ConfigError(f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)")
+            raise ConfigError(
+                f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)"
+            )
         out.append(HFImages(loaded[split], cfg.image_column, cfg.label_column, f"{cfg.root} [{split}]", num_classes))
     return out[0], out[1]
 
@@ -171,7 +189,12 @@ def build_datasets(cfg: ClassificationDataConfig, num_classes: int, seed: int) -
     classes = len(getattr(train_raw, "classes", [])) or num_classes
     if classes > num_classes:
         raise ConfigError(f"the dataset has {classes} classes but model.num_classes is {num_classes}")
-    common = dict(input_size=(3, cfg.image_size, cfg.image_size), interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    common = dict(
+        input_size=(3, cfg.image_size, cfg.image_size),
+        interpolation=cfg.interpolation,
+        mean=tuple(cfg.mean),
+        std=tuple(cfg.std),
+    )
     train_tf = create_transform(
         is_training=True,
         scale=tuple(cfg.scale),

@@ -26,14 +26,19 @@ def build_model(cfg: ClassificationModelConfig) -> torch.nn.Module:
 
         if not timm.is_model(cfg.name):
             close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
-            raise ConfigError(f"model.name: {cfg.name!r} is not a timm model" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise ConfigError(
+                f"model.name: {cfg.name!r} is not a timm model"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
         # pretrained=False: weights never come from the hub, only from model.weights.
         return timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes, **cfg.kwargs)
 
     from transformers import AutoConfig, AutoModelForImageClassification
 
     if not os.path.exists(cfg.name):
-        raise ConfigError(f"model.name: {cfg.name!r} must be a local config.json or a folder holding one (source=transformers)")
+        raise ConfigError(
+            f"model.name: {cfg.name!r} must be a local config.json or a folder holding one (source=transformers)"
+        )
     config = AutoConfig.from_pretrained(cfg.name, local_files_only=True, num_labels=cfg.num_classes, **cfg.kwargs)
     return AutoModelForImageClassification.from_config(config)
 

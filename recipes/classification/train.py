@@ -9,7 +9,8 @@ The same script, unchanged, elsewhere:
     python -m recipes.classification.train --config ...
     accelerate launch --config_file accelerate_configs/multi_gpu_ddp.yaml recipes/classification/train.py --config ...
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/classification/train.py --config ...
-    deepspeed --hostfile hosts recipes/classification/train.py --config ... --distributed.deepspeed_config ds_configs/zero2.json
+    deepspeed --hostfile hosts recipes/classification/train.py --config ... \
+        --distributed.deepspeed_config ds_configs/zero2.json
     python recipes/classification/train.py --config ... --eval-only --weights runs/x/final/model.safetensors
 
 Any config key can be overridden: --optim.lr 3e-4 --loop.epochs 5. `--help` lists them all.

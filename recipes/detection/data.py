@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,8 +27,10 @@ SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {
 
 @dataclass
 class DetectionDataConfig(DataConfig):
-    source: Literal["coco", "shapes"] = option("shapes", "coco: images folder + instances json; shapes: built-in synthetic set in COCO layout.")
-    root: Optional[str] = option(None, "coco: dataset folder; shapes: where it is written (default ~/.cache/shardvision).")
+    source: Literal["coco", "shapes"] = option(
+        "shapes", "coco: images folder + instances json; shapes: built-in synthetic set in COCO layout."
+    )
+    root: str | None = option(None, "coco: dataset folder; shapes: where it is written (default ~/.cache/shardvision).")
     train_images: str = option("train2017", "Training images folder, relative to root.")
     train_annotations: str = option("annotations/instances_train2017.json", "Training annotations, relative to root.")
     eval_images: str = option("val2017", "Evaluation images folder, relative to root.")
@@ -78,9 +80,17 @@ class CocoDetection(Dataset):
         if missing:
             first = os.path.join(images, self.coco.imgs[missing[0]]["file_name"])
             if bad_samples == "error":
-                raise DataError(f"{annotations}: {len(missing)} images are missing, e.g. image {missing[0]}: {first} (set data.bad_samples: skip to leave them out)")
-            logger.warning("left out %d images of %s whose files are missing, e.g. %s", len(missing), annotations, first)
-            self.problems += [f"{annotations}: image {i}: {os.path.join(images, self.coco.imgs[i]['file_name'])} is missing" for i in missing]
+                raise DataError(
+                    f"{annotations}: {len(missing)} images are missing, e.g. image {missing[0]}: {first} "
+                    "(set data.bad_samples: skip to leave them out)"
+                )
+            logger.warning(
+                "left out %d images of %s whose files are missing, e.g. %s", len(missing), annotations, first
+            )
+            self.problems += [
+                f"{annotations}: image {i}: {os.path.join(images, self.coco.imgs[i]['file_name'])} is missing"
+                for i in missing
+            ]
             self.ids = [i for i in self.ids if i not in set(missing)]
         self.targets = {image_id: self._checked(image_id, bad_samples, training) for image_id in self.ids}
 
@@ -99,7 +109,10 @@ class CocoDetection(Dataset):
             elif x < 0 or y < 0 or x + w > info["width"] + 0.5 or y + h > info["height"] + 0.5:
                 problem = f"box {ann['bbox']} outside the {info['width']}x{info['height']} image"
             if problem:
-                where = f"{self.annotations_file}: annotation {ann['id']} of image {image_id} ({info['file_name']}): {problem}"
+                where = (
+                    f"{self.annotations_file}: annotation {ann['id']} of image {image_id} "
+                    f"({info['file_name']}): {problem}"
+                )
                 if policy == "error":
                     raise DataError(where + " (set data.bad_samples: skip to leave such annotations out)")
                 dropped.append(where)
@@ -120,7 +133,10 @@ class CocoDetection(Dataset):
         path = os.path.join(self.images_dir, target["file"])
         image = read_image(path)
         if (image.height, image.width) != target["size"]:
-            raise DataError(f"{path}: image is {image.width}x{image.height} but {self.annotations_file} says {target['size'][1]}x{target['size'][0]}")
+            raise DataError(
+                f"{path}: image is {image.width}x{image.height} but {self.annotations_file} says "
+                f"{target['size'][1]}x{target['size'][0]}"
+            )
         return image, {"image_id": image_id, "boxes": target["boxes"], "labels": target["labels"]}
 
 
@@ -148,16 +164,22 @@ class DetectionTransform:
         if training:
             low, high = cfg.scale_jitter
             sizes = sorted({max(1, round(cfg.min_size * f)) for f in np.linspace(low, high, 5)})
-            steps += [v2.RandomShortestSize(sizes, max_size=cfg.max_size, antialias=True), v2.RandomHorizontalFlip(cfg.hflip)]
+            steps += [
+                v2.RandomShortestSize(sizes, max_size=cfg.max_size, antialias=True),
+                v2.RandomHorizontalFlip(cfg.hflip),
+            ]
         steps += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1.0)]
         self.transform = v2.Compose(steps)
 
     def __call__(self, pair: tuple[Image.Image, dict]) -> dict:
         image, target = pair
         canvas = (image.height, image.width)
-        boxes = tv_tensors.BoundingBoxes(torch.tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=canvas)
+        boxes = tv_tensors.BoundingBoxes(
+            torch.tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=canvas
+        )
         out_image, out = self.transform(
-            tv_tensors.Image(v2.functional.pil_to_tensor(image)), {"boxes": boxes, "labels": torch.tensor(target["labels"], dtype=torch.int64)}
+            tv_tensors.Image(v2.functional.pil_to_tensor(image)),
+            {"boxes": boxes, "labels": torch.tensor(target["labels"], dtype=torch.int64)},
         )
         return {
             "image": out_image.as_subclass(torch.Tensor),
@@ -191,12 +213,14 @@ def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, in
 
     os.makedirs(os.path.join(tmp, "annotations"))
     ann_id = 1
-    for split, count in zip(("train", "val"), counts):
+    for split, count in zip(("train", "val"), counts, strict=True):
         os.makedirs(os.path.join(tmp, split))
         images, annotations = [], []
         for k in range(count):
             image_id = k + 1
-            img = Image.fromarray(rng.integers(0, 60, (size, size, 3), dtype=np.uint8) + rng.integers(0, 100, 3, dtype=np.uint8))
+            img = Image.fromarray(
+                rng.integers(0, 60, (size, size, 3), dtype=np.uint8) + rng.integers(0, 100, 3, dtype=np.uint8)
+            )
             draw = ImageDraw.Draw(img)
             n = 0 if k % 10 == 9 else int(rng.integers(1, 4))
             for _ in range(n):
@@ -210,7 +234,16 @@ def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, in
                     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
                 else:
                     draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
-                annotations.append({"id": ann_id, "image_id": image_id, "category_id": cat, "bbox": [cx - r, cy - r, 2 * r + 1, 2 * r + 1], "area": float((2 * r + 1) ** 2), "iscrowd": 0})
+                annotations.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "bbox": [cx - r, cy - r, 2 * r + 1, 2 * r + 1],
+                        "area": float((2 * r + 1) ** 2),
+                        "iscrowd": 0,
+                    }
+                )
                 ann_id += 1
             name = f"{image_id:06d}.jpg"
             img.save(os.path.join(tmp, split, name), quality=95)
@@ -231,4 +264,6 @@ def build_datasets(cfg: DetectionDataConfig, seed: int) -> tuple[Dataset, Datase
         paths = (cfg.train_images, cfg.train_annotations, cfg.eval_images, cfg.eval_annotations)
     train = CocoDetection(os.path.join(root, paths[0]), os.path.join(root, paths[1]), cfg.bad_samples, training=True)
     val = CocoDetection(os.path.join(root, paths[2]), os.path.join(root, paths[3]), cfg.bad_samples, training=False)
-    return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(val, DetectionTransform(cfg, False), seed)
+    return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(
+        val, DetectionTransform(cfg, False), seed
+    )

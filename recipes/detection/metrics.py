@@ -23,8 +23,15 @@ def to_coco_results(prediction: dict, category_ids: list[int]) -> list[dict]:
     boxes = prediction["boxes"].float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     return [
-        {"image_id": int(prediction["image_id"]), "category_id": category_ids[int(label) - 1], "bbox": [round(v, 3) for v in box], "score": round(float(score), 5)}
-        for box, score, label in zip(xywh, prediction["scores"].float().cpu().tolist(), prediction["labels"].cpu().tolist())
+        {
+            "image_id": int(prediction["image_id"]),
+            "category_id": category_ids[int(label) - 1],
+            "bbox": [round(v, 3) for v in box],
+            "score": round(float(score), 5),
+        }
+        for box, score, label in zip(
+            xywh, prediction["scores"].float().cpu().tolist(), prediction["labels"].cpu().tolist(), strict=True
+        )
         if 1 <= int(label) <= len(category_ids)
     ]
 
@@ -42,7 +49,7 @@ def coco_map(coco_gt, results: list[dict], image_ids: list[int]) -> dict[str, fl
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:6])}
+    return {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats[:6], strict=True)}
 
 
 class CocoMetrics(Metrics):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -27,8 +26,10 @@ RESNET_STAGES = ("layer4", "layer3", "layer2", "layer1", "conv1")  # last first,
 class DetectionModelConfig(ModelConfig):
     name: str = option("fasterrcnn_mobilenet_v3_large_320_fpn", f"A torchvision detector: {', '.join(DETECTORS)}.")
     num_classes: int = option(80, "Object classes, background excluded (labels 1..num_classes; 0 is background).")
-    frozen_bn: bool = option(False, "Replace the backbone's BatchNorm by FrozenBatchNorm2d (fine-tuning with small batches).")
-    trainable_backbone_layers: Optional[int] = option(
+    frozen_bn: bool = option(
+        False, "Replace the backbone's BatchNorm by FrozenBatchNorm2d (fine-tuning with small batches)."
+    )
+    trainable_backbone_layers: int | None = option(
         None, "ResNet backbones: train only the last N of layer4..layer1, conv1 (0-5); None trains all."
     )
 
@@ -36,10 +37,16 @@ class DetectionModelConfig(ModelConfig):
         super().validate()
         if self.name not in DETECTORS:
             close = difflib.get_close_matches(self.name, DETECTORS, n=2)
-            raise ConfigError(f"model.name: {self.name!r} is not a supported detector" + (f"; did you mean {', '.join(close)}?" if close else "") + f" Valid: {', '.join(DETECTORS)}")
+            raise ConfigError(
+                f"model.name: {self.name!r} is not a supported detector"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+                + f" Valid: {', '.join(DETECTORS)}"
+            )
         if self.trainable_backbone_layers is not None:
             if not 0 <= self.trainable_backbone_layers <= 5:
-                raise ConfigError(f"model.trainable_backbone_layers must be in 0..5, got {self.trainable_backbone_layers}")
+                raise ConfigError(
+                    f"model.trainable_backbone_layers must be in 0..5, got {self.trainable_backbone_layers}"
+                )
             if "resnet" not in self.name:
                 raise ConfigError("model.trainable_backbone_layers applies to ResNet backbones only")
 
@@ -49,7 +56,15 @@ def build_model(cfg: DetectionModelConfig, min_size: int, max_size: int) -> torc
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     # weights/weights_backbone None: nothing is downloaded. num_classes + 1: torchvision counts background.
-    model = get_model(cfg.name, weights=None, weights_backbone=None, num_classes=cfg.num_classes + 1, min_size=min_size, max_size=max_size, **cfg.kwargs)
+    model = get_model(
+        cfg.name,
+        weights=None,
+        weights_backbone=None,
+        num_classes=cfg.num_classes + 1,
+        min_size=min_size,
+        max_size=max_size,
+        **cfg.kwargs,
+    )
     # The data pipeline already applied the training scale jitter; do not resize twice.
     model.transform._skip_resize = True
     if cfg.frozen_bn:

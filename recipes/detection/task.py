@@ -30,7 +30,10 @@ class DetectionTask(Task):
         train, val = build_datasets(self.cfg.data, self.cfg.seed)
         categories = len(val.base.category_ids)
         if categories > self.cfg.model.num_classes:
-            raise ConfigError(f"{val.base.annotations_file} has {categories} categories but model.num_classes is {self.cfg.model.num_classes}")
+            raise ConfigError(
+                f"{val.base.annotations_file} has {categories} categories but model.num_classes is "
+                f"{self.cfg.model.num_classes}"
+            )
         self.eval_set = val.base
         return train, val
 
@@ -44,8 +47,13 @@ class DetectionTask(Task):
     def evaluation_step(self, model: torch.nn.Module, batch: dict) -> list[dict]:
         detections = model(batch["image"])  # boxes already mapped back to each image's own size
         return [
-            {"image_id": int(image_id), "boxes": d["boxes"].cpu(), "scores": d["scores"].cpu(), "labels": d["labels"].cpu()}
-            for image_id, d in zip(batch["image_id"], detections)
+            {
+                "image_id": int(image_id),
+                "boxes": d["boxes"].cpu(),
+                "scores": d["scores"].cpu(),
+                "labels": d["labels"].cpu(),
+            }
+            for image_id, d in zip(batch["image_id"], detections, strict=True)
         ]
 
     def build_metrics(self) -> CocoMetrics:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,9 +28,12 @@ class SegmentationDataConfig(DataConfig):
     source: Literal["shapes", "voc", "ade20k", "hf_disk"] = option(
         "shapes",
         "shapes: built-in synthetic set written as VOC-layout files; voc: JPEGImages/ + SegmentationClass/ + "
-        "ImageSets/Segmentation/<split>.txt; ade20k: images/<split>/ + annotations/<split>/; hf_disk: a DatasetDict saved to disk.",
+        "ImageSets/Segmentation/<split>.txt; ade20k: images/<split>/ + annotations/<split>/; hf_disk: a "
+        "DatasetDict saved to disk.",
     )
-    root: Optional[str] = option(None, "Dataset folder. For shapes: where the files are written (default ~/.cache/shardvision).")
+    root: str | None = option(
+        None, "Dataset folder. For shapes: where the files are written (default ~/.cache/shardvision)."
+    )
     train_split: str = option("train", "Training split (voc: train, ade20k: training, datasets: a split name).")
     eval_split: str = option("val", "Evaluation split (voc: val, ade20k: validation).")
     image_column: str = option("image", "hf_disk: the image column.")
@@ -42,7 +45,9 @@ class SegmentationDataConfig(DataConfig):
     hflip: float = option(0.5, "Horizontal flip probability.")
     mean: list[float] = option(IMAGENET_MEAN, "Normalisation mean per channel.")
     std: list[float] = option(IMAGENET_STD, "Normalisation std per channel.")
-    eval_mode: Literal["whole", "slide"] = option("whole", "whole: one forward per image; slide: overlapping windows (large images).")
+    eval_mode: Literal["whole", "slide"] = option(
+        "whole", "whole: one forward per image; slide: overlapping windows (large images)."
+    )
     slide_stride: int = option(341, "slide: window stride in pixels (windows are image_size).")
     shapes_count: list[int] = option([200, 50], "shapes: number of train and val images.")
 
@@ -80,7 +85,12 @@ class PairFolder(Dataset):
     """Image/mask file pairs, checked for size and label range when read."""
 
     def __init__(self, pairs: list[tuple[str, str]], num_classes: int, ignore_index: int, reduce_zero_label: bool):
-        self.pairs, self.num_classes, self.ignore_index, self.reduce_zero_label = pairs, num_classes, ignore_index, reduce_zero_label
+        self.pairs, self.num_classes, self.ignore_index, self.reduce_zero_label = (
+            pairs,
+            num_classes,
+            ignore_index,
+            reduce_zero_label,
+        )
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -89,9 +99,13 @@ class PairFolder(Dataset):
         image_path, mask_path = self.pairs[i]
         return self.check(read_image(image_path), _read_mask(mask_path), image_path, mask_path)
 
-    def check(self, image: Image.Image, mask: np.ndarray, image_name: str, mask_name: str) -> tuple[Image.Image, np.ndarray]:
+    def check(
+        self, image: Image.Image, mask: np.ndarray, image_name: str, mask_name: str
+    ) -> tuple[Image.Image, np.ndarray]:
         if mask.shape != (image.height, image.width):
-            raise DataError(f"{mask_name}: mask is {mask.shape[1]}x{mask.shape[0]} but {image_name} is {image.width}x{image.height}")
+            raise DataError(
+                f"{mask_name}: mask is {mask.shape[1]}x{mask.shape[0]} but {image_name} is {image.width}x{image.height}"
+            )
         if self.reduce_zero_label:
             reduced = mask - 1
             reduced[(mask == 0) | (mask == self.ignore_index)] = self.ignore_index
@@ -110,7 +124,10 @@ class HFPairs(PairFolder):
     def __init__(self, ds: Any, image_column: str, mask_column: str, where: str, **kwargs: Any):
         for column in (image_column, mask_column):
             if column not in ds.column_names:
-                raise ConfigError(f"{where}: no column {column!r}; columns are {ds.column_names} (set data.image_column / data.mask_column)")
+                raise ConfigError(
+                    f"{where}: no column {column!r}; columns are {ds.column_names} (set "
+                    "data.image_column / data.mask_column)"
+                )
         super().__init__([], **kwargs)
         self.ds, self.image_column, self.mask_column, self.where = ds, image_column, mask_column, where
 
@@ -130,17 +147,24 @@ class HFPairs(PairFolder):
 def voc_pairs(root: str, split: str) -> list[tuple[str, str]]:
     listing = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
     if not os.path.isfile(listing):
-        raise ConfigError(f"data.root: {listing} is missing (VOC layout: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/<split>.txt)")
+        raise ConfigError(
+            f"data.root: {listing} is missing (VOC layout: JPEGImages/, SegmentationClass/, "
+            "ImageSets/Segmentation/<split>.txt)"
+        )
     with open(listing) as f:
         ids = [line.strip() for line in f if line.strip()]
-    return [(os.path.join(root, "JPEGImages", f"{i}.jpg"), os.path.join(root, "SegmentationClass", f"{i}.png")) for i in ids]
+    return [
+        (os.path.join(root, "JPEGImages", f"{i}.jpg"), os.path.join(root, "SegmentationClass", f"{i}.png")) for i in ids
+    ]
 
 
 def ade20k_pairs(root: str, split: str) -> list[tuple[str, str]]:
     images, masks = os.path.join(root, "images", split), os.path.join(root, "annotations", split)
     for folder in (images, masks):
         if not os.path.isdir(folder):
-            raise ConfigError(f"data.root: {folder} is missing (ADE20K layout: images/<split>/*.jpg, annotations/<split>/*.png)")
+            raise ConfigError(
+                f"data.root: {folder} is missing (ADE20K layout: images/<split>/*.jpg, annotations/<split>/*.png)"
+            )
     names = sorted(os.path.splitext(n)[0] for n in os.listdir(images) if n.lower().endswith((".jpg", ".jpeg", ".png")))
     pairs = [(os.path.join(images, n + ".jpg"), os.path.join(masks, n + ".png")) for n in names]
     missing = [m for _, m in pairs if not os.path.isfile(m)]
@@ -167,7 +191,7 @@ def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, in
 
     for sub in ("JPEGImages", "SegmentationClass", os.path.join("ImageSets", "Segmentation")):
         os.makedirs(os.path.join(tmp, sub))
-    for split, count in zip(("train", "val"), counts):
+    for split, count in zip(("train", "val"), counts, strict=True):
         ids = []
         for k in range(count):
             noise = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
@@ -225,7 +249,9 @@ class TrainTransform:
 
     def __call__(self, pair: tuple[Image.Image, np.ndarray]) -> dict:
         image, mask = pair
-        image, mask = self.transform(tv_tensors.Image(v2.functional.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(mask)))
+        image, mask = self.transform(
+            tv_tensors.Image(v2.functional.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(mask))
+        )
         return {"image": image.as_subclass(torch.Tensor), "mask": mask.as_subclass(torch.Tensor)}
 
 
@@ -251,15 +277,25 @@ class EvalTransform:
 def collate(samples: list[dict]) -> dict:
     """Stack training crops; pad eval images of different sizes to the largest, recording each
     image's own extent, and keep masks at their original size in a list."""
-    if all(s["image"].shape == samples[0]["image"].shape for s in samples) and all(s["mask"].shape == samples[0]["mask"].shape for s in samples):
+    if all(s["image"].shape == samples[0]["image"].shape for s in samples) and all(
+        s["mask"].shape == samples[0]["mask"].shape for s in samples
+    ):
         images = torch.stack([s["image"] for s in samples])
-        return {"image": images, "mask": torch.stack([s["mask"] for s in samples]), "extent": torch.tensor([s["image"].shape[1:] for s in samples])}
+        return {
+            "image": images,
+            "mask": torch.stack([s["mask"] for s in samples]),
+            "extent": torch.tensor([s["image"].shape[1:] for s in samples]),
+        }
     h = max(s["image"].shape[1] for s in samples)
     w = max(s["image"].shape[2] for s in samples)
     images = torch.zeros(len(samples), 3, h, w)
     for i, s in enumerate(samples):
         images[i, :, : s["image"].shape[1], : s["image"].shape[2]] = s["image"]
-    return {"image": images, "mask": [s["mask"] for s in samples], "extent": torch.tensor([s["image"].shape[1:] for s in samples])}
+    return {
+        "image": images,
+        "mask": [s["mask"] for s in samples],
+        "extent": torch.tensor([s["image"].shape[1:] for s in samples]),
+    }
 
 
 def build_datasets(cfg: SegmentationDataConfig, num_classes: int, seed: int) -> tuple[Dataset, Dataset]:
@@ -271,7 +307,9 @@ def build_datasets(cfg: SegmentationDataConfig, num_classes: int, seed: int) -> 
         raw = []
         for split in (cfg.train_split, cfg.eval_split):
             if split not in loaded:
-                raise ConfigError(f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)")
+                raise ConfigError(
+                    f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)"
+                )
             raw.append(HFPairs(loaded[split], cfg.image_column, cfg.mask_column, f"{cfg.root} [{split}]", **checks))
     else:
         root = shapes_root(cfg) if cfg.source == "shapes" else cfg.root

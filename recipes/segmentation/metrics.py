@@ -47,12 +47,12 @@ class SegmentationMetrics(Metrics):
             "mean_acc": 100.0 * float(accuracy.nanmean()),
             "images": float(self.images),
         }
-        out.update({f"IoU/{name}": 100.0 * float(v) for name, v in zip(self.class_names, iou)})
+        out.update({f"IoU/{name}": 100.0 * float(v) for name, v in zip(self.class_names, iou, strict=True)})
         return out
 
     def table(self) -> str:
         iou = self.per_class_iou()
         rows = [f"{'class':<24} {'IoU':>7} {'pixels':>12}"]
-        for name, value, pixels in zip(self.class_names, iou.tolist(), self.confusion.sum(1).tolist()):
+        for name, value, pixels in zip(self.class_names, iou.tolist(), self.confusion.sum(1).tolist(), strict=True):
             rows.append(f"{name:<24} {100 * value:7.2f} {int(pixels):12d}")
         return "\n".join(rows)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ TORCHVISION_MODELS = (
 @dataclass
 class SegmentationModelConfig(ModelConfig):
     source: Literal["torchvision", "transformers"] = option(
-        "torchvision", "torchvision: `name` is one of its segmentation models; transformers: `name` is a local config.json or folder."
+        "torchvision",
+        "torchvision: `name` is one of its segmentation models; transformers: `name` is a local config.json or folder.",
     )
     name: str = option("deeplabv3_mobilenet_v3_large", "Model name (torchvision) or local config path (transformers).")
     num_classes: int = option(21, "Number of classes (ignore_index is not one of them).")
@@ -39,9 +40,15 @@ class SegmentationModelConfig(ModelConfig):
             import difflib
 
             close = difflib.get_close_matches(self.name, TORCHVISION_MODELS, n=2)
-            raise ConfigError(f"model.name: {self.name!r} is not a torchvision segmentation model" + (f"; did you mean {', '.join(close)}?" if close else "") + f" Valid: {', '.join(TORCHVISION_MODELS)}")
+            raise ConfigError(
+                f"model.name: {self.name!r} is not a torchvision segmentation model"
+                + (f"; did you mean {', '.join(close)}?" if close else "")
+                + f" Valid: {', '.join(TORCHVISION_MODELS)}"
+            )
         if self.source == "transformers" and not os.path.exists(self.name):
-            raise ConfigError(f"model.name: {self.name!r} must be a local config.json or a folder holding one (source=transformers)")
+            raise ConfigError(
+                f"model.name: {self.name!r} must be a local config.json or a folder holding one (source=transformers)"
+            )
 
 
 def build_model(cfg: SegmentationModelConfig) -> torch.nn.Module:
@@ -50,7 +57,9 @@ def build_model(cfg: SegmentationModelConfig) -> torch.nn.Module:
 
         aux = cfg.aux_loss and not cfg.name.startswith("lraspp")  # LR-ASPP has no auxiliary head
         # weights/weights_backbone None: never download; start from model.weights if given.
-        return get_model(cfg.name, weights=None, weights_backbone=None, num_classes=cfg.num_classes, aux_loss=aux, **cfg.kwargs)
+        return get_model(
+            cfg.name, weights=None, weights_backbone=None, num_classes=cfg.num_classes, aux_loss=aux, **cfg.kwargs
+        )
 
     from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
@@ -58,7 +67,7 @@ def build_model(cfg: SegmentationModelConfig) -> torch.nn.Module:
     return AutoModelForSemanticSegmentation.from_config(config)
 
 
-def logits_of(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def logits_of(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(main, auxiliary) logits at the input resolution, whichever library built the model."""
     out = model(images)
     if hasattr(out, "logits"):  # transformers: 1/4 of the input size

@@ -21,7 +21,9 @@ class SegmentationConfig(TrainConfig):
     class_names: list[str] = option([], "Names for the per-class table (default: the shapes names, or class_<i>).")
 
 
-def slide_logits(model: torch.nn.Module, image: torch.Tensor, window: int, stride: int, num_classes: int) -> torch.Tensor:
+def slide_logits(
+    model: torch.nn.Module, image: torch.Tensor, window: int, stride: int, num_classes: int
+) -> torch.Tensor:
     """Average the logits of overlapping window x window crops of one [1, 3, H, W] image."""
     _, _, h, w = image.shape
     pad_h, pad_w = max(window - h, 0), max(window - w, 0)
@@ -77,11 +79,17 @@ class SegmentationTask(Task):
         confusions, losses = [], []
         for i, (h, w) in enumerate(batch["extent"].tolist()):
             image = images[i : i + 1, :, :h, :w]
-            logits = slide_logits(model, image, d.image_size, d.slide_stride, n) if whole is None else whole[i : i + 1, :, :h, :w]
+            logits = (
+                slide_logits(model, image, d.image_size, d.slide_stride, n)
+                if whole is None
+                else whole[i : i + 1, :, :h, :w]
+            )
             mask = batch["mask"][i].to(logits.device)
             logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
             valid = (mask != d.ignore_index).sum().clamp(min=1)
-            losses.append(F.cross_entropy(logits, mask[None].long(), ignore_index=d.ignore_index, reduction="sum") / valid)
+            losses.append(
+                F.cross_entropy(logits, mask[None].long(), ignore_index=d.ignore_index, reduction="sum") / valid
+            )
             confusions.append(confusion_matrix(logits.argmax(1)[0], mask, n, d.ignore_index))
         return {"confusion": torch.stack(confusions), "loss": torch.stack(losses)}
 
