@@ -30,7 +30,8 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 class RunLogger:
     """One JSON object per line in metrics.jsonl (step, epoch, split and the values), mirrored to
-    the trackers as `<split>/<name>`."""
+    the trackers as `<split>/<name>`. Splits: `train`, `eval`, and `run` (the run's shape, once per
+    launch, not mirrored)."""
 
     def __init__(self, accelerator: Accelerator, output_dir: str, config: dict, use_trackers: bool):
         self.accelerator = accelerator
@@ -39,13 +40,13 @@ class RunLogger:
         if use_trackers:
             accelerator.init_trackers("shardvision", config=_flat(config))
 
-    def log(self, split: str, step: int, epoch: float, values: dict[str, float]) -> None:
+    def log(self, split: str, step: int, epoch: float, values: dict[str, Any], trackers: bool = True) -> None:
         if not self.accelerator.is_main_process:
             return
         row = {"step": step, "epoch": round(epoch, 4), "split": split, **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.use_trackers:
+        if trackers and self.use_trackers:
             self.accelerator.log(
                 {f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)},
                 step=step,

@@ -119,13 +119,19 @@ def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -
     scheduler._last_lr = lrs
 
 
-def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, str]:
+    """(the optimizer's class name under accelerate's and DeepSpeed's wrappers, its update kernel:
+    fused, foreach or per-tensor)."""
     inner = optimizer
-    while hasattr(inner, "optimizer"):  # accelerate's and DeepSpeed's wrappers
+    while hasattr(inner, "optimizer"):
         inner = inner.optimizer
     first = optimizer.param_groups[0]
-    kernel = "fused" if first.get("fused") else "foreach" if first.get("foreach") else "per-tensor"
-    lines = [f"optimizer {type(inner).__name__}, {kernel} update kernel"]
+    return type(inner).__name__, "fused" if first.get("fused") else "foreach" if first.get("foreach") else "per-tensor"
+
+
+def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:
+    name, kernel = optimizer_kind(optimizer)
+    lines = [f"optimizer {name}, {kernel} update kernel"]
     for i, group in enumerate(optimizer.param_groups):
         n = sum(p.numel() for p in group["params"])
         lines.append(

@@ -23,7 +23,14 @@ from core.config import ConfigError, TrainConfig, save_config, to_dict
 from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
 from core.distributed import build_accelerator, seed_everything, seed_rank, setup_logging, strategy_of, zero_stage
 from core.logging import RunLogger, TrainMeter, memory_mb, peak_tflops, progress_bar, training_flops_per_sample
-from core.optim import build_optimizer, build_scheduler, describe_param_groups, set_schedule_step, warmup_steps_of
+from core.optim import (
+    build_optimizer,
+    build_scheduler,
+    describe_param_groups,
+    optimizer_kind,
+    set_schedule_step,
+    warmup_steps_of,
+)
 from core.task import Task
 from core.watchdog import HangWatchdog, watched
 from core.weights import load_weights
@@ -149,9 +156,9 @@ class Trainer:
             cfg.checkpoint.at_epoch_end,
             self.watchdog,
         )
-        resume_from = self.checkpoints.resolve(cfg.checkpoint.resume)
-        if resume_from is not None:
-            self.checkpoints.load(resume_from, self.state, cfg.checkpoint.allow_pickle, self._ema_weights())
+        self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
+        if self.resumed_from is not None:
+            self.checkpoints.load(self.resumed_from, self.state, cfg.checkpoint.allow_pickle, self._ema_weights())
             set_schedule_step(self.scheduler, self.state.global_step)
         elif cfg.checkpoint.resume == "auto":
             logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
@@ -443,21 +450,37 @@ class Trainer:
         return self.cfg.loop.max_steps is not None and self.state.global_step >= self.cfg.loop.max_steps
 
     def _log_summary(self) -> None:
+        """The run's shape, on the console and as a `run` row of metrics.jsonl (one per launch)."""
         cfg, acc = self.cfg, self.accelerator
-        strategy = self.strategy
-        if strategy == "deepspeed":
-            strategy += f" (ZeRO-{zero_stage(acc.state.deepspeed_plugin.deepspeed_config)})"
+        stage = zero_stage(acc.state.deepspeed_plugin.deepspeed_config) if self.strategy == "deepspeed" else None
+        optimizer, kernel = optimizer_kind(self.optimizer)
         micro, accum = cfg.data.micro_batch_size, cfg.loop.grad_accum_steps
+        facts = {
+            "world_size": acc.num_processes,
+            "strategy": self.strategy,
+            "zero_stage": stage,
+            "precision": cfg.loop.precision,
+            "device": str(acc.device),
+            "global_batch": micro * accum * acc.num_processes,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "parameters_on_this_rank": sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()),
+            "optimizer": optimizer,
+            "update_kernel": kernel,
+            "resumed_from": self.resumed_from,
+        }
+        self.run_logger.log("run", self.state.global_step, self.state.epoch, facts, trackers=False)
+        strategy = self.strategy + (f" (ZeRO-{stage})" if stage is not None else "")
+        sharded = stage == 3 or self.strategy == "fsdp"
         lines = [
             f"world size {acc.num_processes} | strategy {strategy} | precision {cfg.loop.precision} | "
             f"device {acc.device}",
-            f"micro batch {micro} per rank | accumulation {accum} | global batch {micro * accum * acc.num_processes}",
+            f"micro batch {micro} per rank | accumulation {accum} | global batch {facts['global_batch']}",
             f"train samples {len(self.train_set)} | eval samples {len(self.eval_set)}",
             f"optimizer steps: {self.steps_per_epoch} per epoch, {self.total_steps} in total | "
             f"warmup {warmup_steps_of(cfg.schedule, self.steps_per_epoch)} steps | schedule {cfg.schedule.name}",
-            f"model {cfg.model.name}: "
-            f"{sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()):,} parameters"
-            + (" (this rank's shard under ZeRO-3/FSDP)" if strategy.endswith("ZeRO-3)") or strategy == "fsdp" else ""),
+            f"model {cfg.model.name}: {facts['parameters_on_this_rank']:,} parameters"
+            + (" (this rank's shard under ZeRO-3/FSDP)" if sharded else ""),
             *describe_param_groups(self.optimizer),
         ]
         if self.flops_per_sample:

@@ -11,7 +11,7 @@ from core.config import ConfigError
 from recipes.segmentation.data import DataError, SegmentationDataConfig, build_datasets, collate
 from recipes.segmentation.metrics import SegmentationMetrics, confusion_matrix
 from recipes.segmentation.models import SegmentationModelConfig, build_model, logits_of
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 IGNORE = 255
 

@@ -10,7 +10,7 @@ import yaml
 
 from core.config import ConfigError, load_config, parse_args, save_config
 from recipes.classification.task import ClassificationConfig
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def parse(*argv: str) -> ClassificationConfig:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run_env
+from tests.helpers import REPO, run_env
 
 SCRIPTS = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if p.name != "common.py")
 

@@ -15,7 +15,7 @@ from core.config import ConfigError
 from core.distributed import reset_accelerator_state
 from core.logging import peak_tflops, training_flops_per_sample
 from core.trainer import Trainer, apply_model_options
-from tests.test_trainer import TinyTask, tiny_config
+from tests.builders import TinyTask, tiny_config
 
 
 def test_flops_per_sample_match_the_closed_form():
@@ -96,7 +96,6 @@ def test_channels_last_changes_the_layout_not_the_result(fresh_accelerate_state,
         torch.testing.assert_close(nhwc(batch["image"]), plain(images), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.slow
 def test_compiled_run_checkpoints_resumes_and_exports_plain_names(fresh_accelerate_state, tmp_path):
     cfg = tiny_config(tmp_path, ema_decay=0.9)
     cfg.model.compile = True

@@ -5,15 +5,12 @@ written predictions re-scored by pycocotools; 2-rank evaluation against 1 proces
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, launch, read_metrics, run_killed_after_checkpoint
-from tests.test_detection import pycocotools_direct
-
-pytestmark = pytest.mark.slow
+from tests.builders import pycocotools_direct
+from tests.helpers import REPO, last_launch, launch, read_metrics, run_killed_after_checkpoint
 
 DETECT = "recipes/detection/train.py"
 SHAPES = [
@@ -43,8 +40,9 @@ def shapes_run(tmp_path_factory) -> Path:
         "50",
     ]
     run_killed_after_checkpoint(args, run_dir, step=50, launcher="torchrun", script=DETECT)
-    proc = launch([*args, "--resume", "auto"], launcher="torchrun", script=DETECT)
-    assert "world size 2 | strategy ddp" in proc.stderr and "resumed from" in proc.stderr
+    launch([*args, "--resume", "auto"], launcher="torchrun", script=DETECT)
+    run = last_launch(run_dir)
+    assert (run["world_size"], run["strategy"]) == (2, "ddp") and run["resumed_from"].endswith("checkpoints/50")
     return run_dir
 
 
@@ -92,8 +90,9 @@ def test_zero2_trains_checkpoints_and_resumes(tmp_path):
     args = [*SHAPES, "--output-dir", str(tmp_path), "--loop.epochs", "1", "--checkpoint.every_steps", "5"]
     run_killed_after_checkpoint(args, tmp_path, step=5, **kwargs)
     assert (tmp_path / "checkpoints" / "5" / "pytorch_model").is_dir()
-    proc = launch([*args, "--resume", "auto"], **kwargs)
-    assert "strategy deepspeed (ZeRO-2)" in proc.stderr and "resumed from" in proc.stderr
-    total = int(re.search(r"(\d+) in total", proc.stderr).group(1))
+    launch([*args, "--resume", "auto"], **kwargs)
+    run = last_launch(tmp_path)
+    assert (run["strategy"], run["zero_stage"]) == ("deepspeed", 2) and run["resumed_from"].endswith("checkpoints/5")
+    total = run["total_steps"]
     assert read_metrics(tmp_path, "eval")[-1]["step"] == total
     assert (tmp_path / "eval" / f"step-{total}" / "predictions.json").is_file()

@@ -7,64 +7,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from core.agreement import NonFiniteLossError
 from core.config import TrainConfig
 from core.distributed import reset_accelerator_state
-from core.task import Metrics, Task
 from core.trainer import Trainer
-
-
-class MeanLoss(Metrics):
-    def __init__(self):
-        self.losses = []
-
-    def update(self, outputs):
-        self.losses.append(outputs["loss"])
-
-    def compute(self):
-        return {"loss": torch.cat(self.losses).mean().item()}
-
-
-class TinyTask(Task):
-    """Two-class linear data; `nan_at` makes the loss of that training call NaN."""
-
-    def __init__(self, cfg, nan_at=None):
-        super().__init__(cfg)
-        self.nan_at, self.calls = nan_at, 0
-
-    def build_model(self):
-        return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-
-    def build_datasets(self):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(96, 4, generator=g)
-        samples = [{"image": xi, "label": int(xi.sum() > 0)} for xi in x]
-        return samples[:64], samples[64:]
-
-    def training_step(self, model, batch):
-        loss = F.cross_entropy(model(batch["image"]), batch["label"])
-        self.calls += 1
-        return loss * float("nan") if self.calls == self.nan_at else loss
-
-    def evaluation_step(self, model, batch):
-        return {"loss": F.cross_entropy(model(batch["image"]), batch["label"], reduction="none")}
-
-    def build_metrics(self):
-        return MeanLoss()
-
-
-def tiny_config(tmp_path, **loop) -> TrainConfig:
-    cfg = TrainConfig(output_dir=str(tmp_path))
-    cfg.data.micro_batch_size, cfg.data.num_workers = 8, 0
-    cfg.optim.lr = 0.05
-    cfg.loop.epochs = 2
-    for key, value in loop.items():
-        setattr(cfg.loop, key, value)
-    cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 1
-    return cfg
+from tests.builders import TinyTask, tiny_config
 
 
 def test_nonfinite_loss_stops_with_the_step(fresh_accelerate_state, tmp_path):

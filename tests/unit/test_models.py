@@ -7,7 +7,7 @@ import torch
 
 from core.config import ConfigError
 from recipes.classification.models import ClassificationModelConfig, build_model, logits_of
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_timm_model_random_init():

@@ -3,8 +3,6 @@ box-aware transforms and the model options."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
@@ -14,6 +12,7 @@ from PIL import Image
 from recipes.detection.data import DataError, DetectionDataConfig, build_datasets, collate
 from recipes.detection.metrics import CocoMetrics
 from recipes.detection.models import DetectionModelConfig, build_model
+from tests.builders import load_gt, pycocotools_direct
 
 
 def write_coco(root, boxes_per_image, size=(64, 48), categories=(1, 2), extra_annotations=(), missing_image=None):
@@ -51,13 +50,6 @@ def write_coco(root, boxes_per_image, size=(64, 48), categories=(1, 2), extra_an
     return path
 
 
-def load_gt(path):
-    from pycocotools.coco import COCO
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(path))
-
-
 GT = [[(1, (4, 4, 20, 16)), (2, (30, 10, 24, 30))], [(2, (10, 8, 30, 20))], []]  # the third image has no object
 
 
@@ -75,19 +67,6 @@ def predictions_from(boxes_per_image, shift=0.0, score=0.9):
             }
         )
     return out
-
-
-def pycocotools_direct(gt_path, results_path):
-    from pycocotools.cocoeval import COCOeval
-
-    gt = load_gt(gt_path)
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(str(results_path))
-        e = COCOeval(gt, dt, "bbox")
-        e.evaluate()
-        e.accumulate()
-        e.summarize()
-    return e.stats
 
 
 def evaluate(tmp_path, predictions):

@@ -1,6 +1,6 @@
 """Failures as a user meets them, through the real launchers on 2 gloo ranks: bad data in error
 and skip mode, the check-data pre-flight, and a stress run proving that every run that finished
-its work exits 0 (tests/test_distributed_runs.py covers hangs, crashes and preemption)."""
+its work exits 0 (tests/integration/test_distributed_runs.py covers hangs, crashes and preemption)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DIGITS, QUICK, REPO, launch, launch_command, read_metrics, run_env
-from tests.test_bad_data import coco, imagefolder, voc
-
-pytestmark = pytest.mark.slow
+from tests.builders import coco, imagefolder, voc
+from tests.helpers import DIGITS, QUICK, REPO, launch, launch_command, read_metrics, run_env
 
 SHARDVISION = str(Path(sys.executable).parent / "shardvision")
 WATCHED = [
@@ -167,7 +165,7 @@ def test_a_stalled_data_loader_is_reported_with_its_phase(tmp_path):
     waiting for a batch: the watchdog names that phase."""
     import psutil
 
-    from tests.conftest import kill_tree
+    from tests.helpers import kill_tree
 
     args = [
         "--config",

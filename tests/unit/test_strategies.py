@@ -21,7 +21,7 @@ from core.distributed import (
     resolve_strategy,
 )
 from recipes.classification.task import ClassificationConfig
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 ACCELERATE_CONFIGS = sorted(glob.glob(str(REPO / "accelerate_configs/*.yaml")))
 DS_CONFIGS = sorted(glob.glob(str(REPO / "ds_configs/*.json")))

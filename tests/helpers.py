@@ -1,0 +1,141 @@
+"""Launching runs as a user would (a free port each, the real launchers) and reading what they wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSIFY = "recipes/classification/train.py"
+DIGITS = "recipes/classification/configs/digits.yaml"
+# Small, quick and quiet: what every test run adds to the recipe's own config.
+QUICK = ["--logging.progress_bar", "false", "--logging.tensorboard", "false", "--data.num_workers", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(
+    args: list[str],
+    launcher: str = "torchrun",
+    nproc: int = 2,
+    script: str = CLASSIFY,
+    accelerate_config: str | None = None,
+) -> list[str]:
+    """The command line a user would type for `launcher`, with a free port of its own."""
+    port = str(free_port())
+    py = sys.executable
+    if launcher == "torchrun":
+        return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port, script, *args]
+    if launcher == "accelerate":
+        return [
+            py,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            accelerate_config,
+            "--num_processes",
+            str(nproc),
+            "--main_process_port",
+            port,
+            script,
+            *args,
+        ]
+    if launcher == "deepspeed":
+        return [py, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port, script, *args]
+    if launcher == "python":
+        return [py, script, *args]
+    if launcher == "module":
+        return [py, "-m", script.removesuffix(".py").replace("/", "."), *args]
+    raise ValueError(launcher)
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key in [k for k in env if k.startswith(("ACCELERATE_", "MASTER_", "LOCAL_RANK", "WORLD_SIZE", "RANK"))]:
+        del env[key]
+    env["PYTHONPATH"] = str(REPO)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def launch(
+    args: list[str], launcher: str = "torchrun", nproc: int = 2, check: bool = True, timeout: int = 600, **kwargs
+) -> subprocess.CompletedProcess:
+    cmd = launch_command(args, launcher, nproc, **kwargs)
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)}\nexit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- "
+            f"stderr\n{proc.stderr[-8000:]}"
+        )
+    return proc
+
+
+def read_metrics(run_dir: Path, split: str) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [row for row in map(json.loads, f) if row["split"] == split]
+
+
+def last_launch(run_dir: Path) -> dict:
+    """The run row of the latest launch in `run_dir`: world size, strategy, steps, resumed_from..."""
+    return read_metrics(run_dir, "run")[-1]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every rank under it, as when a node dies. (The launchers start their
+    workers in sessions of their own, so killing the launcher's process group is not enough.)"""
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def run_killed_when(args: list[str], marker: Path, one_rank: bool = False, **launch_kwargs) -> None:
+    """Start a run and SIGKILL all its processes as soon as `marker` exists, or with `one_rank`
+    a single rank, leaving it to the launcher to notice and stop the others."""
+    cmd = launch_command(args, **launch_kwargs)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 400
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"run ended (exit {proc.returncode}) before {marker} appeared:\n{proc.stderr.read().decode()[-4000:]}"
+            )
+        if time.time() > deadline:
+            kill_tree(proc.pid)
+            raise AssertionError(f"no {marker} within the time limit")
+        time.sleep(0.01)
+    if one_rank:
+        rank = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline()))
+        rank.kill()
+        try:
+            proc.wait(timeout=120)
+        finally:
+            kill_tree(proc.pid)
+        assert proc.returncode != 0
+        return
+    kill_tree(proc.pid)
+    proc.wait()
+
+
+def run_killed_after_checkpoint(args: list[str], run_dir: Path, step: int, **launch_kwargs) -> None:
+    """Start a run, SIGKILL all its processes once checkpoint `step` is complete."""
+    run_killed_when(args, run_dir / "checkpoints" / str(step) / "manifest.json", **launch_kwargs)
