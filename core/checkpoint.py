@@ -23,6 +23,8 @@ import logging
 import mmap
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
+from core.distributed import strategy_of, zero_stage
 from core.watchdog import HangWatchdog
 
 logger = logging.getLogger(__name__)
@@ -41,7 +44,8 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 EMA_WEIGHTS = "ema.safetensors"
-PICKLED_FORMATS = {"pytorch_model": "DeepSpeed", "pytorch_model_fsdp_0": "FSDP"}
+DEEPSPEED_TAG = "pytorch_model"  # the folder (DeepSpeed's checkpoint tag) accelerate saves ZeRO shards in
+PICKLED_FORMATS = {DEEPSPEED_TAG: "DeepSpeed", "pytorch_model_fsdp_0": "FSDP"}
 
 
 class CheckpointError(RuntimeError):
@@ -226,22 +230,119 @@ class CheckpointManager:
         logger.info("saved checkpoint %s", final)
         return final
 
-    def load(self, path: str, state: TrainerState, allow_pickle: bool, ema: torch.nn.Module | None = None) -> None:
-        """Restore `path` (already verified by resolve) into the accelerator, `state` and `ema`."""
-        with open(os.path.join(path, TRAINER_STATE)) as f:
-            saved = json.load(f)
-        unknown = set(saved) - {f.name for f in dataclasses.fields(TrainerState)}
-        if unknown:
-            raise CheckpointError(f"{path}/{TRAINER_STATE}: unknown fields {sorted(unknown)}")
+    def loadable(self, path: str, allow_pickle: bool) -> str:
+        """The folder to load `path` from at this world size: `path` itself, or, for a DeepSpeed
+        checkpoint saved at another world size, its universal form (DeepSpeed's layout of one
+        file per parameter and state, which loads at any world size): converted once by rank 0
+        into `universal-<step>/` beside it, published atomically with a manifest like a save, and
+        reused by later resumes. The original is never touched. The caller must then set
+        `"checkpoint": {"load_universal": true}` in the DeepSpeed config before the engine exists."""
+        saved = self._saved_state(path)
         fmt = pickled_format(path)
-        own = os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep)
-        if fmt and not own and not allow_pickle:
+        self._check_pickle_source(path, fmt, allow_pickle)
+        saved_under, running_under = (
+            fmt or "DDP",
+            {"deepspeed": "DeepSpeed", "fsdp": "FSDP"}.get(strategy_of(self.accelerator), "DDP"),
+        )
+        if saved_under != running_under:
             raise CheckpointError(
-                f"{path} is a {fmt} checkpoint from outside this run's folder; its files are Python pickles "
-                "and loading them runs code stored in them. If you trust it, set --checkpoint.allow_pickle true."
+                f"{path} was saved under {saved_under} and this run uses {running_under}: resuming across "
+                f"strategies is not supported yet. Resume under {saved_under}, or export its weights (`shardvision "
+                f"export {path} OUT --allow-pickle`) and start from them with --weights OUT/model.safetensors "
+                "(the optimizer state starts anew)."
             )
         world, saved_world = self.accelerator.num_processes, saved["world_size"]
-        if fmt and saved_world != world:
+        if fmt != "DeepSpeed" or saved_world == world:
+            return path
+        if zero_stage(self.accelerator.state.deepspeed_plugin.deepspeed_config) == 3:
+            # Measured (tests/integration/test_elastic_resume.py): the ZeRO-3 conversion is exact, but
+            # DeepSpeed's ZeRO-3 universal load leaves Adam's moments up to 9% off; not good enough.
+            raise CheckpointError(
+                f"{path} holds ZeRO-3 shards of {saved_world} ranks; resuming them on {world} ranks would not "
+                f"restore the optimizer state exactly (DeepSpeed's ZeRO-3 universal load). Resume on {saved_world} "
+                f"ranks, or export its weights (`shardvision export {path} OUT --allow-pickle`) and start a new run "
+                "from them with --weights OUT/model.safetensors (the optimizer state starts anew). ZeRO-1/2 "
+                "checkpoints resume at any world size."
+            )
+        universal = os.path.join(os.path.dirname(path), f"universal-{os.path.basename(path)}")
+        answer: list = [None]
+        if self.accelerator.is_main_process:
+            try:
+                self._publish_universal(path, universal)
+                answer[0] = ("ok", universal)
+            except CheckpointError as e:
+                answer[0] = ("error", str(e))
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(answer, from_process=0)
+        status, value = answer[0]
+        if status == "error":
+            raise CheckpointError(value)
+        return value
+
+    def _publish_universal(self, path: str, universal: str) -> None:
+        try:
+            verify(universal)
+            logger.info("%s: reusing its universal form %s", path, universal)
+            return
+        except CheckpointError:
+            pass  # absent, or left damaged by a crash: convert again
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(universal)}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        saved_world = self._saved_state(path)["world_size"]
+        logger.info(
+            "%s was saved by %d ranks, this run has %d: converting its ZeRO shards to DeepSpeed's universal "
+            "checkpoint in %s (once; the original stays as it is)",
+            path,
+            saved_world,
+            self.accelerator.num_processes,
+            universal,
+        )
+        convert = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            os.path.join(path, DEEPSPEED_TAG),
+            "--output_folder",
+            os.path.join(tmp, DEEPSPEED_TAG),
+            # accelerate's ZeRO-1/2 saves lack the parameter layout the converter wants; it can infer it
+            "--inject_missing_state",
+            "--num_extract_workers",
+            "2",
+            "--num_merge_workers",
+            "1",
+        ]
+        proc = subprocess.run(convert, capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"{path}: DeepSpeed's universal-checkpoint conversion failed (exit {proc.returncode}); resume on "
+                f"{saved_world} ranks instead. Its output ends with:\n{proc.stderr[-2000:] or proc.stdout[-2000:]}"
+            )
+        for name in os.listdir(path):  # everything else accelerate and shardvision keep: RNG, trainer state, EMA
+            if name not in (DEEPSPEED_TAG, MANIFEST) and os.path.isfile(os.path.join(path, name)):
+                shutil.copy2(os.path.join(path, name), os.path.join(tmp, name))
+        self._write_manifest(tmp)
+        shutil.rmtree(universal, ignore_errors=True)
+        os.replace(tmp, universal)
+        _fsync_dir(os.path.dirname(universal))
+
+    def load(
+        self,
+        path: str,
+        state: TrainerState,
+        allow_pickle: bool,
+        ema: torch.nn.Module | None = None,
+        load_from: str | None = None,
+    ) -> None:
+        """Restore `path` (already verified by resolve) into the accelerator, `state` and `ema`;
+        the accelerator's part from `load_from` when `loadable` gave another folder."""
+        saved = self._saved_state(path)
+        fmt = pickled_format(path)
+        self._check_pickle_source(path, fmt, allow_pickle)
+        world, saved_world = self.accelerator.num_processes, saved["world_size"]
+        if fmt == "FSDP" and saved_world != world:
             raise CheckpointError(
                 f"{path} holds {fmt} shards of {saved_world} ranks and cannot be loaded on {world}. Resume on "
                 f"{saved_world} ranks, or export its weights (`shardvision export {path} OUT --allow-pickle`) and "
@@ -253,7 +354,7 @@ class CheckpointManager:
         for key, value in saved.items():
             setattr(state, key, value)
         self._remap_position(state, **new_geometry)
-        self.accelerator.load_state(path)
+        self.accelerator.load_state(load_from or path)
         self._check_rng_restored(path)
         if ema is not None:
             ema_file = os.path.join(path, EMA_WEIGHTS)
@@ -262,6 +363,22 @@ class CheckpointManager:
             ema.load_state_dict(load_file(ema_file, device="cpu"))
         self.last_saved_step = state.global_step
         logger.info("resumed from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
+
+    def _saved_state(self, path: str) -> dict:
+        with open(os.path.join(path, TRAINER_STATE)) as f:
+            saved = json.load(f)
+        unknown = set(saved) - {f.name for f in dataclasses.fields(TrainerState)}
+        if unknown:
+            raise CheckpointError(f"{path}/{TRAINER_STATE}: unknown fields {sorted(unknown)}")
+        return saved
+
+    def _check_pickle_source(self, path: str, fmt: str | None, allow_pickle: bool) -> None:
+        own = os.path.realpath(path).startswith(os.path.realpath(self.root) + os.sep)
+        if fmt and not own and not allow_pickle:
+            raise CheckpointError(
+                f"{path} is a {fmt} checkpoint from outside this run's folder; its files are Python pickles "
+                "and loading them runs code stored in them. If you trust it, set --checkpoint.allow_pickle true."
+            )
 
     def _remap_position(
         self, state: TrainerState, world_size: int, micro_batch_size: int, grad_accum_steps: int
@@ -346,6 +463,9 @@ class CheckpointManager:
         for step, path in complete:
             if path not in keep:
                 os.replace(path, os.path.join(self.root, f".pruned-{step}"))
+                universal = os.path.join(self.root, f"universal-{step}")
+                if os.path.isdir(universal):
+                    os.replace(universal, os.path.join(self.root, f".pruned-universal-{step}"))
         # leftovers of saves that crashed, and of deletions a crash interrupted
         doomed = [
             os.path.join(self.root, n) for n in os.listdir(self.root) if n.startswith((".tmp-", ".old-", ".pruned-"))

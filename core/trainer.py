@@ -82,6 +82,24 @@ class Trainer:
         self.strategy = strategy_of(acc)
         if acc.is_main_process:
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        self.checkpoints = CheckpointManager(
+            acc,
+            os.path.join(cfg.output_dir, "checkpoints"),
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.keep_best,
+            task.higher_is_better,
+            cfg.checkpoint.every_steps,
+            cfg.checkpoint.at_epoch_end,
+            self.watchdog,
+        )
+        # Before the engine exists: a ZeRO checkpoint of another world size is loaded in DeepSpeed's
+        # universal form, which its config must announce.
+        self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
+        self.load_from = None
+        if self.resumed_from is not None:
+            self.load_from = self.checkpoints.loadable(self.resumed_from, cfg.checkpoint.allow_pickle)
+            if self.load_from != self.resumed_from:
+                acc.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
 
         # Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
         # then a per-rank stream for dropout and mixup.
@@ -146,19 +164,10 @@ class Trainer:
         self.state = TrainerState(
             world_size=acc.num_processes, micro_batch_size=cfg.data.micro_batch_size, grad_accum_steps=accum
         )
-        self.checkpoints = CheckpointManager(
-            acc,
-            os.path.join(cfg.output_dir, "checkpoints"),
-            cfg.checkpoint.keep_last,
-            cfg.checkpoint.keep_best,
-            task.higher_is_better,
-            cfg.checkpoint.every_steps,
-            cfg.checkpoint.at_epoch_end,
-            self.watchdog,
-        )
-        self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
         if self.resumed_from is not None:
-            self.checkpoints.load(self.resumed_from, self.state, cfg.checkpoint.allow_pickle, self._ema_weights())
+            self.checkpoints.load(
+                self.resumed_from, self.state, cfg.checkpoint.allow_pickle, self._ema_weights(), self.load_from
+            )
             set_schedule_step(self.scheduler, self.state.global_step)
         elif cfg.checkpoint.resume == "auto":
             logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)

@@ -106,9 +106,14 @@ def test_pickled_checkpoints_from_elsewhere_need_opt_in(setup, tmp_path):
         CheckpointError, match=r"DeepSpeed checkpoint from outside this run's folder.*--checkpoint\.allow_pickle true"
     ):
         manager.load(str(foreign), TrainerState(), allow_pickle=False)
+    with pytest.raises(
+        CheckpointError, match=r"saved under DeepSpeed and this run uses DDP: .*not supported yet.*shardvision export"
+    ):
+        manager.loadable(str(foreign), allow_pickle=True)
+    (foreign / "pytorch_model").rename(foreign / "pytorch_model_fsdp_0")
     (foreign / "trainer_state.json").write_text('{"global_step": 7, "world_size": 4}')
     with pytest.raises(
-        CheckpointError, match=r"holds DeepSpeed shards of 4 ranks and cannot be loaded on 1.*shardvision export"
+        CheckpointError, match=r"holds FSDP shards of 4 ranks and cannot be loaded on 1.*shardvision export"
     ):
         manager.load(str(foreign), TrainerState(), allow_pickle=True)
 
