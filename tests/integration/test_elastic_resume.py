@@ -108,6 +108,10 @@ def test_zero2_checkpoint_resumes_at_another_world_size_with_its_optimizer_state
     run_killed_after_checkpoint(first.pop("args"), run_dir, step=4, **first)
     original = run_dir / "checkpoints" / "4"
     manifest_before = (original / "manifest.json").read_text()
+    if after == 1:  # a conversion SIGKILLed half-way leaves nothing published, and nothing broken
+        converting = zero_launch([*args, "--resume", "auto"], stage, after)
+        run_killed_when(converting.pop("args"), run_dir / "checkpoints" / ".tmp-universal-4", **converting)
+        assert not (run_dir / "checkpoints" / "universal-4").exists()
 
     second = zero_launch([*args, "--resume", "auto"], stage, after)
     launch(second.pop("args"), **second)
@@ -136,21 +140,3 @@ def test_zero2_checkpoint_resumes_at_another_world_size_with_its_optimizer_state
         assert states.keys() == resumed[name].keys(), name
         for kind, value in states.items():
             torch.testing.assert_close(resumed[name][kind], value, rtol=1e-3, atol=1e-5, msg=f"{name} {kind}")
-
-
-def test_a_conversion_killed_half_way_leaves_the_checkpoint_usable(references, tmp_path):
-    run_dir = tmp_path / "run"
-    args = [*ELASTIC, "--output-dir", str(run_dir)]
-    first = zero_launch(args, 2, 2)
-    run_killed_after_checkpoint(first.pop("args"), run_dir, step=4, **first)
-    # SIGKILL every process once the conversion has started writing
-    converting = zero_launch([*args, "--resume", "auto"], 2, 1)
-    run_killed_when(converting.pop("args"), run_dir / "checkpoints" / ".tmp-universal-4", **converting)
-    assert not (run_dir / "checkpoints" / "universal-4").exists()
-
-    again = zero_launch([*args, "--resume", "auto"], 2, 1)
-    launch(again.pop("args"), **again)
-    assert last_launch(run_dir)["resumed_from"] == str(run_dir / "checkpoints" / "4")
-    reference, got = losses(references[2]), losses(run_dir)
-    for step in range(5, 9):
-        assert got[step] == pytest.approx(reference[step], rel=TOLERANCE), step
