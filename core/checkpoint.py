@@ -26,8 +26,10 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.utils.serialization.config as serialization_config
@@ -160,10 +162,14 @@ class CheckpointManager:
     def resolve(self, resume: str | None) -> str | None:
         """The checkpoint folder `--resume` means, verified; None for a fresh start. Rank 0 reads
         the files and every rank gets its answer, so all ranks resume from the same folder."""
+        return self._decided_on_main(lambda: self._resolve_on_main(resume))
+
+    def _decided_on_main(self, decide: Callable[[], Any]) -> Any:
+        """`decide()` run by rank 0 alone, its answer (or its CheckpointError) given to every rank."""
         answer: list = [None]
         if self.accelerator.is_main_process:
             try:
-                answer[0] = ("ok", self._resolve_on_main(resume))
+                answer[0] = ("ok", decide())
             except CheckpointError as e:
                 answer[0] = ("error", str(e))
         if self.accelerator.num_processes > 1:
@@ -265,19 +271,8 @@ class CheckpointManager:
                 "checkpoints resume at any world size."
             )
         universal = os.path.join(os.path.dirname(path), f"universal-{os.path.basename(path)}")
-        answer: list = [None]
-        if self.accelerator.is_main_process:
-            try:
-                self._publish_universal(path, universal)
-                answer[0] = ("ok", universal)
-            except CheckpointError as e:
-                answer[0] = ("error", str(e))
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(answer, from_process=0)
-        status, value = answer[0]
-        if status == "error":
-            raise CheckpointError(value)
-        return value
+        self._decided_on_main(lambda: self._publish_universal(path, universal))
+        return universal
 
     def _publish_universal(self, path: str, universal: str) -> None:
         try:
