@@ -253,9 +253,7 @@ class CheckpointManager:
         if saved_under != running_under:
             raise CheckpointError(
                 f"{path} was saved under {saved_under} and this run uses {running_under}: resuming across "
-                f"strategies is not supported yet. Resume under {saved_under}, or export its weights (`shardvision "
-                f"export {path} OUT --allow-pickle`) and start from them with --weights OUT/model.safetensors "
-                "(the optimizer state starts anew)."
+                f"strategies is not supported yet. Resume under {saved_under}, {_or_restart_from_weights(path)}"
             )
         world, saved_world = self.accelerator.num_processes, saved["world_size"]
         if fmt != "DeepSpeed" or saved_world == world:
@@ -266,15 +264,13 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{path} holds ZeRO-3 shards of {saved_world} ranks; resuming them on {world} ranks would not "
                 f"restore the optimizer state exactly (DeepSpeed's ZeRO-3 universal load). Resume on {saved_world} "
-                f"ranks, or export its weights (`shardvision export {path} OUT --allow-pickle`) and start a new run "
-                "from them with --weights OUT/model.safetensors (the optimizer state starts anew). ZeRO-1/2 "
-                "checkpoints resume at any world size."
+                f"ranks, {_or_restart_from_weights(path)} ZeRO-1/2 checkpoints resume at any world size."
             )
         universal = os.path.join(os.path.dirname(path), f"universal-{os.path.basename(path)}")
-        self._decided_on_main(lambda: self._publish_universal(path, universal))
+        self._decided_on_main(lambda: self._publish_universal(path, universal, saved_world))
         return universal
 
-    def _publish_universal(self, path: str, universal: str) -> None:
+    def _publish_universal(self, path: str, universal: str, saved_world: int) -> None:
         try:
             verify(universal)
             logger.info("%s: reusing its universal form %s", path, universal)
@@ -284,7 +280,6 @@ class CheckpointManager:
         tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(universal)}")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        saved_world = self._saved_state(path)["world_size"]
         logger.info(
             "%s was saved by %d ranks, this run has %d: converting its ZeRO shards to DeepSpeed's universal "
             "checkpoint in %s (once; the original stays as it is)",
@@ -340,8 +335,7 @@ class CheckpointManager:
         if fmt == "FSDP" and saved_world != world:
             raise CheckpointError(
                 f"{path} holds {fmt} shards of {saved_world} ranks and cannot be loaded on {world}. Resume on "
-                f"{saved_world} ranks, or export its weights (`shardvision export {path} OUT --allow-pickle`) and "
-                "start a new run from them with --weights OUT/model.safetensors (the optimizer state starts anew)."
+                f"{saved_world} ranks, {_or_restart_from_weights(path)}"
             )
         new_geometry = dict(
             world_size=world, micro_batch_size=state.micro_batch_size, grad_accum_steps=state.grad_accum_steps
@@ -474,6 +468,14 @@ class CheckpointManager:
         if self._pruning is not None:
             self._pruning.join()
             self._pruning = None
+
+
+def _or_restart_from_weights(path: str) -> str:
+    """The way out when a checkpoint cannot be resumed here: its weights, without the optimizer."""
+    return (
+        f"or export its weights (`shardvision export {path} OUT --allow-pickle`) and start a new run from them "
+        "with --weights OUT/model.safetensors (the optimizer state starts anew)."
+    )
 
 
 def _remove_all(paths: list[str]) -> None:
