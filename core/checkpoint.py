@@ -17,6 +17,7 @@ pickles and are loaded only from this run's own folder unless `checkpoint.allow_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -35,10 +36,12 @@ import torch
 import torch.utils.serialization.config as serialization_config
 import xxhash
 from accelerate import Accelerator
+from accelerate.checkpointing import load_accelerator_state
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
-from core.distributed import strategy_of, zero_stage
+from core.distributed import layout_of
+from core.portable import PortableState, PortableStateError
 from core.watchdog import HangWatchdog
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,8 @@ class TrainerState:
     world_size: int = 1  # the geometry the position was recorded under
     micro_batch_size: int = 0
     grad_accum_steps: int = 1
+    layout: str = ""  # how model and optimizer state are stored: ddp, zero1/2/3 or fsdp ("": saved before it was kept)
+    optimizer: str = ""  # the optimizer's class name
 
 
 def _checksum(path: str) -> str:
@@ -237,38 +242,48 @@ class CheckpointManager:
         return final
 
     def loadable(self, path: str, allow_pickle: bool) -> str:
-        """The folder to load `path` from at this world size: `path` itself, or, for a DeepSpeed
-        checkpoint saved at another world size, its universal form (DeepSpeed's layout of one
-        file per parameter and state, which loads at any world size): converted once by rank 0
-        into `universal-<step>/` beside it, published atomically with a manifest like a save, and
-        reused by later resumes. The original is never touched. The caller must then set
-        `"checkpoint": {"load_universal": true}` in the DeepSpeed config before the engine exists."""
+        """The folder to load `path` from in this run, which may differ from the run that saved it:
+
+        - the same layout (DDP at any world size, ZeRO or FSDP at the same one): `path` itself;
+        - ZeRO at another world size or stage: its universal form (DeepSpeed's layout of one file per
+          parameter and state), loaded by DeepSpeed itself (`load_universal`, set here in the config
+          before the engine exists);
+        - across DDP and ZeRO: the DDP folder, or the universal form of the ZeRO one, read by
+          `load` as portable per-parameter state (core/portable.py).
+
+        The universal form is converted once by rank 0 into `universal-<step>/` beside the
+        checkpoint, published atomically with a manifest like a save, and reused by later resumes;
+        the original is never touched."""
         saved = self._saved_state(path)
         fmt = pickled_format(path)
         self._check_pickle_source(path, fmt, allow_pickle)
-        saved_under, running_under = (
-            fmt or "DDP",
-            {"deepspeed": "DeepSpeed", "fsdp": "FSDP"}.get(strategy_of(self.accelerator), "DDP"),
-        )
-        if saved_under != running_under:
-            raise CheckpointError(
-                f"{path} was saved under {saved_under} and this run uses {running_under}: resuming across "
-                f"strategies is not supported yet. Resume under {saved_under}, {_or_restart_from_weights(path)}"
-            )
+        saved_layout, layout = self._saved_layout(path, saved), layout_of(self.accelerator)
         world, saved_world = self.accelerator.num_processes, saved["world_size"]
-        if fmt != "DeepSpeed" or saved_world == world:
+        if saved_layout == layout and (layout == "ddp" or saved_world == world):
             return path
-        if zero_stage(self.accelerator.state.deepspeed_plugin.deepspeed_config) == 3:
-            # Measured (tests/integration/test_elastic_resume.py): the ZeRO-3 conversion is exact, but
-            # DeepSpeed's ZeRO-3 universal load leaves Adam's moments up to 9% off; not good enough.
+        if "fsdp" in (saved_layout, layout):
             raise CheckpointError(
-                f"{path} holds ZeRO-3 shards of {saved_world} ranks; resuming them on {world} ranks would not "
-                f"restore the optimizer state exactly (DeepSpeed's ZeRO-3 universal load). Resume on {saved_world} "
-                f"ranks, {_or_restart_from_weights(path)} ZeRO-1/2 checkpoints resume at any world size."
+                f"{path} was saved under {saved_layout} on {saved_world} ranks and this run is {layout} on {world}: "
+                f"FSDP checkpoints resume only as they were saved here. Resume under {saved_layout} on {saved_world} "
+                f"ranks, {_or_restart_from_weights(path)}"
             )
+        if saved_layout == "ddp":
+            logger.info("%s was saved under DDP: loading its state into %s by parameter name", path, layout)
+            return path
         universal = os.path.join(os.path.dirname(path), f"universal-{os.path.basename(path)}")
         self._decided_on_main(lambda: self._publish_universal(path, universal, saved_world))
+        if layout != "ddp":
+            self.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
         return universal
+
+    def _saved_layout(self, path: str, saved: dict) -> str:
+        if saved.get("layout"):
+            return saved["layout"]
+        fmt = pickled_format(path)  # a checkpoint from before the layout was recorded
+        layout = layout_of(self.accelerator)
+        if fmt == "DeepSpeed":
+            return layout if layout.startswith("zero") else "zero"
+        return "fsdp" if fmt == "FSDP" else "ddp"
 
     def _publish_universal(self, path: str, universal: str, saved_world: int) -> None:
         try:
@@ -325,25 +340,49 @@ class CheckpointManager:
         allow_pickle: bool,
         ema: torch.nn.Module | None = None,
         load_from: str | None = None,
+        optimizer_order: list[str] | None = None,
     ) -> None:
         """Restore `path` (already verified by resolve) into the accelerator, `state` and `ema`;
-        the accelerator's part from `load_from` when `loadable` gave another folder."""
+        the model and optimizer from `load_from`, the folder `loadable` chose. `optimizer_order`
+        names the optimizer's parameters (core/portable.py), for a checkpoint of another strategy."""
         saved = self._saved_state(path)
-        fmt = pickled_format(path)
-        self._check_pickle_source(path, fmt, allow_pickle)
-        world, saved_world = self.accelerator.num_processes, saved["world_size"]
-        if fmt == "FSDP" and saved_world != world:
+        self._check_pickle_source(path, pickled_format(path), allow_pickle)
+        if saved.get("optimizer") and state.optimizer and saved["optimizer"] != state.optimizer:
             raise CheckpointError(
-                f"{path} holds {fmt} shards of {saved_world} ranks and cannot be loaded on {world}. Resume on "
-                f"{saved_world} ranks, {_or_restart_from_weights(path)}"
+                f"{path} was saved with the {saved['optimizer']} optimizer and this run uses {state.optimizer}: "
+                f"its state cannot continue in another optimizer. Use --optim.name as saved, "
+                f"{_or_restart_from_weights(path)}"
             )
-        new_geometry = dict(
-            world_size=world, micro_batch_size=state.micro_batch_size, grad_accum_steps=state.grad_accum_steps
+        saved_layout = self._saved_layout(path, saved)
+        geometry = dict(
+            world_size=state.world_size,
+            micro_batch_size=state.micro_batch_size,
+            grad_accum_steps=state.grad_accum_steps,
         )
+        layout, optimizer = state.layout, state.optimizer
         for key, value in saved.items():
             setattr(state, key, value)
-        self._remap_position(state, **new_geometry)
-        self.accelerator.load_state(load_from or path)
+        state.layout, state.optimizer = layout, optimizer  # what this run's own saves are
+        self._remap_position(state, **geometry)
+
+        load_from, running = load_from or path, layout_of(self.accelerator)
+        if (saved_layout == "ddp") == (running == "ddp"):
+            if load_from == path:
+                self.accelerator.load_state(path)
+            else:  # ZeRO at another world size or stage, through the universal form
+                with _universal_load_repaired(self.accelerator):
+                    self.accelerator.load_state(load_from)
+        else:  # DDP <-> ZeRO
+            if optimizer_order is None:
+                raise ValueError("a checkpoint of another strategy needs the optimizer's parameter order")
+            try:
+                PortableState(_model_folder(load_from), optimizer_order).load_into(
+                    self.accelerator, self.accelerator._models[0], self.accelerator._optimizers[0]
+                )
+            except PortableStateError as e:
+                raise CheckpointError(f"{e}. Resume under {saved_layout}, {_or_restart_from_weights(path)}") from e
+            load_accelerator_state(load_from, [], [], [], [], self.accelerator.process_index)  # the RNG states
+            logger.info("loaded the %s state of %s into %s, parameter by parameter", saved_layout, path, running)
         self._check_rng_restored(path)
         if ema is not None:
             ema_file = os.path.join(path, EMA_WEIGHTS)
@@ -468,6 +507,36 @@ class CheckpointManager:
         if self._pruning is not None:
             self._pruning.join()
             self._pruning = None
+
+
+@contextlib.contextmanager
+def _universal_load_repaired(acc: Accelerator) -> Iterator[None]:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19.8): it copies the first param
+    group's settings (weight decay, lr) into every group, so the no-weight-decay group (biases,
+    norms) would decay like the weights; and it gives every flat partition the same `step` tensor
+    object, which a fused or foreach Adam then increments once per partition on each step, so the
+    bias correction runs ahead. Harmless where the load is already right (ZeRO-1/2)."""
+    optimizers = [_innermost(optimizer) for optimizer in acc._optimizers]
+    kept = [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups] for o in optimizers]
+    yield
+    for optimizer, groups in zip(optimizers, kept, strict=True):
+        for group, settings in zip(optimizer.param_groups, groups, strict=True):
+            group.update(settings)
+        for state in optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def _innermost(optimizer: Any) -> torch.optim.Optimizer:
+    while hasattr(optimizer, "optimizer"):  # accelerate's and DeepSpeed's wrappers
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _model_folder(folder: str) -> str:
+    """Where a checkpoint keeps its model and optimizer state: DeepSpeed one level down, under its tag."""
+    tagged = os.path.join(folder, DEEPSPEED_TAG)
+    return tagged if os.path.isdir(tagged) else folder
 
 
 def _or_restart_from_weights(path: str) -> str:

@@ -279,6 +279,15 @@ def strategy_of(accelerator: Accelerator) -> str:
     }.get(accelerator.distributed_type, "ddp" if accelerator.num_processes > 1 else "single")
 
 
+def layout_of(accelerator: Accelerator) -> str:
+    """How this run stores model and optimizer state: ddp (one full copy, also single-process),
+    zero1/zero2/zero3 (DeepSpeed's partitions) or fsdp."""
+    strategy = strategy_of(accelerator)
+    if strategy == "deepspeed":
+        return f"zero{zero_stage(accelerator.state.deepspeed_plugin.deepspeed_config)}"
+    return "fsdp" if strategy == "fsdp" else "ddp"
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices) identically."""
     random.seed(seed)

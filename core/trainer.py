@@ -21,7 +21,15 @@ from core.agreement import Preempted, StepAgreement
 from core.checkpoint import CheckpointManager, TrainerState
 from core.config import ConfigError, TrainConfig, save_config, to_dict
 from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
-from core.distributed import build_accelerator, seed_everything, seed_rank, setup_logging, strategy_of, zero_stage
+from core.distributed import (
+    build_accelerator,
+    layout_of,
+    seed_everything,
+    seed_rank,
+    setup_logging,
+    strategy_of,
+    zero_stage,
+)
 from core.logging import RunLogger, TrainMeter, memory_mb, peak_tflops, progress_bar, training_flops_per_sample
 from core.optim import (
     build_optimizer,
@@ -31,6 +39,7 @@ from core.optim import (
     set_schedule_step,
     warmup_steps_of,
 )
+from core.portable import optimizer_order
 from core.task import Task
 from core.watchdog import HangWatchdog, watched
 from core.weights import load_weights
@@ -92,14 +101,12 @@ class Trainer:
             cfg.checkpoint.at_epoch_end,
             self.watchdog,
         )
-        # Before the engine exists: a ZeRO checkpoint of another world size is loaded in DeepSpeed's
-        # universal form, which its config must announce.
+        # Before the engine exists: a ZeRO checkpoint of another world size or strategy is loaded in
+        # DeepSpeed's universal form, which its config must announce.
         self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
         self.load_from = None
         if self.resumed_from is not None:
             self.load_from = self.checkpoints.loadable(self.resumed_from, cfg.checkpoint.allow_pickle)
-            if self.load_from != self.resumed_from:
-                acc.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
 
         # Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
         # then a per-rank stream for dropout and mixup.
@@ -131,6 +138,7 @@ class Trainer:
             **loader_args,
         )
         optimizer = build_optimizer(model, cfg.optim)
+        order = optimizer_order(model, optimizer)  # names its state, for a checkpoint of another strategy
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, optimizer, train_loader, eval_loader
         )
@@ -162,11 +170,20 @@ class Trainer:
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(self.input_dtype)
         self.state = TrainerState(
-            world_size=acc.num_processes, micro_batch_size=cfg.data.micro_batch_size, grad_accum_steps=accum
+            world_size=acc.num_processes,
+            micro_batch_size=cfg.data.micro_batch_size,
+            grad_accum_steps=accum,
+            layout=layout_of(acc),
+            optimizer=optimizer_kind(self.optimizer)[0],
         )
         if self.resumed_from is not None:
             self.checkpoints.load(
-                self.resumed_from, self.state, cfg.checkpoint.allow_pickle, self._ema_weights(), self.load_from
+                self.resumed_from,
+                self.state,
+                cfg.checkpoint.allow_pickle,
+                self._ema_weights(),
+                self.load_from,
+                order,
             )
             set_schedule_step(self.scheduler, self.state.global_step)
         elif cfg.checkpoint.resume == "auto":

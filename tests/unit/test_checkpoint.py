@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from core.checkpoint import CheckpointError, CheckpointManager, TrainerState, verify
+from core.portable import PortableState, PortableStateError, optimizer_order
 
 
 @pytest.fixture
@@ -106,16 +107,19 @@ def test_pickled_checkpoints_from_elsewhere_need_opt_in(setup, tmp_path):
         CheckpointError, match=r"DeepSpeed checkpoint from outside this run's folder.*--checkpoint\.allow_pickle true"
     ):
         manager.load(str(foreign), TrainerState(), allow_pickle=False)
-    with pytest.raises(
-        CheckpointError, match=r"saved under DeepSpeed and this run uses DDP: .*not supported yet.*shardvision export"
-    ):
-        manager.loadable(str(foreign), allow_pickle=True)
     (foreign / "pytorch_model").rename(foreign / "pytorch_model_fsdp_0")
     (foreign / "trainer_state.json").write_text('{"global_step": 7, "world_size": 4}')
     with pytest.raises(
-        CheckpointError, match=r"holds FSDP shards of 4 ranks and cannot be loaded on 1.*shardvision export"
+        CheckpointError, match=r"saved under fsdp on 4 ranks and this run is ddp on 1: .*shardvision export"
     ):
-        manager.load(str(foreign), TrainerState(), allow_pickle=True)
+        manager.loadable(str(foreign), allow_pickle=True)
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_naming_both(setup, tmp_path):
+    acc, model, optimizer, manager = setup
+    path = manager.save(TrainerState(global_step=1, optimizer="SGD", layout="ddp"))
+    with pytest.raises(CheckpointError, match=r"saved with the SGD optimizer and this run uses AdamW.*--optim\.name"):
+        manager.load(path, TrainerState(optimizer="AdamW", layout="ddp"), allow_pickle=False)
 
 
 def test_position_carries_over_to_another_geometry(setup):
@@ -141,3 +145,15 @@ def test_load_restores_weights_optimizer_and_position(setup):
     assert state == saved
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moment)
+
+
+def test_portable_state_of_a_changed_model_is_refused_naming_the_parameter(setup, tmp_path):
+    acc, model, optimizer, manager = setup
+    train_step(model, optimizer)
+    path = manager.save(TrainerState(global_step=1))
+    grown = torch.nn.Linear(4, 3)
+    grown_optimizer = torch.optim.AdamW(grown.parameters(), lr=0.1)
+    state = PortableState(path, optimizer_order(grown, grown_optimizer))
+    assert state.step == 1.0
+    with pytest.raises(PortableStateError, match=r"weight fp32 has \(2, 4\), this run's parameter \(3, 4\)"):
+        state.load_into(acc, grown, grown_optimizer)

@@ -1,0 +1,179 @@
+"""Training state that crosses strategies: every parameter's fp32 weight and optimizer moments, by
+parameter name, plus the optimizer's step count.
+
+Read from a DDP checkpoint (accelerate's `model.safetensors` and `optimizer.bin`) or from the
+universal form of a DeepSpeed checkpoint (DeepSpeed's layout of one file per parameter and state,
+whatever the ZeRO stage or world size it was saved at), and written into the live model and
+optimizer of whichever strategy this run uses: torch's own `load_state_dict` under DDP, DeepSpeed's
+tensor-fragment API (`safe_set_full_fp32_param`, `safe_set_full_optimizer_state`) under ZeRO-1/2/3,
+which copies from each full tensor the slice this rank owns. One parameter is read at a time from a
+universal folder; a DDP checkpoint is one file and is read whole (its model fits on one rank).
+
+The parameter order of the optimizer (`optimizer_order`) ties DDP's numbered optimizer state to
+names; it is taken from the optimizer as built, before accelerate or DeepSpeed wrap it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from core.distributed import strategy_of
+
+STEP = "step"
+FP32 = "fp32"
+
+
+class PortableStateError(RuntimeError):
+    """The saved state does not fit this run's model or optimizer; the message says what differs."""
+
+
+def optimizer_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of every parameter the optimizer updates, in the order of its param groups."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+class PortableState:
+    """Per-parameter training state, read lazily: `tensors(name)` gives {"fp32": ..., "exp_avg": ...}."""
+
+    def __init__(self, folder: str, order: list[str]) -> None:
+        self.folder, self.order = folder, order
+        universal = os.path.join(folder, "zero")
+        if os.path.isdir(universal):
+            self._universal: str | None = universal
+            self._ddp: dict[str, dict[str, torch.Tensor]] = {}
+            self.step = self._universal_step()
+        else:
+            self._universal = None
+            self._ddp, self.step = self._read_ddp()
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if self._universal is None:
+            return self._ddp[name]
+        folder = os.path.join(self._universal, name)
+        if not os.path.isdir(folder):
+            raise PortableStateError(f"{self.folder}: no saved state for parameter {name!r}: the model has changed")
+        out = {}
+        for file in sorted(os.listdir(folder)):
+            kind = file.removesuffix(".pt")
+            if kind != STEP:
+                saved = torch.load(os.path.join(folder, file), map_location="cpu", weights_only=True)  # noqa: TID251
+                out[kind] = saved["param"] if isinstance(saved, dict) else saved
+        return out
+
+    def _read_ddp(self) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+        weights = load_file(os.path.join(self.folder, "model.safetensors"), device="cpu")
+        saved = torch.load(os.path.join(self.folder, "optimizer.bin"), map_location="cpu", weights_only=True)  # noqa: TID251
+        ids = [i for group in saved["param_groups"] for i in group["params"]]
+        if len(ids) != len(self.order):
+            raise PortableStateError(
+                f"{self.folder}/optimizer.bin holds {len(ids)} parameters, this run's optimizer {len(self.order)}: "
+                "the model or its parameter groups have changed"
+            )
+        out, steps = {}, set()
+        for i, name in zip(ids, self.order, strict=True):
+            if name not in weights:
+                raise PortableStateError(f"{self.folder}/model.safetensors has no {name!r}: the model has changed")
+            state = dict(saved["state"].get(i, {}))
+            if STEP in state:
+                steps.add(float(state.pop(STEP)))
+            out[name] = {FP32: weights[name].float(), **state}
+        if len(steps) > 1:
+            raise PortableStateError(f"{self.folder}/optimizer.bin: parameters at different step counts {steps}")
+        return out, steps.pop() if steps else 0.0
+
+    def _universal_step(self) -> float:
+        """ZeRO-1/2 universal folders keep a step per parameter; ZeRO-3's only in the optimizer's
+        common state (a pickle of DeepSpeed's: read with its data classes allowed, nothing else)."""
+        for name in self.order:
+            step_file = os.path.join(self._universal or "", name, f"{STEP}.pt")
+            if os.path.isfile(step_file):
+                return float(torch.load(step_file, map_location="cpu", weights_only=True))  # noqa: TID251
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum]):
+            common = torch.load(os.path.join(self._universal or "", "optimizer_state.pt"), weights_only=True)  # noqa: TID251
+        return float(common["optimizer_state_dict"]["state"][0][STEP])
+
+    def load_into(self, acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Put every parameter's weight, moments and step into this run's model and optimizer."""
+        if strategy_of(acc) == "deepspeed":
+            self._into_deepspeed(acc.unwrap_model(model), optimizer)
+        else:
+            self._into_torch(acc.unwrap_model(model), optimizer)
+
+    def _into_torch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        params = dict(model.named_parameters())
+        live = optimizer.state_dict()
+        ids = [i for group in live["param_groups"] for i in group["params"]]
+        state = {}
+        with torch.no_grad():
+            for i, name in zip(ids, self.order, strict=True):
+                saved = self._checked(name, params[name])
+                params[name].copy_(saved.pop(FP32))
+                state[i] = {STEP: torch.tensor(self.step), **saved}
+        optimizer.load_state_dict({"state": state, "param_groups": live["param_groups"]})
+
+    def _into_deepspeed(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        params = dict(model.named_parameters())
+        self._create_zero12_state(optimizer, kinds=[k for k in self.tensors(self.order[0]) if k != FP32])
+        for name in self.order:
+            param = params[name]
+            saved = self._checked(name, param)
+            fp32 = saved.pop(FP32)
+            # The working copy (bf16 or fp32; under ZeRO-3 gathered, set, and partitioned again) ...
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+                param.copy_(fp32.view_as(param))
+            # ... and the fp32 master and the moments, each rank its own slice.
+            safe_set_full_fp32_param(param, fp32.view(-1))
+            for kind, value in saved.items():
+                safe_set_full_optimizer_state(param, value.view(-1), kind)
+        for state in _inner_states(optimizer):
+            if STEP in state:
+                old = state[STEP]
+                state[STEP] = torch.tensor(self.step, dtype=old.dtype) if torch.is_tensor(old) else self.step
+
+    @staticmethod
+    def _create_zero12_state(optimizer: Any, kinds: list[str]) -> None:
+        """ZeRO-1/2 create the optimizer's state at the first step and only then link each
+        parameter to its slice of it, which the tensor-fragment setters write through: create it
+        now, zeroed, and link it the way DeepSpeed does. (ZeRO-3 creates its state at start.)"""
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "single_partition_of_fp32_groups"):
+            optimizer = optimizer.optimizer  # accelerate's wrapper
+        if not hasattr(optimizer, "single_partition_of_fp32_groups"):
+            return
+        inner = optimizer.optimizer
+        for params, flat in zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups, strict=True):
+            if not inner.state[flat]:
+                inner.state[flat] = {STEP: torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in kinds}}
+            lazy_init_hp_params_optimizer_state(params, flat, inner.state)
+
+    def _checked(self, name: str, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        saved = dict(self.tensors(name))
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape aside
+        for kind, value in saved.items():
+            if value.numel() != torch.Size(shape).numel():
+                raise PortableStateError(
+                    f"{self.folder}: {name} {kind} has {tuple(value.shape)}, this run's parameter {shape}: "
+                    "the model has changed"
+                )
+        return saved
+
+
+def _inner_states(optimizer: object) -> Iterator[dict]:
+    while hasattr(optimizer, "optimizer"):  # accelerate's and DeepSpeed's wrappers
+        optimizer = optimizer.optimizer
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    return iter(optimizer.state.values())
