@@ -38,9 +38,9 @@ import xxhash
 from accelerate import Accelerator
 from accelerate.checkpointing import load_accelerator_state
 from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file, save_file
 
 from core.distributed import layout_of
+from core.ema import WeightAverage, WeightAverageError
 from core.portable import PortableState, PortableStateError
 from core.watchdog import HangWatchdog
 
@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
-EMA_WEIGHTS = "ema.safetensors"
 DEEPSPEED_TAG = "pytorch_model"  # the folder (DeepSpeed's checkpoint tag) accelerate saves ZeRO shards in
 PICKLED_FORMATS = {DEEPSPEED_TAG: "DeepSpeed", "pytorch_model_fsdp_0": "FSDP"}
 
@@ -140,7 +139,7 @@ class CheckpointManager:
         return self.every_steps > 0 and step % self.every_steps == 0
 
     def maybe_save(
-        self, state: TrainerState, ema: torch.nn.Module | None, *, epoch_end: bool = False, force: bool = False
+        self, state: TrainerState, ema: WeightAverage | None, *, epoch_end: bool = False, force: bool = False
     ) -> None:
         """Save if one is due: every `every_steps` optimizer steps, at an epoch's end (at_epoch_end),
         or when forced (a stop, the run's end). A step already saved is not saved again."""
@@ -205,7 +204,7 @@ class CheckpointManager:
         verify(resume)
         return resume
 
-    def save(self, state: TrainerState, ema: torch.nn.Module | None = None) -> str:
+    def save(self, state: TrainerState, ema: WeightAverage | None = None) -> str:
         step = state.global_step
         final = os.path.join(self.root, str(step))
         tmp = os.path.join(self.root, f".tmp-{step}")
@@ -220,12 +219,12 @@ class CheckpointManager:
         # patch() is added to the module at import time, where mypy cannot see it.
         with serialization_config.patch({"save.compute_crc32": False}):  # type: ignore[attr-defined]
             acc.save_state(tmp, safe_serialization=True)
+        if ema is not None:
+            ema.save(tmp)
         acc.wait_for_everyone()  # every rank's shards are on disk before the folder is published
         if acc.is_main_process:
             with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
                 json.dump(dataclasses.asdict(state), f, indent=2)
-            if ema is not None:
-                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, os.path.join(tmp, EMA_WEIGHTS))
             self._write_manifest(tmp)
             if os.path.exists(final):  # the same step saved again (e.g. a resumed run's epoch end)
                 old = os.path.join(self.root, f".old-{step}")
@@ -338,7 +337,7 @@ class CheckpointManager:
         path: str,
         state: TrainerState,
         allow_pickle: bool,
-        ema: torch.nn.Module | None = None,
+        ema: WeightAverage | None = None,
         load_from: str | None = None,
         optimizer_order: list[str] | None = None,
     ) -> None:
@@ -385,10 +384,10 @@ class CheckpointManager:
             logger.info("loaded the %s state of %s into %s, parameter by parameter", saved_layout, path, running)
         self._check_rng_restored(path)
         if ema is not None:
-            ema_file = os.path.join(path, EMA_WEIGHTS)
-            if not os.path.isfile(ema_file):
-                raise CheckpointError(f"{path}: the run uses EMA but the checkpoint has no {EMA_WEIGHTS}")
-            ema.load_state_dict(load_file(ema_file, device="cpu"))
+            try:
+                ema.load(path)
+            except WeightAverageError as e:
+                raise CheckpointError(str(e)) from e
         self.last_saved_step = state.global_step
         logger.info("resumed from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
 

@@ -187,11 +187,6 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON: {e}") from None
         ds = fill_deepspeed_config(raw, cfg, world_size, path)
-        if cfg.loop.ema_decay is not None and zero_stage(ds) == 3:
-            raise ConfigError(
-                "loop.ema_decay is not supported under ZeRO-3: each rank holds only a shard of every "
-                "weight, so there is no full model to average. Use ZeRO-1/2 or DDP for EMA runs."
-            )
         if cfg.loop.nonfinite_loss == "skip":
             raise ConfigError(
                 "loop.nonfinite_loss='skip' is not supported under DeepSpeed, which steps inside "

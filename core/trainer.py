@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from core.agreement import Preempted, StepAgreement
 from core.checkpoint import CheckpointManager, TrainerState
@@ -30,6 +29,7 @@ from core.distributed import (
     strategy_of,
     zero_stage,
 )
+from core.ema import WeightAverage
 from core.logging import RunLogger, TrainMeter, memory_mb, peak_tflops, progress_bar, training_flops_per_sample
 from core.optim import (
     build_optimizer,
@@ -158,9 +158,7 @@ class Trainer:
 
         self.ema = None
         if cfg.loop.ema_decay is not None:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self._bare_model(), decay=cfg.loop.ema_decay)
+            self.ema = WeightAverage(acc, self.model, cfg.loop.ema_decay)
 
         self.input_dtype = self._input_dtype()
         if self.input_dtype is not None:
@@ -181,7 +179,7 @@ class Trainer:
                 self.resumed_from,
                 self.state,
                 cfg.checkpoint.allow_pickle,
-                self._ema_weights(),
+                self.ema,
                 self.load_from,
                 order,
             )
@@ -235,7 +233,7 @@ class Trainer:
             last = epoch + 1 == self.cfg.loop.epochs or self._reached_max_steps()
             if last or (epoch + 1) % self.cfg.loop.eval_every_epochs == 0:
                 metrics = self.evaluate_and_log()
-            self.checkpoints.maybe_save(self.state, self._ema_weights(), epoch_end=True, force=last)
+            self.checkpoints.maybe_save(self.state, self.ema, epoch_end=True, force=last)
             if last:
                 break
         if not metrics:  # resumed from a finished run: nothing left to train
@@ -260,7 +258,7 @@ class Trainer:
                     agreement.settle()  # nothing is logged or saved before every rank's flags are read
                 if logging_due:
                     self._log_train(epoch, batches)
-                self.checkpoints.maybe_save(state, self._ema_weights(), force=agreement.stop_requested)
+                self.checkpoints.maybe_save(state, self.ema, force=agreement.stop_requested)
                 if agreement.stop_requested:
                     raise Preempted(f"{agreement.stop_reason()} at step {state.global_step}")
                 if self._reached_max_steps():
@@ -268,7 +266,7 @@ class Trainer:
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         agreement.settle()  # a stop requested during the epoch's last step
         if agreement.stop_requested:
-            self.checkpoints.maybe_save(state, self._ema_weights(), force=True)
+            self.checkpoints.maybe_save(state, self.ema, force=True)
             raise Preempted(f"{agreement.stop_reason()} at the end of epoch {epoch}")
 
     def train_step(self, batch: Any, epoch: int) -> bool:
@@ -328,7 +326,8 @@ class Trainer:
         state = self.state
         metrics = self.evaluate()
         if self.ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module, tag="-ema").items()})
+            with self.ema.swapped_in() as averaged:
+                metrics.update({f"ema_{k}": v for k, v in self.evaluate(averaged, tag="-ema").items()})
         primary = metrics.get(self.task.primary_metric)
         state.eval_metric = primary
         if primary is not None and not self.cfg.eval_only:
@@ -354,12 +353,9 @@ class Trainer:
         # saved, without torch.compile's wrapper (which prefixes every name with '_orig_mod.').
         model = self.model if self.strategy == "deepspeed" else self._bare_model()
         acc.save_model(model, final_dir, max_shard_size="10000GB", safe_serialization=True)
+        if self.ema is not None:
+            self.ema.export(final_dir)
         if acc.is_main_process:
-            if self.ema is not None:
-                save_file(
-                    {k: v.contiguous() for k, v in self.ema.module.state_dict().items()},
-                    os.path.join(final_dir, "model_ema.safetensors"),
-                )
             save_config(self.cfg, os.path.join(final_dir, "config.yaml"))
             with open(os.path.join(final_dir, "metrics.json"), "w") as f:
                 json.dump({"step": self.state.global_step, **metrics}, f, indent=2)
@@ -377,7 +373,7 @@ class Trainer:
             grad_norm = self._clip_gradients()
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.update(self._bare_model(), step=self.state.global_step)
+                self.ema.update(self.model, step=self.state.global_step)
         else:
             self.state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -468,9 +464,6 @@ class Trainer:
     def _bare_model(self) -> torch.nn.Module:
         """The model without DDP's or torch.compile's wrappers (FSDP2 shards stay in place)."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-
-    def _ema_weights(self) -> torch.nn.Module | None:
-        return self.ema.module if self.ema is not None else None
 
     def _reached_max_steps(self) -> bool:
         return self.cfg.loop.max_steps is not None and self.state.global_step >= self.cfg.loop.max_steps

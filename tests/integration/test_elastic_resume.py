@@ -30,7 +30,8 @@ from tests.helpers import (
 )
 
 # LayerNorm ViT (no batch statistics, which would differ between 1x64 and 2x32 samples per rank),
-# no dropout, AdamW: the moments are what a resume must keep.
+# no dropout, AdamW: the moments are what a resume must keep; and an EMA of the weights, which
+# ZeRO-3 keeps sharded like them.
 ELASTIC = [
     "--config",
     DIGITS,
@@ -51,21 +52,35 @@ ELASTIC = [
     "4",
     "--checkpoint.at_epoch_end",
     "false",
-    "--checkpoint.export_final",
-    "false",
+    "--loop.ema_decay",
+    "0.9",
 ]
 MICRO = {1: "64", 2: "32"}  # a global batch of 64 at either world size
 TOLERANCE = 1e-3  # relative, on the losses after the resume: float sums in another order, no more
 
 
-def layout_launch(args: list[str], layout: str, nproc: int) -> dict:
-    """Launch arguments for a run under `layout` (ddp: torchrun; zero2/zero3: accelerate and the
-    repo's config) on `nproc` ranks, with the micro-batch that keeps the global batch at 64."""
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory) -> dict[str, str]:
+    """The repo's accelerate config per layout; ZeRO-3's with a parameter persistence threshold of
+    1000 values instead of 100000, so that this small model has both kinds of ZeRO-3 parameters,
+    as a large one does: weights partitioned between steps, biases and norms kept whole."""
+    folder = tmp_path_factory.mktemp("configs")
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
+    (folder / "zero3.json").write_text(json.dumps(ds))
+    zero3 = (REPO / "accelerate_configs" / "deepspeed_zero3.yaml").read_text()
+    assert "ds_configs/zero3.json" in zero3
+    (folder / "zero3.yaml").write_text(zero3.replace("ds_configs/zero3.json", str(folder / "zero3.json")))
+    return {"zero2": str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"), "zero3": str(folder / "zero3.yaml")}
+
+
+def layout_launch(args: list[str], layout: str, nproc: int, configs: dict[str, str]) -> dict:
+    """Launch arguments for a run under `layout` (ddp: torchrun; zero2/zero3: accelerate) on
+    `nproc` ranks, with the micro-batch that keeps the global batch at 64."""
     args = [*args, "--data.micro_batch_size", MICRO[nproc]]
     if layout == "ddp":
         return dict(args=args, launcher="torchrun", nproc=nproc)
-    config = str(REPO / "accelerate_configs" / f"deepspeed_{layout}.yaml")
-    return dict(args=args, launcher="accelerate", accelerate_config=config, nproc=nproc)
+    return dict(args=args, launcher="accelerate", accelerate_config=configs[layout], nproc=nproc)
 
 
 def final_state(checkpoint: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -101,7 +116,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory, configs):
     """The uninterrupted 2-rank run of a layout (ddp, zero2, zero3), run once when first asked for:
     the trajectory and final state a resumed run must reproduce. Its checkpoint at step 4 is what a
     2-rank run stopped after step 4 leaves behind, so the tests start their resumes from a copy."""
@@ -110,7 +125,7 @@ def reference(tmp_path_factory):
     def get(layout: str) -> Path:
         if layout not in runs:
             run_dir = tmp_path_factory.mktemp(f"{layout}_reference")
-            kwargs = layout_launch([*ELASTIC, "--output-dir", str(run_dir)], layout, nproc=2)
+            kwargs = layout_launch([*ELASTIC, "--output-dir", str(run_dir)], layout, 2, configs)
             launch(kwargs.pop("args"), **kwargs)
             runs[layout] = run_dir
         return runs[layout]
@@ -118,12 +133,12 @@ def reference(tmp_path_factory):
     return get
 
 
-def stopped_at_step_4(run_dir: Path, layout: str, nproc: int, reference) -> Path:
+def stopped_at_step_4(run_dir: Path, layout: str, nproc: int, reference, configs) -> Path:
     """A run of `layout` on `nproc` ranks that stopped after its checkpoint at step 4."""
     if nproc == 2:
         shutil.copytree(reference(layout) / "checkpoints" / "4", run_dir / "checkpoints" / "4")
     else:
-        first = layout_launch([*ELASTIC, "--output-dir", str(run_dir)], layout, nproc)
+        first = layout_launch([*ELASTIC, "--output-dir", str(run_dir)], layout, nproc, configs)
         run_killed_after_checkpoint(first.pop("args"), run_dir, step=4, **first)
     return run_dir / "checkpoints" / "4"
 
@@ -146,6 +161,11 @@ def assert_continues_like(reference_run: Path, run_dir: Path, tmp_path: Path) ->
         assert states.keys() == resumed[name].keys(), name
         for kind, value in states.items():
             torch.testing.assert_close(resumed[name][kind], value, rtol=1e-3, atol=1e-5, msg=f"{name} {kind}")
+    # The weight average went through the same change of ranks or strategy (resharded under ZeRO-3).
+    expected_ema, resumed_ema = (load_file(run / "final" / "model_ema.safetensors") for run in (reference_run, run_dir))
+    assert expected_ema.keys() == resumed_ema.keys()
+    for name, value in expected_ema.items():
+        torch.testing.assert_close(resumed_ema[name], value, rtol=1e-3, atol=1e-5, msg=f"EMA {name}")
 
 
 @pytest.mark.parametrize(
@@ -154,18 +174,18 @@ def assert_continues_like(reference_run: Path, run_dir: Path, tmp_path: Path) ->
     ids=["zero2-2-to-1-ranks", "zero2-1-to-2-ranks", "zero3-2-to-1-ranks", "zero3-1-to-2-ranks"],
 )
 def test_zero_checkpoint_resumes_at_another_world_size_with_its_optimizer_state(
-    reference, tmp_path, stage, before, after
+    reference, configs, tmp_path, stage, before, after
 ):
     layout, run_dir = f"zero{stage}", tmp_path / "run"
     resume = [*ELASTIC, "--output-dir", str(run_dir), "--resume", "auto"]
-    original = stopped_at_step_4(run_dir, layout, before, reference)
+    original = stopped_at_step_4(run_dir, layout, before, reference, configs)
     manifest_before = (original / "manifest.json").read_text()
     if (stage, after) == (2, 1):  # a conversion SIGKILLed half-way leaves nothing published, and nothing broken
-        converting = layout_launch(resume, layout, after)
+        converting = layout_launch(resume, layout, after, configs)
         run_killed_when(converting.pop("args"), run_dir / "checkpoints" / ".tmp-universal-4", **converting)
         assert not (run_dir / "checkpoints" / "universal-4").exists()
 
-    second = layout_launch(resume, layout, after)
+    second = layout_launch(resume, layout, after, configs)
     launch(second.pop("args"), **second)
 
     run = last_launch(run_dir)
@@ -177,11 +197,42 @@ def test_zero_checkpoint_resumes_at_another_world_size_with_its_optimizer_state(
 
 
 @pytest.mark.parametrize("saved, resumed", [("ddp", "zero2"), ("zero2", "ddp")], ids=["ddp-to-zero2", "zero2-to-ddp"])
-def test_checkpoint_resumes_under_another_strategy_with_its_optimizer_state(reference, tmp_path, saved, resumed):
+def test_checkpoint_resumes_under_another_strategy_with_its_optimizer_state(
+    reference, configs, tmp_path, saved, resumed
+):
     run_dir = tmp_path / "run"
-    original = stopped_at_step_4(run_dir, saved, 2, reference)
-    go_on = layout_launch([*ELASTIC, "--output-dir", str(run_dir), "--resume", "auto"], resumed, nproc=2)
+    original = stopped_at_step_4(run_dir, saved, 2, reference, configs)
+    go_on = layout_launch([*ELASTIC, "--output-dir", str(run_dir), "--resume", "auto"], resumed, 2, configs)
     proc = launch(go_on.pop("args"), **go_on)
     assert f"loaded the {saved} state of {original} into {resumed}, parameter by parameter" in proc.stderr
     assert last_launch(run_dir)["resumed_from"] == str(original)
     assert_continues_like(reference(resumed), run_dir, tmp_path)
+
+
+def test_zero3_keeps_the_weight_average_sharded_and_it_equals_ddps(reference):
+    """The same seed and batches under DDP and ZeRO-3 (2 ranks each): ZeRO-3 averages each rank's
+    own partition, never the whole model, yet the exported average, and the evaluation with it,
+    are DDP's (to float noise: the gradients are reduced in another order)."""
+    ddp, zero3 = reference("ddp"), reference("zero3")
+    shards = sorted((zero3 / "checkpoints" / "8").glob("ema-rank*-of-00002.safetensors"))
+    assert [s.name for s in shards] == ["ema-rank00000-of-00002.safetensors", "ema-rank00001-of-00002.safetensors"]
+    exported = load_file(zero3 / "final" / "model_ema.safetensors")
+    parameters = sum(v.numel() for v in exported.values())
+    for shard in shards:  # each rank keeps about half of the average (ZeRO-3 pads a partition to split evenly)
+        kept = sum(v.numel() for k, v in load_file(shard).items() if not k.startswith("buffer:"))
+        assert parameters / 2 <= kept < parameters / 2 + 1000, (shard.name, kept, parameters)
+
+    expected = load_file(ddp / "final" / "model_ema.safetensors")
+    assert exported.keys() == expected.keys()
+    # atol: the attention key bias, moved by noise (see above): 1.3e-6 apart in the average, 5.6e-6 in
+    # the weights; every other tensor agrees to 3e-7. The average and the weights are ~1e-2 apart.
+    for name, value in expected.items():
+        torch.testing.assert_close(exported[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # The weights exported after the evaluation with the average are the trained ones again, DDP's.
+    final, ddp_final = load_file(zero3 / "final" / "model.safetensors"), load_file(ddp / "final" / "model.safetensors")
+    for name, value in ddp_final.items():
+        torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.equal(final[k], exported[k]) for k in final)  # an average, not the last weights
+    ddp_eval, zero3_eval = read_metrics(ddp, "eval")[-1], read_metrics(zero3, "eval")[-1]
+    assert zero3_eval["ema_loss"] == pytest.approx(ddp_eval["ema_loss"], rel=1e-4)
+    assert zero3_eval["ema_loss"] != pytest.approx(zero3_eval["loss"], rel=1e-4)  # evaluated with the average

@@ -151,13 +151,6 @@ def test_cpu_refusals(fresh_accelerate_state):
     cfg.distributed.strategy = "fsdp"
     with pytest.raises(ConfigError, match=r"'fsdp' needs GPUs"):
         build_accelerator(cfg)
-    cfg.distributed.strategy, cfg.distributed.deepspeed_config, cfg.loop.ema_decay = (
-        "deepspeed",
-        str(REPO / "ds_configs/zero3.json"),
-        0.99,
-    )
-    with pytest.raises(ConfigError, match=r"ema_decay is not supported under ZeRO-3"):
-        build_accelerator(cfg)
 
 
 def test_launcher_precision_conflict(fresh_accelerate_state, monkeypatch):

@@ -77,7 +77,7 @@ def test_ema_is_exported_checkpointed_and_restored(fresh_accelerate_state, tmp_p
     reset_accelerator_state()
     cfg.checkpoint.resume = "auto"
     resumed = Trainer(cfg, TinyTask(cfg))
-    assert all(torch.equal(v, resumed.ema.module.state_dict()[k]) for k, v in saved_ema.items())
+    assert all(torch.equal(v, resumed.ema.full.module.state_dict()[k]) for k, v in saved_ema.items())
 
 
 def test_eval_only_evaluates_exported_weights(fresh_accelerate_state, tmp_path):

@@ -1,0 +1,202 @@
+"""The exponential moving average of the weights (`loop.ema_decay`), kept where the weights are.
+
+Under DDP, a single process and ZeRO-1/2 every rank holds the whole model, and so the whole
+average: timm's ModelEmaV3 on a copy of the model. Under ZeRO-3 each rank holds one partition of
+every weight, and the average is elementwise, so each rank averages only its own fp32 partition
+(DeepSpeed's local fp32 API), with no gather: memory and time per rank shrink with the world size
+like the rest of the training state. Evaluation swaps the averaged partitions into the model's own
+and back; a checkpoint keeps one file per rank (resharded on load at any world size or strategy,
+like the weights); the export gathers it parameter by parameter into one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from core.distributed import layout_of
+
+FULL_FILE = "ema.safetensors"  # the whole average, in a checkpoint of a run that holds whole weights
+SHARD_FILE = "ema-rank{rank:05d}-of-{world:05d}.safetensors"  # one rank's partitions, under ZeRO-3
+EXPORT_FILE = "model_ema.safetensors"
+
+
+class WeightAverageError(RuntimeError):
+    """A checkpoint whose average cannot be restored here; the message names the file."""
+
+
+class WeightAverage:
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, decay: float) -> None:
+        self.accelerator, self.decay = accelerator, decay
+        self.sharded = layout_of(accelerator) == "zero3"
+        bare = accelerator.unwrap_model(model, keep_torch_compile=False)
+        if self.sharded:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            self._local_fp32 = safe_get_local_fp32_param
+            self.bare = bare
+            self.params = {name: p for name, p in bare.named_parameters() if p.requires_grad}
+            self.shards = {name: self._local_fp32(p).detach().clone() for name, p in self.params.items()}
+            # Buffers (norm statistics) are not partitioned: every rank averages its own whole copy.
+            self.buffers = {name: b for name, b in bare.named_buffers()}
+            self.buffer_average = {name: b.detach().clone() for name, b in self.buffers.items()}
+            self.model = model
+        else:
+            from timm.utils import ModelEmaV3
+
+            self.full = ModelEmaV3(bare, decay=decay)
+
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Fold in the weights after optimizer step `step` (counted from 0)."""
+        if not self.sharded:
+            self.full.update(self.accelerator.unwrap_model(model, keep_torch_compile=False), step=step)
+            return
+        # timm's ModelEmaV3 (no warmup): the first two updates copy, then the decay applies.
+        weight = 1.0 if step <= 1 else 1.0 - self.decay
+        with torch.no_grad():
+            torch._foreach_lerp_(
+                list(self.shards.values()), [self._local_fp32(p) for p in self.params.values()], weight
+            )
+            for name, average in self.buffer_average.items():
+                if average.is_floating_point():
+                    average.lerp_(self.buffers[name], weight)
+                else:
+                    average.copy_(self.buffers[name])
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[torch.nn.Module]:
+        """The model to evaluate the average with. Under ZeRO-3 the training model itself, with the
+        averaged partitions copied into its own for the duration, and its own put back after."""
+        if not self.sharded:
+            yield self.full.module
+            return
+        kept = {name: p.ds_tensor.detach().clone() for name, p in self.params.items()}
+        kept_buffers = {name: b.detach().clone() for name, b in self.buffers.items()}
+        self._set(self.shards, self.buffer_average)
+        try:
+            yield self.model
+        finally:
+            self._set(kept, kept_buffers)
+
+    def _set(self, partitions: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.ds_tensor.copy_(partitions[name])
+            for name, b in self.buffers.items():
+                b.copy_(buffers[name])
+        # Weights still gathered (those ZeRO-3 keeps whole between steps, and any left whole by the
+        # last step) are released without writing back, as GatheredParameters does on exit, so
+        # the next forward gathers them from the partitions just set.
+        params = list(self.params.values())
+        params[0].partition(param_list=params, has_been_updated=False)
+
+    def _gathered(self, name: str) -> torch.Tensor:
+        """The whole average of one ZeRO-3 parameter (a collective: every rank calls it)."""
+        p = self.params[name]
+        gathered = gather(self.shards[name].to(self.accelerator.device)).cpu()
+        return gathered[: p.ds_numel].reshape(p.ds_shape)
+
+    # ------------------------------------------------------------------------------------------
+
+    def save(self, folder: str) -> None:
+        """Into a checkpoint being written (every rank calls it: under ZeRO-3 each writes its file)."""
+        acc = self.accelerator
+        if self.sharded:
+            tensors = {**self.shards, **{f"buffer:{k}": v for k, v in self.buffer_average.items()}}
+            name = SHARD_FILE.format(rank=acc.process_index, world=acc.num_processes)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, name))
+        elif acc.is_main_process:
+            state = self.full.module.state_dict()
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, FULL_FILE))
+
+    def load(self, folder: str) -> None:
+        """From a checkpoint saved whole or in shards, at any world size: each tensor is
+        reassembled from the files that hold it and cut to what this rank keeps."""
+        source = _SavedAverage(folder)
+        with torch.no_grad():
+            if not self.sharded:
+                buffers = dict(self.full.module.named_buffers())
+                for name, value in self.full.module.state_dict().items():
+                    value.copy_(source.full(name, value.shape, buffer=name in buffers))
+                return
+            world, rank = self.accelerator.num_processes, self.accelerator.process_index
+            for name, p in self.params.items():
+                full = source.full(name, p.ds_shape).reshape(-1)
+                size = self.shards[name].numel()  # ceil(numel / world): ZeRO-3 pads the last partition
+                padded = torch.zeros(size * world, dtype=full.dtype)
+                padded[: full.numel()] = full
+                self.shards[name].copy_(padded[rank * size : (rank + 1) * size])
+            for name, average in self.buffer_average.items():
+                average.copy_(source.full(name, average.shape, buffer=True))
+
+    def export(self, folder: str) -> None:
+        """The whole average into `folder/model_ema.safetensors` (a collective under ZeRO-3)."""
+        acc = self.accelerator
+        if not self.sharded:
+            if acc.is_main_process:
+                state = self.full.module.state_dict()
+                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, EXPORT_FILE))
+            return
+        whole = {}
+        for name in self.params:  # one parameter at a time: never more than one gathered
+            gathered = self._gathered(name)
+            if acc.is_main_process:
+                whole[name] = gathered.clone()
+        import deepspeed
+
+        for name, p in self.bare.named_parameters():  # frozen ones are not averaged: their value is it
+            if name not in self.params:
+                with deepspeed.zero.GatheredParameters([p]):
+                    whole[name] = p.detach().cpu().clone()
+        if acc.is_main_process:
+            whole.update({name: b.detach().cpu().clone() for name, b in self.buffer_average.items()})
+            save_file(whole, os.path.join(folder, EXPORT_FILE))
+
+
+class _SavedAverage:
+    """The average in a checkpoint folder: one whole file, or one file per rank of a ZeRO-3 run."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.whole = os.path.join(folder, FULL_FILE)
+        self.shards = sorted(glob.glob(os.path.join(folder, "ema-rank*-of-*.safetensors")))
+        if not os.path.isfile(self.whole) and not self.shards:
+            raise WeightAverageError(f"{folder}: the run uses EMA (loop.ema_decay) but the checkpoint holds none")
+        if self.shards:
+            worlds = {int(re.search(r"-of-(\d+)", s).group(1)) for s in self.shards}  # type: ignore[union-attr]
+            if worlds != {len(self.shards)}:
+                raise WeightAverageError(f"{folder}: EMA shard files {self.shards} do not make one set")
+
+    def full(self, name: str, shape: torch.Size | tuple[int, ...], buffer: bool = False) -> torch.Tensor:
+        numel = torch.Size(shape).numel()
+        if os.path.isfile(self.whole):
+            with safe_open(self.whole, "pt") as f:
+                if name not in f.keys():
+                    raise WeightAverageError(f"{self.whole}: no {name!r}: the model has changed")
+                value = f.get_tensor(name)
+        elif buffer:  # every rank's file has the buffers; the first rank's are the ones exported
+            with safe_open(self.shards[0], "pt") as f:
+                value = f.get_tensor(f"buffer:{name}")
+        else:
+            parts = []
+            for shard in self.shards:
+                with safe_open(shard, "pt") as f:
+                    if name not in f.keys():
+                        raise WeightAverageError(f"{shard}: no {name!r}: the model has changed")
+                    parts.append(f.get_tensor(name))
+            value = torch.cat(parts)[:numel]
+        if value.numel() != numel:
+            raise WeightAverageError(
+                f"{self.folder}: EMA {name} has {value.numel()} values, this run's {tuple(shape)}: "
+                "the model has changed"
+            )
+        return value.reshape(shape)
