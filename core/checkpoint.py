@@ -244,11 +244,11 @@ class CheckpointManager:
         """The folder to load `path` from in this run, which may differ from the run that saved it:
 
         - the same layout (DDP at any world size, ZeRO or FSDP at the same one): `path` itself;
-        - ZeRO at another world size or stage: its universal form (DeepSpeed's layout of one file per
-          parameter and state), loaded by DeepSpeed itself (`load_universal`, set here in the config
-          before the engine exists);
-        - across DDP and ZeRO: the DDP folder, or the universal form of the ZeRO one, read by
-          `load` as portable per-parameter state (core/portable.py).
+        - ZeRO at another world size, same stage: its universal form (DeepSpeed's layout of one file
+          per parameter and state), loaded by DeepSpeed itself (`load_universal`, set here in the
+          config before the engine exists);
+        - across DDP and ZeRO, or to another ZeRO stage: the DDP folder, or the universal form of the
+          ZeRO one, read by `load` as portable per-parameter state (core/portable.py).
 
         The universal form is converted once by rank 0 into `universal-<step>/` beside the
         checkpoint, published atomically with a manifest like a save, and reused by later resumes;
@@ -271,7 +271,7 @@ class CheckpointManager:
             return path
         universal = os.path.join(os.path.dirname(path), f"universal-{os.path.basename(path)}")
         self._decided_on_main(lambda: self._publish_universal(path, universal, saved_world))
-        if layout != "ddp":
+        if saved_layout == layout:  # DeepSpeed's own universal load; a change of stage goes through core/portable.py
             self.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
         return universal
 
@@ -365,13 +365,13 @@ class CheckpointManager:
         self._remap_position(state, **geometry)
 
         load_from, running = load_from or path, layout_of(self.accelerator)
-        if (saved_layout == "ddp") == (running == "ddp"):
+        if saved_layout == running:
             if load_from == path:
                 self.accelerator.load_state(path)
-            else:  # ZeRO at another world size or stage, through the universal form
+            else:  # ZeRO at another world size, through the universal form
                 with _universal_load_repaired(self.accelerator):
                     self.accelerator.load_state(load_from)
-        else:  # DDP <-> ZeRO
+        else:  # DDP <-> ZeRO, or another ZeRO stage
             if optimizer_order is None:
                 raise ValueError("a checkpoint of another strategy needs the optimizer's parameter order")
             try:

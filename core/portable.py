@@ -126,7 +126,7 @@ class PortableState:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         params = dict(model.named_parameters())
-        self._create_zero12_state(optimizer, kinds=[k for k in self.tensors(self.order[0]) if k != FP32])
+        self._create_optimizer_state(optimizer, kinds=[k for k in self.tensors(self.order[0]) if k != FP32])
         for name in self.order:
             param = params[name]
             saved = self._checked(name, param)
@@ -144,31 +144,41 @@ class PortableState:
                 state[STEP] = torch.tensor(self.step, dtype=old.dtype) if torch.is_tensor(old) else self.step
 
     @staticmethod
-    def _create_zero12_state(optimizer: Any, kinds: list[str]) -> None:
-        """ZeRO-1/2 create the optimizer's state at the first step and only then link each
-        parameter to its slice of it, which the tensor-fragment setters write through: create it
-        now, zeroed, and link it the way DeepSpeed does. (ZeRO-3 creates its state at start.)"""
+    def _create_optimizer_state(optimizer: Any, kinds: list[str]) -> None:
+        """DeepSpeed's ZeRO optimizers create the optimizer's state only at the first step (and
+        ZeRO-1/2 only then link each parameter to its slice of it, which the tensor-fragment
+        setters write through): create it now, zeroed, and link it the way DeepSpeed does."""
         from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-        while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "single_partition_of_fp32_groups"):
+        while not hasattr(optimizer, "single_partition_of_fp32_groups") and hasattr(optimizer, "optimizer"):
+            if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
+                break
             optimizer = optimizer.optimizer  # accelerate's wrapper
-        if not hasattr(optimizer, "single_partition_of_fp32_groups"):
-            return
         inner = optimizer.optimizer
-        for params, flat in zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups, strict=True):
+
+        def create(flat: torch.Tensor) -> None:
             if not inner.state[flat]:
                 inner.state[flat] = {STEP: torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in kinds}}
+
+        if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+            for flat in optimizer.fp32_partitioned_groups_flat:
+                create(flat)
+            return
+        for params, flat in zip(optimizer.bit16_groups, optimizer.single_partition_of_fp32_groups, strict=True):
+            create(flat)
             lazy_init_hp_params_optimizer_state(params, flat, inner.state)
 
     def _checked(self, name: str, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         saved = dict(self.tensors(name))
-        shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape aside
+        shape = torch.Size(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape aside
         for kind, value in saved.items():
-            if value.numel() != torch.Size(shape).numel():
+            # ZeRO-3's universal form keeps every tensor flat; the others keep the parameter's shape.
+            if value.shape != shape and (value.dim() != 1 or value.numel() != shape.numel()):
                 raise PortableStateError(
-                    f"{self.folder}: {name} {kind} has {tuple(value.shape)}, this run's parameter {shape}: "
+                    f"{self.folder}: {name} {kind} has {tuple(value.shape)}, this run's parameter {tuple(shape)}: "
                     "the model has changed"
                 )
+            saved[kind] = value.reshape(shape)
         return saved
 
 
