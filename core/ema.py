@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -113,7 +114,10 @@ class WeightAverage:
         if self.sharded:
             tensors = {**self.shards, **{f"buffer:{k}": v for k, v in self.buffer_average.items()}}
             name = SHARD_FILE.format(rank=acc.process_index, world=acc.num_processes)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, name))
+            shapes = json.dumps({name: list(p.ds_shape) for name, p in self.params.items()})  # for the export
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, name), metadata={"shapes": shapes}
+            )
         elif acc.is_main_process:
             state = self.full.module.state_dict()
             save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, FULL_FILE))
@@ -160,6 +164,21 @@ class WeightAverage:
         if acc.is_main_process:
             whole.update({name: b.detach().cpu().clone() for name, b in self.buffer_average.items()})
             save_file(whole, os.path.join(folder, EXPORT_FILE))
+
+
+def saved_average(folder: str) -> dict[str, torch.Tensor] | None:
+    """The whole average kept in a checkpoint folder (None if it has none), without the model or
+    the cluster that wrote it: for `shardvision export`."""
+    if not os.path.isfile(os.path.join(folder, FULL_FILE)) and not glob.glob(os.path.join(folder, "ema-rank*")):
+        return None
+    source = _SavedAverage(folder)
+    if os.path.isfile(source.whole):
+        with safe_open(source.whole, "pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    with safe_open(source.shards[0], "pt") as f:
+        shapes = json.loads((f.metadata() or {})["shapes"])
+        buffers = {k.removeprefix("buffer:"): f.get_tensor(k) for k in f.keys() if k.startswith("buffer:")}
+    return {name: source.full(name, tuple(shape)) for name, shape in shapes.items()} | buffers
 
 
 class _SavedAverage:

@@ -8,7 +8,8 @@ DeepSpeed's own `zero_to_fp32` (the same code as the `zero_to_fp32.py` DeepSpeed
 checkpoint), FSDP shards with accelerate's `merge_fsdp_weights`. Both read Python pickles, hence
 the explicit opt-in. The run's config.yaml (which names the model and its arguments) is copied
 next to the weights, so `--weights OUT/model.safetensors` with `--config OUT/config.yaml` loads
-them into the same model.
+them into the same model. The EMA of the weights, when the run kept one, is written beside them as
+`model_ema.safetensors` (reassembled from its per-rank files under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.checkpoint import TRAINER_STATE, CheckpointError, pickled_format, verify
+from core.ema import EXPORT_FILE as EMA_EXPORT
+from core.ema import saved_average
 
 
 def _save(state_dict: dict[str, torch.Tensor], path: str) -> None:
@@ -56,6 +59,10 @@ def export_checkpoint(checkpoint: str, out_dir: str, allow_pickle: bool = False)
         if not os.path.isfile(source):
             raise CheckpointError(f"{checkpoint}: no model.safetensors, DeepSpeed or FSDP shards to export")
         shutil.copyfile(source, target)
+
+    average = saved_average(checkpoint)
+    if average is not None:
+        _save(average, os.path.join(out_dir, EMA_EXPORT))
 
     run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
     if os.path.isfile(run_config):

@@ -215,7 +215,7 @@ def test_checkpoint_resumes_under_another_strategy_with_its_optimizer_state(
     assert_continues_like(reference(resumed), run_dir, tmp_path)
 
 
-def test_zero3_keeps_the_weight_average_sharded_and_it_equals_ddps(reference):
+def test_zero3_keeps_the_weight_average_sharded_and_it_equals_ddps(reference, tmp_path):
     """The same seed and batches under DDP and ZeRO-3 (2 ranks each): ZeRO-3 averages each rank's
     own partition, never the whole model, yet the exported average, and the evaluation with it,
     are DDP's (to float noise: the gradients are reduced in another order)."""
@@ -239,6 +239,17 @@ def test_zero3_keeps_the_weight_average_sharded_and_it_equals_ddps(reference):
     for name, value in ddp_final.items():
         torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert any(not torch.equal(final[k], exported[k]) for k in final)  # an average, not the last weights
+    # `shardvision export` reassembles the average from a checkpoint's per-rank files, without the model.
+    shardvision = str(Path(sys.executable).parent / "shardvision")
+    subprocess.run(
+        [shardvision, "export", str(zero3 / "checkpoints" / "8"), str(tmp_path), "--allow-pickle"],
+        check=True,
+        capture_output=True,
+    )
+    from_checkpoint = load_file(tmp_path / "model_ema.safetensors")
+    assert from_checkpoint.keys() == exported.keys()
+    assert all(torch.equal(from_checkpoint[k], exported[k]) for k in exported)  # step 8: the run's end
+
     ddp_eval, zero3_eval = read_metrics(ddp, "eval")[-1], read_metrics(zero3, "eval")[-1]
     assert zero3_eval["ema_loss"] == pytest.approx(ddp_eval["ema_loss"], rel=1e-4)
     assert zero3_eval["ema_loss"] != pytest.approx(zero3_eval["loss"], rel=1e-4)  # evaluated with the average
