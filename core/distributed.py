@@ -283,6 +283,22 @@ def layout_of(accelerator: Accelerator) -> str:
     return "fsdp" if strategy == "fsdp" else "ddp"
 
 
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(the model's parameters, those this rank stores). ZeRO-3 keeps a parameter's full size aside
+    (`ds_numel`) and this rank's partition in `ds_tensor`; FSDP2's DTensors report the full shape
+    and hold a local shard; elsewhere every rank stores everything."""
+    total = mine = 0
+    p: Any
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):
+            total, mine = total + p.ds_numel, mine + p.ds_tensor.numel()
+        elif hasattr(p, "to_local"):
+            total, mine = total + p.numel(), mine + p.to_local().numel()
+        else:
+            total, mine = total + p.numel(), mine + p.numel()
+    return total, mine
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices) identically."""
     random.seed(seed)

@@ -23,6 +23,7 @@ from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
 from core.distributed import (
     build_accelerator,
     layout_of,
+    parameter_counts,
     seed_everything,
     seed_rank,
     setup_logging,
@@ -474,6 +475,7 @@ class Trainer:
         stage = zero_stage(acc.state.deepspeed_plugin.deepspeed_config) if self.strategy == "deepspeed" else None
         optimizer, kernel = optimizer_kind(self.optimizer)
         micro, accum = cfg.data.micro_batch_size, cfg.loop.grad_accum_steps
+        parameters, on_this_rank = parameter_counts(self._bare_model())
         facts = {
             "world_size": acc.num_processes,
             "strategy": self.strategy,
@@ -483,7 +485,8 @@ class Trainer:
             "global_batch": micro * accum * acc.num_processes,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
-            "parameters_on_this_rank": sum(p.numel() for p in self.accelerator.unwrap_model(self.model).parameters()),
+            "parameters": parameters,
+            "parameters_on_this_rank": on_this_rank,
             "optimizer": optimizer,
             "update_kernel": kernel,
             "resumed_from": self.resumed_from,
@@ -498,8 +501,8 @@ class Trainer:
             f"train samples {len(self.train_set)} | eval samples {len(self.eval_set)}",
             f"optimizer steps: {self.steps_per_epoch} per epoch, {self.total_steps} in total | "
             f"warmup {warmup_steps_of(cfg.schedule, self.steps_per_epoch)} steps | schedule {cfg.schedule.name}",
-            f"model {cfg.model.name}: {facts['parameters_on_this_rank']:,} parameters"
-            + (" (this rank's shard under ZeRO-3/FSDP)" if sharded else ""),
+            f"model {cfg.model.name}: {parameters:,} parameters"
+            + (f", {on_this_rank:,} stored on this rank (its ZeRO-3/FSDP shard)" if sharded else ""),
             *describe_param_groups(self.optimizer),
         ]
         if self.flops_per_sample:

@@ -228,6 +228,11 @@ def test_zero3_keeps_the_weight_average_sharded_and_it_equals_ddps(reference, tm
         kept = sum(v.numel() for k, v in load_file(shard).items() if not k.startswith("buffer:"))
         assert parameters / 2 <= kept < parameters / 2 + 1000, (shard.name, kept, parameters)
 
+    # The run row counts the whole model, and what this rank stores of it (not 0 under ZeRO-3).
+    ddp_run, zero3_run = last_launch(ddp), last_launch(zero3)
+    assert zero3_run["parameters"] == ddp_run["parameters"] == ddp_run["parameters_on_this_rank"] > 0
+    assert zero3_run["parameters"] / 2 <= zero3_run["parameters_on_this_rank"] < zero3_run["parameters"] / 2 + 1000
+
     expected = load_file(ddp / "final" / "model_ema.safetensors")
     assert exported.keys() == expected.keys()
     # atol: the attention key bias, moved by noise (see above): 1.3e-6 apart in the average, 5.6e-6 in
