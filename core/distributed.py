@@ -16,6 +16,7 @@ give a real 2-rank run on CPU; without it accelerate initialises the group but d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import json
@@ -281,6 +282,17 @@ def layout_of(accelerator: Accelerator) -> str:
     if strategy == "deepspeed":
         return f"zero{zero_stage(accelerator.state.deepspeed_plugin.deepspeed_config)}"
     return "fsdp" if strategy == "fsdp" else "ddp"
+
+
+def partitioned_construction(accelerator: Accelerator) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3, build the model inside DeepSpeed's `zero.Init`: each layer is partitioned as
+    soon as it is built, so no rank ever holds the whole model (transformers models take the same
+    path through accelerate's `zero3_init` support). Elsewhere the model is built whole."""
+    if layout_of(accelerator) != "zero3":
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=accelerator.state.deepspeed_plugin.deepspeed_config)
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

@@ -165,6 +165,15 @@ def progress_bar(
     )
 
 
+def peak_resident_mb_per_rank(accelerator: Accelerator) -> list[float]:
+    """Every rank's peak resident (host) memory so far, in MB; a collective. Taken after the first
+    step, it is what building the model, loading its weights and setting up the strategy cost."""
+    import resource
+
+    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], device=accelerator.device)
+    return [round(v, 1) for v in accelerator.gather(mine).tolist()]
+
+
 def memory_mb(device: torch.device) -> float:
     """Peak accelerator memory, or the process's peak resident memory on CPU."""
     if device.type == "cuda":

@@ -8,6 +8,7 @@ DeepSpeed ZeRO and FSDP differ only in the Accelerator that core/distributed.py 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import os
 from typing import Any
 
 import torch
+from accelerate.utils import send_to_device
 
 from core.agreement import Preempted, StepAgreement
 from core.checkpoint import CheckpointManager, TrainerState
@@ -24,6 +26,7 @@ from core.distributed import (
     build_accelerator,
     layout_of,
     parameter_counts,
+    partitioned_construction,
     seed_everything,
     seed_rank,
     setup_logging,
@@ -31,7 +34,15 @@ from core.distributed import (
     zero_stage,
 )
 from core.ema import WeightAverage
-from core.logging import RunLogger, TrainMeter, memory_mb, peak_tflops, progress_bar, training_flops_per_sample
+from core.logging import (
+    RunLogger,
+    TrainMeter,
+    memory_mb,
+    peak_resident_mb_per_rank,
+    peak_tflops,
+    progress_bar,
+    training_flops_per_sample,
+)
 from core.optim import (
     build_optimizer,
     build_scheduler,
@@ -110,11 +121,17 @@ class Trainer:
             self.load_from = self.checkpoints.loadable(self.resumed_from, cfg.checkpoint.allow_pickle)
 
         # Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
-        # then a per-rank stream for dropout and mixup.
+        # then a per-rank stream for dropout and mixup. Fine-tuning under ZeRO-3 builds the model
+        # partitioned and streams the weights into it: no rank holds the whole model. (Not from
+        # scratch: timm initialises layers after building them, which a partitioned build skips.)
         seed_everything(cfg.seed)
-        model = task.build_model()
+        self.partitioned = self.strategy == "deepspeed" and layout_of(acc) == "zero3" and bool(cfg.model.weights)
+        with partitioned_construction(acc) if self.partitioned else contextlib.nullcontext():
+            model = task.build_model()
         if cfg.model.weights:
             load_weights(model, cfg.model.weights, cfg.model.weights_exclude)
+        if self.partitioned:
+            logger.info("ZeRO-3: model built partitioned (DeepSpeed zero.Init), %s streamed into it", cfg.model.weights)
         apply_model_options(model, cfg)
         seed_rank(cfg.seed, acc.process_index)
 
@@ -188,6 +205,7 @@ class Trainer:
         elif cfg.checkpoint.resume == "auto":
             logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
         self.run_logger = RunLogger(acc, cfg.output_dir, to_dict(cfg), cfg.logging.tensorboard)
+        self.startup_reported = False  # each rank's peak memory is reported once, after its first step
         self.agreement = StepAgreement(acc, cfg.loop.nonfinite_loss, self.bad_samples)
         self.meter = TrainMeter(acc, cfg.logging.every_steps)
 
@@ -254,6 +272,8 @@ class Trainer:
                 if not self.train_step(batch, epoch):
                     continue  # inside an accumulation window
                 self.watchdog.started()
+                if not self.startup_reported:
+                    self._report_startup_memory(epoch)
                 logging_due = self.meter.due(state.global_step)
                 if logging_due or self.checkpoints.due(state.global_step) or self._reached_max_steps():
                     agreement.settle()  # nothing is logged or saved before every rank's flags are read
@@ -448,7 +468,19 @@ class Trainer:
         batch, _ = self.collate([self.eval_set[0]])
         if batch is None:
             return None
+        if self.partitioned:  # counted on a copy on the meta device: shapes only, no memory
+            with torch.device("meta"):
+                model = self.task.build_model()
+            batch = send_to_device(batch, "meta")
         return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
+
+    def _report_startup_memory(self, epoch: int) -> None:
+        self.startup_reported = True
+        peaks = peak_resident_mb_per_rank(self.accelerator)
+        self.run_logger.log(
+            "startup", self.state.global_step, epoch, {"peak_resident_mb_per_rank": peaks}, trackers=False
+        )
+        logger.info("peak resident memory per rank after the first step: %s MB", ", ".join(f"{p:,.0f}" for p in peaks))
 
     def _clip_gradients(self) -> torch.Tensor | None:
         # DeepSpeed clips inside its own step, from "gradient_clipping" in its filled-in config.

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 
@@ -43,17 +45,22 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ()) -> None:
-    """Load `path` into `model` strictly, except for names matching an `exclude` glob."""
-    state = read_state_dict(path)
+    """Load `path` into `model` strictly, except for names matching an `exclude` glob.
+
+    A model built partitioned by ZeRO-3 (`deepspeed.zero.Init`) is filled one tensor at a time:
+    rank 0 reads each tensor from the file (from safetensors just that tensor; a .pt file is read
+    whole) and the tensor's partitions go to the ranks that own them, so no rank ever holds the
+    whole model. The checks and their errors are the same either way."""
+    state = _stored_tensors(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     skipped = {k for k in state if any(fnmatch.fnmatch(k, pat) for pat in exclude)}
     state = {k: v for k, v in state.items() if k not in skipped}
 
-    own = model.state_dict()
+    own = _full_shapes(model)
     mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k])}"
         for k, v in state.items()
-        if k in own and own[k].shape != v.shape
+        if k in own and v.shape != own[k]
     ]
     missing = [k for k in own if k not in state and not any(fnmatch.fnmatch(k, pat) for pat in exclude)]
     unexpected = [k for k in state if k not in own]
@@ -69,4 +76,67 @@ def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ())
             f"{path} does not fit the model ({'; '.join(problems)}). "
             "To fine-tune with a new head, skip its weights with model.weights_exclude (e.g. ['head.*'])."
         )
-    model.load_state_dict(state, strict=False)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        _load_partitioned(model, state)
+    else:
+        model.load_state_dict({k: v.read() for k, v in state.items()}, strict=False)
+
+
+@dataclass
+class _Stored:
+    """One tensor of a weights file: its shape at once, its values when read."""
+
+    shape: torch.Size
+    read: Callable[[], torch.Tensor]
+
+
+def _stored_tensors(path: str) -> dict[str, _Stored]:
+    """Every tensor of `path`; from a safetensors file each is read only when asked for, so a
+    partitioned load holds one at a time (a .pt file is a pickle container and is read whole)."""
+    if not path.endswith(".safetensors"):
+        return {k: _Stored(v.shape, _constant(v)) for k, v in read_state_dict(path).items()}
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file not found: {path!r}")
+    try:
+        with safe_open(path, "pt") as f:
+            shapes = {name: torch.Size(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+
+    def reader(name: str) -> Callable[[], torch.Tensor]:
+        def read() -> torch.Tensor:
+            with safe_open(path, "pt") as f:
+                return f.get_tensor(name)
+
+        return read
+
+    return {name: _Stored(shape, reader(name)) for name, shape in shapes.items()}
+
+
+def _constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: value
+
+
+def _full_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    """Every state-dict entry's full shape; ZeRO-3 keeps a partitioned parameter's aside (ds_shape)."""
+    params = dict(model.named_parameters())
+    return {
+        k: torch.Size(getattr(params.get(k), "ds_shape", v.shape)) for k, v in model.state_dict(keep_vars=True).items()
+    }
+
+
+def _load_partitioned(model: torch.nn.Module, state: dict[str, _Stored]) -> None:
+    import deepspeed
+
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with torch.no_grad():
+        for name, stored in state.items():
+            if name in params:
+                param = params[name]
+                # Gathered whole on every rank for this one tensor; rank 0's copy is then partitioned.
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if rank0:
+                        param.copy_(stored.read())
+            else:
+                buffers[name].copy_(stored.read())
