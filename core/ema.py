@@ -69,7 +69,7 @@ class WeightAverage:
             )
             for name, average in self.buffer_average.items():
                 if average.is_floating_point():
-                    average.lerp_(self.buffers[name], weight)
+                    average.lerp_(self.buffers[name].to(average.dtype), weight)  # bf16 runs cast buffers
                 else:
                     average.copy_(self.buffers[name])
 

@@ -141,7 +141,9 @@ class PortableState:
         for state in _inner_states(optimizer):
             if STEP in state:
                 old = state[STEP]
-                state[STEP] = torch.tensor(self.step, dtype=old.dtype) if torch.is_tensor(old) else self.step
+                state[STEP] = (
+                    torch.tensor(self.step, dtype=old.dtype, device=old.device) if torch.is_tensor(old) else self.step
+                )
 
     @staticmethod
     def _create_optimizer_state(optimizer: Any, kinds: list[str]) -> None:
@@ -150,17 +152,16 @@ class PortableState:
         setters write through): create it now, zeroed, and link it the way DeepSpeed does."""
         from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-        while not hasattr(optimizer, "single_partition_of_fp32_groups") and hasattr(optimizer, "optimizer"):
-            if hasattr(optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3
-                break
-            optimizer = optimizer.optimizer  # accelerate's wrapper
+        zero3, zero12 = "fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"
+        while not hasattr(optimizer, zero3) and not hasattr(optimizer, zero12):
+            optimizer = optimizer.optimizer  # accelerate's wrapper around DeepSpeed's
         inner = optimizer.optimizer
 
         def create(flat: torch.Tensor) -> None:
             if not inner.state[flat]:
                 inner.state[flat] = {STEP: torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in kinds}}
 
-        if hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        if hasattr(optimizer, zero3):
             for flat in optimizer.fp32_partitioned_groups_flat:
                 create(flat)
             return
