@@ -89,12 +89,6 @@ def state_bytes(model, optimizer, zero) -> dict[str, int]:
     return out
 
 
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def write_weights(model_name: str, image_size: int, path: str) -> None:
     """A random checkpoint of the model, as a fine-tune would start from (written in this process:
     the ranks measured only read it)."""
@@ -111,7 +105,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from core.config import TrainConfig
-    from core.logging import memory_mb
+    from core.logging import memory_mb, peak_resident_mb
     from core.trainer import Trainer
 
     cfg = TrainConfig(output_dir=args.out)
@@ -121,13 +115,13 @@ def worker(args: argparse.Namespace) -> None:
     cfg.checkpoint.at_epoch_end = False
     cfg.logging.progress_bar, cfg.logging.tensorboard = False, False
     task = SyntheticTask(cfg, args.model, args.image_size, 2 * int(os.environ["WORLD_SIZE"]), num_classes=1000)
-    before_start = peak_rss_bytes()
+    before_start = peak_resident_mb()
     trainer = Trainer(cfg, task)
     model = trainer.accelerator.unwrap_model(trainer.model)
     zero = getattr(trainer.optimizer, "optimizer", None)  # DeepSpeed's ZeRO optimizer under accelerate's wrapper
     inner = getattr(zero, "optimizer", zero)  # the torch optimizer, under DeepSpeed's or on its own
     report: dict = {
-        "startup_rss_bytes": peak_rss_bytes() - before_start,
+        "startup_rss_bytes": (peak_resident_mb() - before_start) * 2**20,
         "state_at_start": sum(state_bytes(model, inner, zero).values()),
     }
 

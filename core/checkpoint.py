@@ -41,6 +41,7 @@ from accelerate.utils import broadcast_object_list
 
 from core.distributed import layout_of
 from core.ema import WeightAverage, WeightAverageError
+from core.optim import innermost_optimizer
 from core.portable import PortableState, PortableStateError
 from core.watchdog import HangWatchdog
 
@@ -515,7 +516,7 @@ def _universal_load_repaired(acc: Accelerator) -> Iterator[None]:
     norms) would decay like the weights; and it gives every flat partition the same `step` tensor
     object, which a fused or foreach Adam then increments once per partition on each step, so the
     bias correction runs ahead. Harmless where the load is already right (ZeRO-1/2)."""
-    optimizers = [_innermost(optimizer) for optimizer in acc._optimizers]
+    optimizers = [innermost_optimizer(optimizer) for optimizer in acc._optimizers]
     kept = [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups] for o in optimizers]
     yield
     for optimizer, groups in zip(optimizers, kept, strict=True):
@@ -524,12 +525,6 @@ def _universal_load_repaired(acc: Accelerator) -> Iterator[None]:
         for state in optimizer.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()
-
-
-def _innermost(optimizer: Any) -> torch.optim.Optimizer:
-    while hasattr(optimizer, "optimizer"):  # accelerate's and DeepSpeed's wrappers
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def _model_folder(folder: str) -> str:

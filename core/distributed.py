@@ -285,11 +285,8 @@ def layout_of(accelerator: Accelerator) -> str:
 
 
 def partitioned_construction(accelerator: Accelerator) -> contextlib.AbstractContextManager:
-    """Under ZeRO-3, build the model inside DeepSpeed's `zero.Init`: each layer is partitioned as
-    soon as it is built, so no rank ever holds the whole model (transformers models take the same
-    path through accelerate's `zero3_init` support). Elsewhere the model is built whole."""
-    if layout_of(accelerator) != "zero3":
-        return contextlib.nullcontext()
+    """For a ZeRO-3 run: build the model inside DeepSpeed's `zero.Init`, where each layer is
+    partitioned as soon as it is built, so no rank ever holds the whole model."""
     import deepspeed
 
     return deepspeed.zero.Init(config_dict_or_path=accelerator.state.deepspeed_plugin.deepspeed_config)

@@ -119,8 +119,10 @@ class WeightAverage:
                 {k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, name), metadata={"shapes": shapes}
             )
         elif acc.is_main_process:
-            state = self.full.module.state_dict()
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, FULL_FILE))
+            self._save_whole(os.path.join(folder, FULL_FILE))
+
+    def _save_whole(self, path: str) -> None:
+        save_file({k: v.contiguous() for k, v in self.full.module.state_dict().items()}, path)
 
     def load(self, folder: str) -> None:
         """From a checkpoint saved whole or in shards, at any world size: each tensor is
@@ -147,8 +149,7 @@ class WeightAverage:
         acc = self.accelerator
         if not self.sharded:
             if acc.is_main_process:
-                state = self.full.module.state_dict()
-                save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, EXPORT_FILE))
+                self._save_whole(os.path.join(folder, EXPORT_FILE))
             return
         whole = {}
         for name in self.params:  # one parameter at a time: never more than one gathered

@@ -165,12 +165,17 @@ def progress_bar(
     )
 
 
-def peak_resident_mb_per_rank(accelerator: Accelerator) -> list[float]:
-    """Every rank's peak resident (host) memory so far, in MB; a collective. Taken after the first
-    step, it is what building the model, loading its weights and setting up the strategy cost."""
+def peak_resident_mb() -> float:
+    """This process's peak resident (host) memory so far, in MB."""
     import resource
 
-    mine = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], device=accelerator.device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_resident_mb_per_rank(accelerator: Accelerator) -> list[float]:
+    """Every rank's peak_resident_mb(); a collective. Taken after the first step, it is what
+    building the model, loading its weights and setting up the strategy cost."""
+    mine = torch.tensor([peak_resident_mb()], device=accelerator.device)
     return [round(v, 1) for v in accelerator.gather(mine).tolist()]
 
 
@@ -178,6 +183,4 @@ def memory_mb(device: torch.device) -> float:
     """Peak accelerator memory, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_resident_mb()

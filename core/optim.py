@@ -119,12 +119,17 @@ def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -
     scheduler._last_lr = lrs
 
 
+def innermost_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's and DeepSpeed's wrappers."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, str]:
     """(the optimizer's class name under accelerate's and DeepSpeed's wrappers, its update kernel:
     fused, foreach or per-tensor)."""
-    inner = optimizer
-    while hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    inner = innermost_optimizer(optimizer)
     first = optimizer.param_groups[0]
     return type(inner).__name__, "fused" if first.get("fused") else "foreach" if first.get("foreach") else "per-tensor"
 

@@ -16,7 +16,6 @@ names; it is taken from the optimizer as built, before accelerate or DeepSpeed w
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from core.distributed import strategy_of
+from core.optim import innermost_optimizer
 
 STEP = "step"
 FP32 = "fp32"
@@ -138,7 +138,7 @@ class PortableState:
             safe_set_full_fp32_param(param, fp32.view(-1))
             for kind, value in saved.items():
                 safe_set_full_optimizer_state(param, value.view(-1), kind)
-        for state in _inner_states(optimizer):
+        for state in innermost_optimizer(optimizer).state.values():
             if STEP in state:
                 old = state[STEP]
                 state[STEP] = (
@@ -181,10 +181,3 @@ class PortableState:
                 )
             saved[kind] = value.reshape(shape)
         return saved
-
-
-def _inner_states(optimizer: object) -> Iterator[dict]:
-    while hasattr(optimizer, "optimizer"):  # accelerate's and DeepSpeed's wrappers
-        optimizer = optimizer.optimizer
-    assert isinstance(optimizer, torch.optim.Optimizer)
-    return iter(optimizer.state.values())

@@ -125,7 +125,7 @@ class Trainer:
         # partitioned and streams the weights into it: no rank holds the whole model. (Not from
         # scratch: timm initialises layers after building them, which a partitioned build skips.)
         seed_everything(cfg.seed)
-        self.partitioned = self.strategy == "deepspeed" and layout_of(acc) == "zero3" and bool(cfg.model.weights)
+        self.partitioned = layout_of(acc) == "zero3" and bool(cfg.model.weights)
         with partitioned_construction(acc) if self.partitioned else contextlib.nullcontext():
             model = task.build_model()
         if cfg.model.weights:

@@ -13,21 +13,14 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 
 class WeightsError(ValueError):
     """Weights that cannot be loaded; the message names the file and the keys at fault."""
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file not found: {path!r}")
-    if path.endswith(".safetensors"):
-        try:
-            return load_file(path, device="cpu")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+def _read_torch_file(path: str) -> dict[str, torch.Tensor]:
+    """A .pt/.pth/.bin state dict, read whole with torch.load(weights_only=True)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)  # noqa: TID251 (the one reader, never unpickling)
     except Exception as e:
@@ -93,10 +86,10 @@ class _Stored:
 def _stored_tensors(path: str) -> dict[str, _Stored]:
     """Every tensor of `path`; from a safetensors file each is read only when asked for, so a
     partitioned load holds one at a time (a .pt file is a pickle container and is read whole)."""
-    if not path.endswith(".safetensors"):
-        return {k: _Stored(v.shape, _constant(v)) for k, v in read_state_dict(path).items()}
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path!r}")
+    if not path.endswith(".safetensors"):
+        return {k: _Stored(v.shape, _constant(v)) for k, v in _read_torch_file(path).items()}
     try:
         with safe_open(path, "pt") as f:
             shapes = {name: torch.Size(f.get_slice(name).get_shape()) for name in f.keys()}

@@ -22,6 +22,7 @@ from tests.helpers import (
     DIGITS,
     QUICK,
     REPO,
+    TINY_VIT,
     kill_tree,
     last_launch,
     launch,
@@ -174,13 +175,7 @@ def test_accumulation_equals_one_larger_batch(tmp_path, strategy):
     in the gradient (Adam's first step is lr * sign(g), which turns rounding noise in near-zero
     gradients into full-size differences)."""
     common = [
-        "--config",
-        DIGITS,
-        *QUICK,
-        "--model.name",
-        "test_vit",
-        "--model.kwargs",
-        "{img_size: 32}",
+        *TINY_VIT,
         "--optim.name",
         "sgd",
         "--optim.lr",
@@ -440,19 +435,13 @@ def test_single_process_sigterm_exit_code(tmp_path):
 # LayerNorm ViT, no dropout, SGD: a step's update depends only on which samples it sees, not on
 # how they are spread over ranks, so runs on different numbers of ranks follow one trajectory.
 GEOMETRY = [
-    "--config",
-    DIGITS,
-    *QUICK,
+    *TINY_VIT,
     "--loop.epochs",
     "2",
     "--logging.every_steps",
     "1",
     "--checkpoint.at_epoch_end",
     "false",
-    "--model.name",
-    "test_vit",
-    "--model.kwargs",
-    "{img_size: 32}",
     "--optim.name",
     "sgd",
     "--optim.lr",

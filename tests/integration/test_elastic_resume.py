@@ -18,9 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import (
-    DIGITS,
-    QUICK,
     REPO,
+    TINY_VIT,
     last_launch,
     launch,
     read_metrics,
@@ -33,13 +32,7 @@ from tests.helpers import (
 # no dropout, AdamW: the moments are what a resume must keep; and an EMA of the weights, which
 # ZeRO-3 keeps sharded like them.
 ELASTIC = [
-    "--config",
-    DIGITS,
-    *QUICK,
-    "--model.name",
-    "test_vit",
-    "--model.kwargs",
-    "{img_size: 32}",
+    *TINY_VIT,
     "--optim.name",
     "adamw",
     "--optim.lr",

@@ -11,9 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import DIGITS, QUICK, REPO, last_launch, launch, read_metrics
+from tests.helpers import REPO, TINY_VIT, last_launch, launch, read_metrics
 
-VIT = ["--config", DIGITS, *QUICK, "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}"]
 ZERO3 = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"))
 
 
@@ -21,12 +20,12 @@ ZERO3 = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_con
 def weights(tmp_path_factory) -> Path:
     """Trained weights of the small ViT (a few steps, one process): what a fine-tune starts from."""
     run = tmp_path_factory.mktemp("pretrained")
-    launch([*VIT, "--loop.max_steps", "3", "--output-dir", str(run)], launcher="python")
+    launch([*TINY_VIT, "--loop.max_steps", "3", "--output-dir", str(run)], launcher="python")
     return run / "final" / "model.safetensors"
 
 
 def test_zero3_evaluates_streamed_weights_as_ddp_does(weights, tmp_path):
-    args = [*VIT, "--eval-only", "--weights", str(weights)]
+    args = [*TINY_VIT, "--eval-only", "--weights", str(weights)]
     zero3 = launch([*args, "--output-dir", str(tmp_path / "zero3")], **ZERO3)
     assert f"ZeRO-3: model built partitioned (DeepSpeed zero.Init), {weights} streamed into it" in zero3.stderr
     launch([*args, "--output-dir", str(tmp_path / "ddp")], launcher="torchrun")
@@ -39,7 +38,7 @@ def test_zero3_fine_tune_loads_everything_but_the_excluded_head(weights, tmp_pat
     # An lr far below float resolution: the steps run (and checkpoint, export) but move no weight,
     # so the export shows exactly what was loaded.
     run = tmp_path / "run"
-    args = [*VIT, "--weights", str(weights), "--model.weights_exclude", "['head.*']", "--optim.lr", "1e-30"]
+    args = [*TINY_VIT, "--weights", str(weights), "--model.weights_exclude", "['head.*']", "--optim.lr", "1e-30"]
     args += ["--loop.max_steps", "2", "--output-dir", str(run)]
     launch(args, **ZERO3)
     exported, original = load_file(run / "final" / "model.safetensors"), load_file(weights)
@@ -62,7 +61,7 @@ def test_zero3_refuses_a_file_that_does_not_fit_with_the_ddp_message(weights, tm
     state["head.weight"] = torch.zeros(3, state["head.weight"].shape[1])
     misfit = tmp_path / "misfit.safetensors"
     save_file(state, misfit)
-    proc = launch([*VIT, "--weights", str(misfit), "--output-dir", str(tmp_path / "run")], check=False, **ZERO3)
+    proc = launch([*TINY_VIT, "--weights", str(misfit), "--output-dir", str(tmp_path / "run")], check=False, **ZERO3)
     assert proc.returncode != 0
     assert (
         f"{misfit} does not fit the model (shape mismatch: head.weight: file (3, 64) vs model (10, 64))" in proc.stderr
