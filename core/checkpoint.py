@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.utils.serialization.config as serialization_config
@@ -55,6 +55,18 @@ PICKLED_FORMATS = {DEEPSPEED_TAG: "DeepSpeed", "pytorch_model_fsdp_0": "FSDP"}
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder or file at fault."""
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """How a run restores a checkpoint, decided before its engine exists (`CheckpointManager.plan`)
+    and carried out after (`CheckpointManager.load`)."""
+
+    path: str  # the checkpoint, verified
+    saved: dict  # its trainer state
+    saved_layout: str  # ddp, zero1/2/3 or fsdp
+    source: str  # the folder the model and optimizer come from: `path`, or its universal form
+    how: Literal["native", "universal", "portable"]  # accelerate's load, DeepSpeed's universal load, per parameter
 
 
 @dataclass
@@ -241,8 +253,8 @@ class CheckpointManager:
         logger.info("saved checkpoint %s", final)
         return final
 
-    def loadable(self, path: str, allow_pickle: bool) -> str:
-        """The folder to load `path` from in this run, which may differ from the run that saved it:
+    def plan(self, path: str, allow_pickle: bool) -> ResumePlan:
+        """How this run restores `path` (verified by `resolve`), which may differ from the run that saved it:
 
         - the same layout (DDP at any world size, ZeRO or FSDP at the same one): `path` itself;
         - ZeRO at another world size, same stage: its universal form (DeepSpeed's layout of one file
@@ -255,12 +267,11 @@ class CheckpointManager:
         checkpoint, published atomically with a manifest like a save, and reused by later resumes;
         the original is never touched."""
         saved = self._saved_state(path)
-        fmt = pickled_format(path)
-        self._check_pickle_source(path, fmt, allow_pickle)
+        self._check_pickle_source(path, pickled_format(path), allow_pickle)
         saved_layout, layout = self._saved_layout(path, saved), layout_of(self.accelerator)
         world, saved_world = self.accelerator.num_processes, saved["world_size"]
         if saved_layout == layout and (layout == "ddp" or saved_world == world):
-            return path
+            return ResumePlan(path, saved, saved_layout, source=path, how="native")
         if "fsdp" in (saved_layout, layout):
             raise CheckpointError(
                 f"{path} was saved under {saved_layout} on {saved_world} ranks and this run is {layout} on {world}: "
@@ -269,12 +280,13 @@ class CheckpointManager:
             )
         if saved_layout == "ddp":
             logger.info("%s was saved under DDP: loading its state into %s by parameter name", path, layout)
-            return path
+            return ResumePlan(path, saved, saved_layout, source=path, how="portable")
         universal = os.path.join(os.path.dirname(path), f"universal-{os.path.basename(path)}")
         self._decided_on_main(lambda: self._publish_universal(path, universal, saved_world))
-        if saved_layout == layout:  # DeepSpeed's own universal load; a change of stage goes through core/portable.py
+        if saved_layout == layout:
             self.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
-        return universal
+            return ResumePlan(path, saved, saved_layout, source=universal, how="universal")
+        return ResumePlan(path, saved, saved_layout, source=universal, how="portable")
 
     def _saved_layout(self, path: str, saved: dict) -> str:
         if saved.get("layout"):
@@ -335,25 +347,21 @@ class CheckpointManager:
 
     def load(
         self,
-        path: str,
+        plan: ResumePlan,
         state: TrainerState,
-        allow_pickle: bool,
         ema: WeightAverage | None = None,
-        load_from: str | None = None,
         optimizer_order: list[str] | None = None,
     ) -> None:
-        """Restore `path` (already verified by resolve) into the accelerator, `state` and `ema`;
-        the model and optimizer from `load_from`, the folder `loadable` chose. `optimizer_order`
-        names the optimizer's parameters (core/portable.py), for a checkpoint of another strategy."""
-        saved = self._saved_state(path)
-        self._check_pickle_source(path, pickled_format(path), allow_pickle)
+        """Carry out `plan` (from `plan()`): the model and optimizer into the accelerator, the
+        position into `state`, the weight average into `ema`. `optimizer_order` names the
+        optimizer's parameters (core/portable.py), for a checkpoint of another strategy."""
+        path, saved = plan.path, plan.saved
         if saved.get("optimizer") and state.optimizer and saved["optimizer"] != state.optimizer:
             raise CheckpointError(
                 f"{path} was saved with the {saved['optimizer']} optimizer and this run uses {state.optimizer}: "
                 f"its state cannot continue in another optimizer. Use --optim.name as saved, "
                 f"{_or_restart_from_weights(path)}"
             )
-        saved_layout = self._saved_layout(path, saved)
         geometry = dict(
             world_size=state.world_size,
             micro_batch_size=state.micro_batch_size,
@@ -365,24 +373,27 @@ class CheckpointManager:
         state.layout, state.optimizer = layout, optimizer  # what this run's own saves are
         self._remap_position(state, **geometry)
 
-        load_from, running = load_from or path, layout_of(self.accelerator)
-        if saved_layout == running:
-            if load_from == path:
-                self.accelerator.load_state(path)
-            else:  # ZeRO at another world size, through the universal form
-                with _universal_load_repaired(self.accelerator):
-                    self.accelerator.load_state(load_from)
+        if plan.how == "native":
+            self.accelerator.load_state(path)
+        elif plan.how == "universal":  # ZeRO at another world size
+            with _universal_load_repaired(self.accelerator):
+                self.accelerator.load_state(plan.source)
         else:  # DDP <-> ZeRO, or another ZeRO stage
             if optimizer_order is None:
                 raise ValueError("a checkpoint of another strategy needs the optimizer's parameter order")
             try:
-                PortableState(_model_folder(load_from), optimizer_order).load_into(
+                PortableState(_model_folder(plan.source), optimizer_order).load_into(
                     self.accelerator, self.accelerator._models[0], self.accelerator._optimizers[0]
                 )
             except PortableStateError as e:
-                raise CheckpointError(f"{e}. Resume under {saved_layout}, {_or_restart_from_weights(path)}") from e
-            load_accelerator_state(load_from, [], [], [], [], self.accelerator.process_index)  # the RNG states
-            logger.info("loaded the %s state of %s into %s, parameter by parameter", saved_layout, path, running)
+                raise CheckpointError(f"{e}. Resume under {plan.saved_layout}, {_or_restart_from_weights(path)}") from e
+            load_accelerator_state(plan.source, [], [], [], [], self.accelerator.process_index)  # the RNG states
+            logger.info(
+                "loaded the %s state of %s into %s, parameter by parameter",
+                plan.saved_layout,
+                path,
+                layout_of(self.accelerator),
+            )
         self._check_rng_restored(path)
         if ema is not None:
             try:

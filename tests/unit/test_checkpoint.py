@@ -106,20 +106,20 @@ def test_pickled_checkpoints_from_elsewhere_need_opt_in(setup, tmp_path):
     with pytest.raises(
         CheckpointError, match=r"DeepSpeed checkpoint from outside this run's folder.*--checkpoint\.allow_pickle true"
     ):
-        manager.load(str(foreign), TrainerState(), allow_pickle=False)
+        manager.plan(str(foreign), allow_pickle=False)
     (foreign / "pytorch_model").rename(foreign / "pytorch_model_fsdp_0")
     (foreign / "trainer_state.json").write_text('{"global_step": 7, "world_size": 4}')
     with pytest.raises(
         CheckpointError, match=r"saved under fsdp on 4 ranks and this run is ddp on 1: .*shardvision export"
     ):
-        manager.loadable(str(foreign), allow_pickle=True)
+        manager.plan(str(foreign), allow_pickle=True)
 
 
 def test_a_checkpoint_of_another_optimizer_is_refused_naming_both(setup, tmp_path):
     acc, model, optimizer, manager = setup
     path = manager.save(TrainerState(global_step=1, optimizer="SGD", layout="ddp"))
     with pytest.raises(CheckpointError, match=r"saved with the SGD optimizer and this run uses AdamW.*--optim\.name"):
-        manager.load(path, TrainerState(optimizer="AdamW", layout="ddp"), allow_pickle=False)
+        manager.load(manager.plan(path, False), TrainerState(optimizer="AdamW", layout="ddp"))
 
 
 def test_position_carries_over_to_another_geometry(setup):
@@ -141,7 +141,7 @@ def test_load_restores_weights_optimizer_and_position(setup):
     moment = optimizer.state_dict()["state"][0]["exp_avg"].clone()
     train_step(model, optimizer)  # move away from the checkpoint
     state = TrainerState()
-    manager.load(path, state, allow_pickle=False)
+    manager.load(manager.plan(path, allow_pickle=False), state)
     assert state == saved
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moment)
