@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import glob
+import importlib.util
 import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -284,12 +286,29 @@ def layout_of(accelerator: Accelerator) -> str:
     return "fsdp" if strategy == "fsdp" else "ddp"
 
 
-def partitioned_construction(accelerator: Accelerator) -> contextlib.AbstractContextManager:
-    """For a ZeRO-3 run: build the model inside DeepSpeed's `zero.Init`, where each layer is
-    partitioned as soon as it is built, so no rank ever holds the whole model."""
-    import deepspeed
+@contextlib.contextmanager
+def model_construction(accelerator: Accelerator, partitioned: bool) -> Iterator[None]:
+    """Where the task builds its model. `partitioned` (ZeRO-3): inside DeepSpeed's `zero.Init`,
+    where each layer is partitioned as soon as it is built, so no rank ever holds the whole model.
+    Otherwise whole on every rank, transformers models included: accelerate registers its ZeRO-3
+    config with transformers, whose `from_config` would then partition the model on its own,
+    behind the back of a run that expects it whole (its FLOP count, its weights loading)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if partitioned:
+        import deepspeed
 
-    return deepspeed.zero.Init(config_dict_or_path=accelerator.state.deepspeed_plugin.deepspeed_config)
+        with deepspeed.zero.Init(config_dict_or_path=plugin.deepspeed_config):
+            yield
+    elif layout_of(accelerator) == "zero3" and importlib.util.find_spec("transformers"):
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()  # as accelerate left it, for transformers' later use
+    else:
+        yield
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:

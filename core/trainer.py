@@ -8,7 +8,6 @@ DeepSpeed ZeRO and FSDP differ only in the Accelerator that core/distributed.py 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -25,8 +24,8 @@ from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
 from core.distributed import (
     build_accelerator,
     layout_of,
+    model_construction,
     parameter_counts,
-    partitioned_construction,
     seed_everything,
     seed_rank,
     setup_logging,
@@ -116,9 +115,9 @@ class Trainer:
         # Before the engine exists: a ZeRO checkpoint of another world size or strategy is loaded in
         # DeepSpeed's universal form, which its config must announce.
         self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
-        self.load_from = None
+        self.resume_plan = None
         if self.resumed_from is not None:
-            self.load_from = self.checkpoints.loadable(self.resumed_from, cfg.checkpoint.allow_pickle)
+            self.resume_plan = self.checkpoints.plan(self.resumed_from, cfg.checkpoint.allow_pickle)
 
         # Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
         # then a per-rank stream for dropout and mixup. Fine-tuning under ZeRO-3 builds the model
@@ -126,7 +125,7 @@ class Trainer:
         # scratch: timm initialises layers after building them, which a partitioned build skips.)
         seed_everything(cfg.seed)
         self.partitioned = layout_of(acc) == "zero3" and bool(cfg.model.weights)
-        with partitioned_construction(acc) if self.partitioned else contextlib.nullcontext():
+        with model_construction(acc, self.partitioned):
             model = task.build_model()
         if cfg.model.weights:
             load_weights(model, cfg.model.weights, cfg.model.weights_exclude)
@@ -141,7 +140,6 @@ class Trainer:
         self.bad_samples = BadSamples(acc, cfg.output_dir, cfg.data.bad_samples)
         self.bad_samples.add_found_at_start(self.train_set, self.eval_set)
         self.bad_samples.flush()
-        self.flops_per_sample = self._count_flops(model) if cfg.logging.count_flops else None
         self.peak_tflops = peak_tflops(acc.device, cfg.logging.peak_tflops)
         loader_args: dict[str, Any] = dict(
             num_workers=cfg.data.num_workers, collate_fn=self.collate, pin_memory=cfg.data.pin_memory
@@ -185,6 +183,7 @@ class Trainer:
             for buffer in self.model.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(self.input_dtype)
+        self.flops_per_sample = self._count_flops() if cfg.logging.count_flops else None
         self.state = TrainerState(
             world_size=acc.num_processes,
             micro_batch_size=cfg.data.micro_batch_size,
@@ -192,15 +191,8 @@ class Trainer:
             layout=layout_of(acc),
             optimizer=optimizer_kind(self.optimizer)[0],
         )
-        if self.resumed_from is not None:
-            self.checkpoints.load(
-                self.resumed_from,
-                self.state,
-                cfg.checkpoint.allow_pickle,
-                self.ema,
-                self.load_from,
-                order,
-            )
+        if self.resume_plan is not None:
+            self.checkpoints.load(self.resume_plan, self.state, self.ema, order)
             set_schedule_step(self.scheduler, self.state.global_step)
         elif cfg.checkpoint.resume == "auto":
             logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
@@ -462,16 +454,16 @@ class Trainer:
 
         return {k: cast(v) if k in self.task.input_keys else v for k, v in batch.items()}
 
-    def _count_flops(self, model: torch.nn.Module) -> float | None:
+    def _count_flops(self) -> float | None:
+        """Counted on one evaluation sample, through the prepared model's own module: under ZeRO-3
+        and FSDP2 each layer is gathered as in training, so no rank needs a whole copy, and
+        data-dependent models (detectors) run as they will in training."""
         if len(self.eval_set) == 0:
             return None
         batch, _ = self.collate([self.eval_set[0]])
         if batch is None:
             return None
-        if self.partitioned:  # counted on a copy on the meta device: shapes only, no memory
-            with torch.device("meta"):
-                model = self.task.build_model()
-            batch = send_to_device(batch, "meta")
+        model, batch = self._bare_model(), self._cast_inputs(send_to_device(batch, self.accelerator.device))
         return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
 
     def _report_startup_memory(self, epoch: int) -> None:

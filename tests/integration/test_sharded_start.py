@@ -4,6 +4,7 @@ and the weights file is streamed into its partitions, so no rank holds the whole
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -11,17 +12,26 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import REPO, TINY_VIT, last_launch, launch, read_metrics
+from core.config import parse_args
+from tests.helpers import QUICK, REPO, TINY_VIT, last_launch, launch, read_metrics
 
 ZERO3 = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"))
+# A small ViT from each model source, and the prefix of its classification head.
+HF_VIT = ["--config", "recipes/classification/configs/digits_hf_vit.yaml", *QUICK]
+MODELS = {"timm": (TINY_VIT, "head."), "transformers": (HF_VIT, "classifier.")}
+
+
+def pretrained(source: str, folder: Path) -> Path:
+    """Trained weights of `source`'s small ViT: what a fine-tune starts from. A few steps from
+    scratch under ZeRO-3, where the model is built whole, then partitioned (transformers would
+    partition it at construction on its own, see core/distributed.py model_construction)."""
+    launch([*MODELS[source][0], "--loop.max_steps", "3", "--output-dir", str(folder)], **ZERO3)
+    return folder / "final" / "model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    """Trained weights of the small ViT (a few steps, one process): what a fine-tune starts from."""
-    run = tmp_path_factory.mktemp("pretrained")
-    launch([*TINY_VIT, "--loop.max_steps", "3", "--output-dir", str(run)], launcher="python")
-    return run / "final" / "model.safetensors"
+    return pretrained("timm", tmp_path_factory.mktemp("pretrained"))
 
 
 def test_zero3_evaluates_streamed_weights_as_ddp_does(weights, tmp_path):
@@ -34,17 +44,21 @@ def test_zero3_evaluates_streamed_weights_as_ddp_does(weights, tmp_path):
         assert got[metric] == pytest.approx(expected[metric], rel=1e-5), metric
 
 
-def test_zero3_fine_tune_loads_everything_but_the_excluded_head(weights, tmp_path):
+@pytest.mark.parametrize("source", MODELS)
+def test_zero3_fine_tune_loads_everything_but_the_excluded_head(source, weights, tmp_path):
     # An lr far below float resolution: the steps run (and checkpoint, export) but move no weight,
     # so the export shows exactly what was loaded.
+    model_args, head = MODELS[source]
+    if source != "timm":
+        weights = pretrained(source, tmp_path / "pretrained")
     run = tmp_path / "run"
-    args = [*TINY_VIT, "--weights", str(weights), "--model.weights_exclude", "['head.*']", "--optim.lr", "1e-30"]
+    args = [*model_args, "--weights", str(weights), "--model.weights_exclude", f"['{head}*']", "--optim.lr", "1e-30"]
     args += ["--loop.max_steps", "2", "--output-dir", str(run)]
     launch(args, **ZERO3)
     exported, original = load_file(run / "final" / "model.safetensors"), load_file(weights)
     assert exported.keys() == original.keys()
     for name, value in original.items():
-        if name.startswith("head."):
+        if name.startswith(head):
             assert not torch.equal(exported[name], value), name  # started fresh
         else:
             assert torch.equal(exported[name], value), name
@@ -66,3 +80,37 @@ def test_zero3_refuses_a_file_that_does_not_fit_with_the_ddp_message(weights, tm
     assert (
         f"{misfit} does not fit the model (shape mismatch: head.weight: file (3, 64) vs model (10, 64))" in proc.stderr
     )
+
+
+# The recipes' torchvision detector and segmenter and a transformers segmenter, each built
+# partitioned: (script, recipe module, its config and task classes, extra arguments).
+VISION = {
+    "fasterrcnn": ("detection", "DetectionConfig", "DetectionTask", []),
+    "deeplabv3": ("segmentation", "SegmentationConfig", "SegmentationTask", ["--model.source", "torchvision"]),
+    "segformer": ("segmentation", "SegmentationConfig", "SegmentationTask", []),
+}
+
+
+@pytest.mark.parametrize("model", VISION)
+def test_zero3_builds_the_recipes_detectors_and_segmenters_partitioned(model, tmp_path):
+    task_name, config_class, task_class, extra = VISION[model]
+    args = ["--config", f"recipes/{task_name}/configs/shapes.yaml", *QUICK, *extra]
+    if model == "deeplabv3":
+        args += ["--model.name", "deeplabv3_mobilenet_v3_large"]
+    recipe = importlib.import_module(f"recipes.{task_name}.task")
+    cfg = parse_args(getattr(recipe, config_class), args)
+    torch.manual_seed(1)  # the model's own weights, moved: not what the run's seed would build
+    built = getattr(recipe, task_class)(cfg).build_model().state_dict()
+    weights = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in built.items()}
+    save_file(weights, tmp_path / "weights.safetensors")
+
+    run = tmp_path / "run"
+    args += ["--weights", str(tmp_path / "weights.safetensors"), "--optim.lr", "1e-30", "--loop.max_steps", "1"]
+    proc = launch([*args, "--output-dir", str(run)], script=f"recipes/{task_name}/train.py", **ZERO3)
+    assert "ZeRO-3: model built partitioned (DeepSpeed zero.Init)" in proc.stderr
+    exported = load_file(run / "final" / "model.safetensors")
+    assert exported.keys() == weights.keys()
+    for name, value in weights.items():
+        if value.is_floating_point() and not name.endswith(("running_mean", "running_var")):  # norm statistics train
+            # an lr of 1e-30 still moves a weight that is exactly 0 (a bias) by as much
+            torch.testing.assert_close(exported[name], value, rtol=0, atol=1e-20, msg=name)
