@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
         trainer.state.global_step += 1
         acc.wait_for_everyone()
         start = time.perf_counter()
-        path = trainer.checkpoints.save(trainer.state)
+        path = trainer.checkpoints.save(trainer.state).path
         saves.append(time.perf_counter() - start)
         nbytes = folder_bytes(path)
         acc.wait_for_everyone()

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from accelerate import Accelerator
 from accelerate.checkpointing import load_accelerator_state
 from accelerate.utils import broadcast_object_list
 
+from core.background_save import HeldFiles, captured_writes
 from core.distributed import layout_of
 from core.ema import WeightAverage, WeightAverageError
 from core.optim import innermost_optimizer
@@ -50,11 +52,27 @@ logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 DEEPSPEED_TAG = "pytorch_model"  # the folder (DeepSpeed's checkpoint tag) accelerate saves ZeRO shards in
+WRITTEN, FAILED = ".written-rank", ".failed-rank"  # an asynchronous save's markers, one per rank
 PICKLED_FORMATS = {DEEPSPEED_TAG: "DeepSpeed", "pytorch_model_fsdp_0": "FSDP"}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder or file at fault."""
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A save, and what it cost the training loop: its wait, and the host memory a background
+    save holds until it is written."""
+
+    path: str  # the checkpoint folder (published once the background write is done)
+    stall_s: float
+    held_mb: float
+    background: bool
+
+
+class CheckpointWriteError(RuntimeError):
+    """A background save that could not be written (disk full, permissions): the run stops."""
 
 
 @dataclass(frozen=True)
@@ -139,13 +157,17 @@ class CheckpointManager:
         every_steps: int = 0,
         at_epoch_end: bool = True,
         watchdog: HangWatchdog | None = None,
+        async_save: bool = False,
     ):
         self.accelerator, self.root = accelerator, root
         self.keep_last, self.keep_best, self.higher_is_better = keep_last, keep_best, higher_is_better
         self.every_steps, self.at_epoch_end = every_steps, at_epoch_end
         self.watchdog = watchdog
+        self.async_save = async_save
         self.last_saved_step: int | None = None
         self._pruning: threading.Thread | None = None
+        self._writing: threading.Thread | None = None  # the save in flight (async_save), at most one
+        self._write_failure: BaseException | None = None
 
     def due(self, step: int) -> bool:
         """checkpoint.every_steps asks for a save after this optimizer step."""
@@ -153,17 +175,25 @@ class CheckpointManager:
 
     def maybe_save(
         self, state: TrainerState, ema: WeightAverage | None, *, epoch_end: bool = False, force: bool = False
-    ) -> None:
+    ) -> Saved | None:
         """Save if one is due: every `every_steps` optimizer steps, at an epoch's end (at_epoch_end),
-        or when forced (a stop, the run's end). A step already saved is not saved again."""
+        or when forced (a stop, the run's end: these also wait until it is published). A step
+        already saved is not saved again. Called after every optimizer step, it is also where a
+        background save that failed stops the run."""
+        self.raise_if_write_failed()
         wanted = force or (self.at_epoch_end if epoch_end else self.due(state.global_step))
         if not wanted or self.last_saved_step == state.global_step:
-            return
+            if force:
+                self.wait()
+            return None
         if self.watchdog is not None:
             self.watchdog.beat("checkpoint save", state.global_step)
-        self.save(state, ema)
+        saved = self.save(state, ema)
+        if force:
+            self.wait()
         if self.watchdog is not None:
             self.watchdog.beat("train step", state.global_step)
+        return saved
 
     def complete(self) -> list[tuple[int, str]]:
         """(step, path) of every published checkpoint, oldest first."""
@@ -217,41 +247,104 @@ class CheckpointManager:
         verify(resume)
         return resume
 
-    def save(self, state: TrainerState, ema: WeightAverage | None = None) -> str:
+    def save(self, state: TrainerState, ema: WeightAverage | None = None) -> Saved:
+        """Checkpoint `state.global_step` into `checkpoints/<step>/`. With async_save only the
+        capture into host memory happens here (core/background_save.py); writing and publishing
+        go on in the background, after the previous save in flight has finished."""
+        self.wait()
         step = state.global_step
         final = os.path.join(self.root, str(step))
         tmp = os.path.join(self.root, f".tmp-{step}")
         acc = self.accelerator
+        started = time.perf_counter()
         if acc.is_main_process:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
-        # The manifest's xxh3 sums already guard every byte, so torch.save (accelerate's optimizer
-        # and RNG files, DeepSpeed's shards) need not CRC-32 each record too: that CRC costs
-        # about a third of the save (benchmarks/checkpoint_bandwidth.py).
-        # patch() is added to the module at import time, where mypy cannot see it.
-        with serialization_config.patch({"save.compute_crc32": False}):  # type: ignore[attr-defined]
+        with (
+            _without_crc32(),
+            captured_writes(tmp) if self.async_save else contextlib.nullcontext() as held,
+        ):
             acc.save_state(tmp, safe_serialization=True)
-        if ema is not None:
-            ema.save(tmp)
-        acc.wait_for_everyone()  # every rank's shards are on disk before the folder is published
-        if acc.is_main_process:
-            with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-                json.dump(dataclasses.asdict(state), f, indent=2)
-            self._write_manifest(tmp)
-            if os.path.exists(final):  # the same step saved again (e.g. a resumed run's epoch end)
-                old = os.path.join(self.root, f".old-{step}")
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.root)
-            self._prune(newest=final)
-        acc.wait_for_everyone()
+            if ema is not None:
+                ema.save(tmp)
+        trainer_state = json.dumps(dataclasses.asdict(state), indent=2)
         self.last_saved_step = step
-        logger.info("saved checkpoint %s", final)
-        return final
+        if held is None:
+            acc.wait_for_everyone()  # every rank's shards are on disk before the folder is published
+            if acc.is_main_process:
+                self._publish(tmp, final, trainer_state)
+            acc.wait_for_everyone()
+            logger.info("saved checkpoint %s", final)
+            return Saved(final, time.perf_counter() - started, 0.0, background=False)
+        saved = Saved(final, time.perf_counter() - started, held.nbytes / 1e6, background=True)
+        self._writing = threading.Thread(
+            target=self._write_and_publish, args=(held, tmp, trainer_state, saved), name="checkpoint-write"
+        )
+        self._writing.start()
+        return saved
+
+    def _write_and_publish(self, held: HeldFiles, tmp: str, trainer_state: str, saved: Saved) -> None:
+        """The background half of an asynchronous save: this rank's files, then on rank 0 the
+        publish, once every rank's marker says its part is on disk."""
+        acc, started, final = self.accelerator, time.perf_counter(), saved.path
+        rank, world = acc.process_index, acc.num_processes
+        try:
+            with _without_crc32():  # as the capture would have written them
+                held.write()
+            _write_marker(os.path.join(tmp, f"{WRITTEN}{rank}"), "")
+            if acc.is_main_process:
+                _wait_for_markers(tmp, world)
+                for r in range(world):
+                    os.remove(os.path.join(tmp, f"{WRITTEN}{r}"))
+                self._publish(tmp, final, trainer_state)
+                logger.info(
+                    "saved checkpoint %s in the background: training waited %.2f s, %.0f MB held in host memory, "
+                    "written and published in %.2f s",
+                    final,
+                    saved.stall_s,
+                    saved.held_mb,
+                    time.perf_counter() - started,
+                )
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                _write_marker(os.path.join(tmp, f"{FAILED}{rank}"), f"{type(e).__name__}: {e}")
+            self._write_failure = CheckpointWriteError(
+                f"rank {rank}: the background save of {final} failed ({type(e).__name__}: {e}); the newest "
+                "published checkpoint is still whole"
+            )
+            self._write_failure.__cause__ = e
+
+    def raise_if_write_failed(self) -> None:
+        """Stop the run if a background save has failed (checked after every optimizer step)."""
+        if self._writing is not None and not self._writing.is_alive():
+            self.wait()
+
+    def wait(self) -> None:
+        """Until the save in flight is published (rank 0) or this rank's part is written; raise
+        CheckpointWriteError if it failed."""
+        if self._writing is not None:
+            self._writing.join()
+            self._writing = None
+        if self._write_failure is not None:
+            failure, self._write_failure = self._write_failure, None
+            raise failure
+
+    def _publish(self, tmp: str, final: str, trainer_state: str) -> None:
+        """Rank 0, once every rank's files are on disk: the trainer state and the manifest, the
+        rename that makes the checkpoint visible, then retention."""
+        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+            f.write(trainer_state)
+        self._write_manifest(tmp)
+        if os.path.exists(final):  # the same step saved again (e.g. a resumed run's epoch end)
+            old = os.path.join(self.root, f".old-{os.path.basename(final)}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._prune(newest=final)
 
     def plan(self, path: str, allow_pickle: bool) -> ResumePlan:
         """How this run restores `path` (verified by `resolve`), which may differ from the run that saved it:
@@ -513,6 +606,15 @@ class CheckpointManager:
             self._pruning = threading.Thread(target=_remove_all, args=(doomed,), name="checkpoint-prune")
             self._pruning.start()
 
+    def close(self) -> None:
+        """At the run's end, however it ends: the save in flight is finished (a failure is only
+        logged here, the run is already ending) and old checkpoints are deleted."""
+        try:
+            self.wait()
+        except CheckpointWriteError as e:
+            logger.error("%s", e)
+        self.wait_for_pruning()
+
     def wait_for_pruning(self) -> None:
         """Block until old checkpoints are deleted (the run's end waits for it too)."""
         if self._pruning is not None:
@@ -550,6 +652,35 @@ def _or_restart_from_weights(path: str) -> str:
         f"or export its weights (`shardvision export {path} OUT --allow-pickle`) and start a new run from them "
         "with --weights OUT/model.safetensors (the optimizer state starts anew)."
     )
+
+
+def _without_crc32() -> contextlib.AbstractContextManager:
+    """The manifest's xxh3 sums already guard every byte, so torch.save (accelerate's optimizer
+    and RNG files, DeepSpeed's shards) need not CRC-32 each record too: that CRC costs about a
+    third of the save (benchmarks/checkpoint_bandwidth.py)."""
+    # patch() is added to the module at import time, where mypy cannot see it.
+    return serialization_config.patch({"save.compute_crc32": False})  # type: ignore[attr-defined]
+
+
+def _write_marker(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _wait_for_markers(tmp: str, world: int) -> None:
+    """Until every rank has written its part of an asynchronous save into `tmp` (a marker each,
+    on the filesystem all ranks share); a rank's failure marker ends the wait with its reason."""
+    while True:
+        names = set(os.listdir(tmp))
+        failed = sorted(n for n in names if n.startswith(FAILED))
+        if failed:
+            with open(os.path.join(tmp, failed[0])) as f:
+                raise CheckpointWriteError(
+                    f"rank {failed[0].removeprefix(FAILED)} could not write its part: {f.read()}"
+                )
+        if all(f"{WRITTEN}{r}" in names for r in range(world)):
+            return
+        time.sleep(0.05)
 
 
 def _remove_all(paths: list[str]) -> None:

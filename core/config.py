@@ -225,6 +225,11 @@ class CheckpointConfig:
         "pickles, and loading one runs code stored in it.",
     )
     export_final: bool = option(True, "Write consolidated weights to <output_dir>/final/model.safetensors at the end.")
+    async_save: bool = option(
+        True,
+        "Save in the background: the state is copied to host memory at the step boundary and training goes on "
+        "while it is written and published (DDP and DeepSpeed; FSDP saves stay synchronous).",
+    )
 
     def validate(self) -> None:
         _check(self.every_steps >= 0, "checkpoint.every_steps", self.every_steps, "must be >= 0")

@@ -18,11 +18,11 @@ import os
 import re
 from collections.abc import Iterator
 
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from core.distributed import layout_of
 
@@ -115,14 +115,15 @@ class WeightAverage:
             tensors = {**self.shards, **{f"buffer:{k}": v for k, v in self.buffer_average.items()}}
             name = SHARD_FILE.format(rank=acc.process_index, world=acc.num_processes)
             shapes = json.dumps({name: list(p.ds_shape) for name, p in self.params.items()})  # for the export
-            save_file(
+            # through the module attribute: an asynchronous save captures it (core/background_save.py)
+            safetensors.torch.save_file(
                 {k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, name), metadata={"shapes": shapes}
             )
         elif acc.is_main_process:
             self._save_whole(os.path.join(folder, FULL_FILE))
 
     def _save_whole(self, path: str) -> None:
-        save_file({k: v.contiguous() for k, v in self.full.module.state_dict().items()}, path)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in self.full.module.state_dict().items()}, path)
 
     def load(self, folder: str) -> None:
         """From a checkpoint saved whole or in shards, at any world size: each tensor is
@@ -164,7 +165,7 @@ class WeightAverage:
                     whole[name] = p.detach().cpu().clone()
         if acc.is_main_process:
             whole.update({name: b.detach().cpu().clone() for name, b in self.buffer_average.items()})
-            save_file(whole, os.path.join(folder, EXPORT_FILE))
+            safetensors.torch.save_file(whole, os.path.join(folder, EXPORT_FILE))
 
 
 def saved_average(folder: str) -> dict[str, torch.Tensor] | None:

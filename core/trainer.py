@@ -111,6 +111,9 @@ class Trainer:
             cfg.checkpoint.every_steps,
             cfg.checkpoint.at_epoch_end,
             self.watchdog,
+            # FSDP's sharded saves go through torch.distributed.checkpoint, which the capture does
+            # not see; DCP's own async_save is the way, not yet wired in (it needs a GPU to verify).
+            async_save=cfg.checkpoint.async_save and self.strategy != "fsdp",
         )
         # Before the engine exists: a ZeRO checkpoint of another world size or strategy is loaded in
         # DeepSpeed's universal form, which its config must announce.
@@ -221,8 +224,8 @@ class Trainer:
         """End the run in order, whatever ended it, rather than leave it to interpreter exit (which
         a multi-rank process skips, see core/cli.py): hang watch, checkpoint deletions, loader
         workers, trackers, then the process group."""
+        self.checkpoints.close()
         self.watchdog.stop()
-        self.checkpoints.wait_for_pruning()
         for loader in (self.train_loader, self.eval_loader):
             workers = getattr(loader, "_iterator", None)  # persistent workers live on the loader
             if workers is not None and hasattr(workers, "_shutdown_workers"):
@@ -244,7 +247,7 @@ class Trainer:
             last = epoch + 1 == self.cfg.loop.epochs or self._reached_max_steps()
             if last or (epoch + 1) % self.cfg.loop.eval_every_epochs == 0:
                 metrics = self.evaluate_and_log()
-            self.checkpoints.maybe_save(self.state, self.ema, epoch_end=True, force=last)
+            self._save_if_due(epoch, epoch_end=True, force=last)
             if last:
                 break
         if not metrics:  # resumed from a finished run: nothing left to train
@@ -271,7 +274,7 @@ class Trainer:
                     agreement.settle()  # nothing is logged or saved before every rank's flags are read
                 if logging_due:
                     self._log_train(epoch, batches)
-                self.checkpoints.maybe_save(state, self.ema, force=agreement.stop_requested)
+                self._save_if_due(epoch, force=agreement.stop_requested)
                 if agreement.stop_requested:
                     raise Preempted(f"{agreement.stop_reason()} at step {state.global_step}")
                 if self._reached_max_steps():
@@ -279,8 +282,15 @@ class Trainer:
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         agreement.settle()  # a stop requested during the epoch's last step
         if agreement.stop_requested:
-            self.checkpoints.maybe_save(state, self.ema, force=True)
+            self._save_if_due(epoch, force=True)
             raise Preempted(f"{agreement.stop_reason()} at the end of epoch {epoch}")
+
+    def _save_if_due(self, epoch: int, *, epoch_end: bool = False, force: bool = False) -> None:
+        """A checkpoint if one is due (CheckpointManager.maybe_save), with what it cost the loop."""
+        saved = self.checkpoints.maybe_save(self.state, self.ema, epoch_end=epoch_end, force=force)
+        if saved is not None:
+            cost = {"stall_s": saved.stall_s, "held_mb": saved.held_mb, "background": saved.background}
+            self.run_logger.log("checkpoint", self.state.global_step, epoch, cost, trackers=False)
 
     def train_step(self, batch: Any, epoch: int) -> bool:
         """Forward and backward one micro-batch. The one that closes an accumulation window (or the

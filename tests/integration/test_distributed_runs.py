@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -30,7 +31,6 @@ from tests.helpers import (
     read_metrics,
     run_env,
     run_killed_after_checkpoint,
-    run_killed_when,
 )
 
 # Two short epochs of the digits demo, logging every step; dropout on, so resuming must also
@@ -260,17 +260,78 @@ def final_weights_equal(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(ddp_reference, tmp_path):
+def test_sigkill_while_a_background_save_is_writing_resumes_from_the_previous_checkpoint(ddp_reference, tmp_path):
+    """Rank 0 writes the model and optimizer and publishes; it is killed once its background write
+    of step 14 has begun (the capture is over and training has moved on). The run resumes from
+    step 7 and ends as if nothing had happened."""
     args = [*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "7"]
-    # one rank killed while step 14 is being written; torchrun then stops the other
-    run_killed_when(args, tmp_path / "checkpoints" / ".tmp-14", one_rank=True, launcher="torchrun")
-    assert not (tmp_path / "checkpoints" / "14").exists()
+    writing = tmp_path / "checkpoints" / ".tmp-14" / "model.safetensors"  # only the background thread writes it
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(
+            launch_command(args, "torchrun"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=stderr
+        )
+        try:
+            rank0 = rank_processes(proc.pid)[0]
+            deadline = time.time() + 300
+            while not writing.exists():
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr.txt").read_text()[-3000:]
+                time.sleep(0.005)
+            rank0.kill()
+            proc.wait(timeout=120)
+        finally:
+            kill_tree(proc.pid)
+    assert not (tmp_path / "checkpoints" / "14").exists()  # the kill came before the publish
     launch([*args, "--resume", "auto"], launcher="torchrun")
     assert last_launch(tmp_path)["resumed_from"] == str(tmp_path / "checkpoints" / "7")
     assert not (tmp_path / "checkpoints" / ".tmp-14").exists()  # cleaned up by the next save
     expected = train_losses(ddp_reference)
     assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
     assert final_weights_equal(ddp_reference, tmp_path)
+
+
+def test_background_and_synchronous_saves_write_the_same_checkpoint(ddp_reference, tmp_path):
+    launch([*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.async_save", "false"], launcher="torchrun")
+    (background,) = (ddp_reference / "checkpoints").glob("[0-9]*")
+    (synchronous,) = (tmp_path / "checkpoints").glob("[0-9]*")
+    assert (background / "manifest.json").read_text() == (synchronous / "manifest.json").read_text()  # size, xxh3
+    assert [r["background"] for r in read_metrics(ddp_reference, "checkpoint")] == [True]
+    assert [r["background"] for r in read_metrics(tmp_path, "checkpoint")] == [False]
+
+
+def test_background_and_synchronous_zero3_saves_write_the_same_checkpoint(tmp_path):
+    """DeepSpeed's shards (written through its checkpoint engine) and the EMA's, held and written
+    later, byte for byte as a synchronous save writes them."""
+    kwargs = dict(launcher="accelerate", accelerate_config=accelerate_config("deepspeed_zero3.yaml"))
+    args = [*TINY_VIT, "--loop.max_steps", "2", "--loop.ema_decay", "0.9"]
+    for background in ("true", "false"):
+        launch([*args, "--output-dir", str(tmp_path / background), "--checkpoint.async_save", background], **kwargs)
+    manifests = [(tmp_path / b / "checkpoints" / "2" / "manifest.json").read_text() for b in ("true", "false")]
+    assert manifests[0] == manifests[1]
+    assert "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt" in manifests[0]
+    assert "ema-rank00001-of-00002.safetensors" in manifests[0]
+
+
+def test_a_background_save_that_cannot_be_written_stops_the_run_naming_it(tmp_path):
+    """A filesystem that refuses the write (here the kernel's file-size limit, as a quota or a
+    full disk would): the run stops at a later step with the path and the reason."""
+    limit = 4 << 20  # above every small file a run writes, below the model's 45 MB
+
+    def file_size_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = ["--config", DIGITS, *QUICK, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "2"]
+    cmd = launch_command([*args, "--loop.max_steps", "8", "--logging.every_steps", "1"], "torchrun")
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600, preexec_fn=file_size_limit
+    )
+    assert proc.returncode != 0
+    folder = tmp_path / "checkpoints" / "2"
+    assert re.search(
+        rf"rank 0: the background save of {re.escape(str(folder))} failed \(.*File too large",
+        proc.stderr,
+    ), proc.stderr[-3000:]
+    assert not folder.exists()
+    assert max(row["step"] for row in read_metrics(tmp_path, "train")) < 8
 
 
 def wait_for_train_step(run_dir: Path, step: int, proc: subprocess.Popen) -> None:

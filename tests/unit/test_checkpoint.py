@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 
 import pytest
 import torch
 from accelerate import Accelerator
 
+from core.background_save import host_copy
 from core.checkpoint import CheckpointError, CheckpointManager, TrainerState, verify
 from core.portable import PortableState, PortableStateError, optimizer_order
 
@@ -60,7 +62,7 @@ def test_partial_checkpoints_are_invisible_to_auto_resume(setup):
 
 def test_damaged_or_missing_files_are_named(setup):
     acc, model, optimizer, manager = setup
-    path = manager.save(TrainerState(global_step=1))
+    path = manager.save(TrainerState(global_step=1)).path
     weights = os.path.join(path, "model.safetensors")
     size = os.path.getsize(weights)
     with open(weights, "r+b") as f:  # same size, one byte flipped
@@ -82,7 +84,7 @@ def test_damaged_or_missing_files_are_named(setup):
 def test_auto_resume_falls_back_past_a_damaged_newest(setup, caplog):
     acc, model, optimizer, manager = setup
     manager.save(TrainerState(global_step=1))
-    newest = manager.save(TrainerState(global_step=2))
+    newest = manager.save(TrainerState(global_step=2)).path
     os.remove(os.path.join(newest, "optimizer.bin"))
     assert manager.resolve("auto") == os.path.join(manager.root, "1")
     assert "optimizer.bin is listed in manifest.json but missing" in caplog.text
@@ -117,7 +119,7 @@ def test_pickled_checkpoints_from_elsewhere_need_opt_in(setup, tmp_path):
 
 def test_a_checkpoint_of_another_optimizer_is_refused_naming_both(setup, tmp_path):
     acc, model, optimizer, manager = setup
-    path = manager.save(TrainerState(global_step=1, optimizer="SGD", layout="ddp"))
+    path = manager.save(TrainerState(global_step=1, optimizer="SGD", layout="ddp")).path
     with pytest.raises(CheckpointError, match=r"saved with the SGD optimizer and this run uses AdamW.*--optim\.name"):
         manager.load(manager.plan(path, False), TrainerState(optimizer="AdamW", layout="ddp"))
 
@@ -136,7 +138,7 @@ def test_load_restores_weights_optimizer_and_position(setup):
     acc, model, optimizer, manager = setup
     train_step(model, optimizer)
     saved = TrainerState(epoch=2, batches_in_epoch=5, global_step=17, best_metric=91.5, best_step=11)
-    path = manager.save(saved)
+    path = manager.save(saved).path
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     moment = optimizer.state_dict()["state"][0]["exp_avg"].clone()
     train_step(model, optimizer)  # move away from the checkpoint
@@ -150,10 +152,42 @@ def test_load_restores_weights_optimizer_and_position(setup):
 def test_portable_state_of_a_changed_model_is_refused_naming_the_parameter(setup, tmp_path):
     acc, model, optimizer, manager = setup
     train_step(model, optimizer)
-    path = manager.save(TrainerState(global_step=1))
+    path = manager.save(TrainerState(global_step=1)).path
     grown = torch.nn.Linear(4, 3)
     grown_optimizer = torch.optim.AdamW(grown.parameters(), lr=0.1)
     state = PortableState(path, optimizer_order(grown, grown_optimizer))
     assert state.step == 1.0
     with pytest.raises(PortableStateError, match=r"weight fp32 has \(2, 4\), this run's parameter \(3, 4\)"):
         state.load_into(acc, grown, grown_optimizer)
+
+
+def test_host_copy_is_written_byte_for_byte_as_the_original(tmp_path):
+    weight = torch.randn(6, 4)
+    weight.tag = "set by a library"  # DeepSpeed sets attributes on its tensors
+    state = OrderedDict(w=weight, row=weight[2], p=torch.nn.Parameter(torch.randn(3)), empty=torch.empty(0))
+    state._metadata = {"": {"version": 1}}  # as nn.Module.state_dict() leaves it
+    betas = (0.9, 0.999)
+    original = {"model": state, "groups": [{"betas": betas}, {"betas": betas}], "shape": torch.Size([6, 4])}
+    path = tmp_path / "state.pt"
+    torch.save(original, path)
+    expected = path.read_bytes()
+    copy = host_copy(original)
+    weight.add_(1.0)  # training goes on: the copy keeps the values it was taken with
+    torch.save(copy, path)
+    assert path.read_bytes() == expected
+
+
+def test_an_asynchronous_save_writes_what_a_synchronous_one_does_at_that_step(setup, tmp_path):
+    acc, model, optimizer, manager = setup
+    train_step(model, optimizer)
+    synchronous = manager.save(TrainerState(global_step=1)).path
+    background = CheckpointManager(acc, str(tmp_path / "async"), keep_last=2, async_save=True)
+    saved = background.save(TrainerState(global_step=1))
+    train_step(model, optimizer)  # while it is written
+    background.wait()
+    assert saved.background and saved.held_mb > 0
+    published = saved.path
+    verify(published)
+    assert not [n for n in os.listdir(published) if n.startswith(".")]  # the ranks' markers are gone
+    with open(os.path.join(synchronous, "manifest.json")) as a, open(os.path.join(published, "manifest.json")) as b:
+        assert json.load(a) == json.load(b)  # every file, byte for byte
