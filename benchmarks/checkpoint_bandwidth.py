@@ -11,7 +11,11 @@ raw into the same folder (16 MB chunks, fsynced): the disk's own speed at that m
 rank 0 writes model and optimizer; under ZeRO-3 every rank writes its own shards, so the figure
 is the checkpoint's bytes over the wall time.
 A plain `torch.save` of the same model + optimizer state (fsynced) is measured beside them.
-Last line: the lower save bandwidth of the two layouts as a fraction of the disk's (target >= 0.7).
+Then the same state is saved `--repeats` times in the background (checkpoint.async_save): the
+stall is how long training waits for each such save (the host copy), against the synchronous
+save of the same state in the same run.
+Last lines: the lower save bandwidth of the two layouts as a fraction of the disk's (target
+>= 0.7), and the higher stall as a fraction of the synchronous save (target <= 0.1).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg.data.micro_batch_size, cfg.data.num_workers = 2, 0
     cfg.loop.max_steps = 1
     cfg.checkpoint.keep_last = 1
+    cfg.checkpoint.async_save = False  # the bandwidth of the write itself first; the background save below
     cfg.logging.progress_bar, cfg.logging.tensorboard = False, False
     trainer = Trainer(cfg, SyntheticTask(cfg, args.model, 64, 4 * int(os.environ["WORLD_SIZE"]), num_classes=1000))
     trainer.train_one_epoch(0)  # materialise AdamW's two moments
@@ -90,6 +95,18 @@ def worker(args: argparse.Namespace) -> None:
         acc.wait_for_everyone()
         loads.append(time.perf_counter() - start)
 
+    stalls, held_mb = [], 0.0
+    trainer.checkpoints.async_save = True
+    for _ in range(args.repeats):
+        trainer.checkpoints.wait_for_pruning()
+        trainer.state.global_step += 1
+        acc.wait_for_everyone()
+        saved = trainer.checkpoints.save(trainer.state)
+        stalls.append(saved.stall_s)
+        held_mb = saved.held_mb
+        trainer.checkpoints.wait()  # published before the next one (a run would train meanwhile)
+        acc.wait_for_everyone()
+
     plain = []
     if acc.is_main_process and trainer.strategy == "ddp":  # the same state, one torch.save, as by hand
         model, optimizer = acc.unwrap_model(trainer.model), trainer.optimizer
@@ -103,7 +120,15 @@ def worker(args: argparse.Namespace) -> None:
     write_report(
         args.out,
         acc.process_index,
-        {"bytes": nbytes, "save_s": saves[1:], "load_s": loads[1:], "disk_gbs": disk, "torch_save_gbs": plain},
+        {
+            "bytes": nbytes,
+            "save_s": saves[1:],
+            "load_s": loads[1:],
+            "disk_gbs": disk,
+            "torch_save_gbs": plain,
+            "stall_s": stalls,
+            "held_mb": held_mb,
+        },
     )
 
 
@@ -133,6 +158,9 @@ def main() -> None:
                 "disk": statistics.median(report["disk_gbs"]),
                 "save": statistics.median(nbytes / s for s in report["save_s"]) / 1e9,
                 "load": statistics.median(nbytes / s for s in report["load_s"]) / 1e9,
+                "sync_s": statistics.median(report["save_s"]),
+                "stall_s": statistics.median(report["stall_s"]),
+                "held_mb": report["held_mb"],
             }
             if report["torch_save_gbs"]:
                 rows["plain torch.save"] = {
@@ -156,6 +184,15 @@ def main() -> None:
         )
     ratio = min(rows[name]["save"] / rows[name]["disk"] for name in LAYOUTS)
     print(f"ratio shardvision save / disk write (lower of {', '.join(LAYOUTS)}): {ratio:.2f} (target >= 0.7)")
+    print(f"\n{'background save':<17} {'sync s':>7} {'stall s':>8} {'x sync':>7} {'held MB (rank 0)':>17}")
+    for name in LAYOUTS:
+        row = rows[name]
+        print(
+            f"{name:<17} {row['sync_s']:7.3f} {row['stall_s']:8.3f} {row['stall_s'] / row['sync_s']:7.2f} "
+            f"{row['held_mb']:17.0f}"
+        )
+    stall = max(rows[name]["stall_s"] / rows[name]["sync_s"] for name in LAYOUTS)
+    print(f"ratio training stall / synchronous save (higher of {', '.join(LAYOUTS)}): {stall:.2f} (target <= 0.1)")
 
 
 if __name__ == "__main__":
