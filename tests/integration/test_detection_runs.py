@@ -38,6 +38,11 @@ def shapes_run(tmp_path_factory) -> Path:
         "true",
         "--checkpoint.every_steps",
         "50",
+        # a metric run: evaluated untrained and at the end only, checkpointed for the kill only
+        "--loop.eval_every_epochs",
+        "8",
+        "--checkpoint.at_epoch_end",
+        "false",
     ]
     run_killed_after_checkpoint(args, run_dir, step=50, launcher="torchrun", script=DETECT)
     launch([*args, "--resume", "auto"], launcher="torchrun", script=DETECT)
@@ -87,7 +92,7 @@ def test_zero2_trains_checkpoints_and_resumes(tmp_path):
     kwargs = dict(
         launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs/deepspeed_zero2.yaml"), script=DETECT
     )
-    args = [*SHAPES, "--output-dir", str(tmp_path), "--loop.epochs", "1", "--checkpoint.every_steps", "5"]
+    args = [*SHAPES, "--output-dir", str(tmp_path), "--loop.max_steps", "8", "--checkpoint.every_steps", "5"]
     run_killed_after_checkpoint(args, tmp_path, step=5, **kwargs)
     assert (tmp_path / "checkpoints" / "5" / "pytorch_model").is_dir()
     launch([*args, "--resume", "auto"], **kwargs)

@@ -72,7 +72,10 @@ def ddp_reference(tmp_path_factory) -> Path:
 
 
 def test_ddp_killed_and_resumed_run_equals_uninterrupted_run(ddp_reference, tmp_path):
+    """Saved synchronously here, in the background in the reference: the last checkpoints of the
+    two runs are byte for byte the same files (their manifests, sizes and checksums, are equal)."""
     args = [*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "7"]
+    args += ["--checkpoint.async_save", "false"]
     run_killed_after_checkpoint(args, tmp_path, step=7, launcher="torchrun")
     launch([*args, "--resume", "auto"], launcher="torchrun")
 
@@ -84,16 +87,24 @@ def test_ddp_killed_and_resumed_run_equals_uninterrupted_run(ddp_reference, tmp_
     b = load_file(tmp_path / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    background, synchronous = ddp_reference / "checkpoints" / "22", tmp_path / "checkpoints" / "22"
+    assert (background / "manifest.json").read_text() == (synchronous / "manifest.json").read_text()
+    assert {r["background"] for r in read_metrics(ddp_reference, "checkpoint")} == {True}
+    assert {r["background"] for r in read_metrics(tmp_path, "checkpoint")} == {False}
 
-@pytest.mark.parametrize("stage", [2, 3])
+
+# ZeRO-2's kill and resume is run by the detection and segmentation tests (and its resumes at
+# another world size by test_elastic_resume.py); here ZeRO-3.
+@pytest.mark.parametrize("stage", [3])
 def test_zero_killed_and_resumed_run_equals_uninterrupted(ddp_reference, tmp_path, stage):
-    """ZeRO-2/3 (accelerate launch + the repo's DeepSpeed configs) train, checkpoint ZeRO shards,
-    resume mid-epoch after a SIGKILL and continue on their own uninterrupted trajectory."""
+    """ZeRO (accelerate launch + the repo's DeepSpeed configs) trains, checkpoints ZeRO shards,
+    resumes mid-epoch after a SIGKILL and continues on its own uninterrupted trajectory."""
     kwargs = dict(launcher="accelerate", accelerate_config=accelerate_config(f"deepspeed_zero{stage}.yaml"))
+    trajectory = [*TRAJECTORY, "--loop.max_steps", "13"]  # into the second epoch, shorter than DDP's
     reference = tmp_path / "uninterrupted"
-    launch([*TRAJECTORY, "--output-dir", str(reference)], **kwargs)
+    launch([*trajectory, "--output-dir", str(reference)], **kwargs)
     resumed = tmp_path / "resumed"
-    args = [*TRAJECTORY, "--output-dir", str(resumed), "--checkpoint.every_steps", "7"]
+    args = [*trajectory, "--output-dir", str(resumed), "--checkpoint.every_steps", "7"]
     run_killed_after_checkpoint(args, resumed, step=7, **kwargs)
     assert (resumed / "checkpoints" / "7" / "pytorch_model").is_dir()  # ZeRO shards
     assert (resumed / "checkpoints" / "7" / "zero_to_fp32.py").is_file()
@@ -104,7 +115,7 @@ def test_zero_killed_and_resumed_run_equals_uninterrupted(ddp_reference, tmp_pat
     assert run["resumed_from"] == str(resumed / "checkpoints" / "7")
 
     expected, got = train_losses(reference), train_losses(resumed)
-    assert sorted(got) == sorted(expected) == list(range(1, 23))
+    assert sorted(got) == sorted(expected) == list(range(1, 14))
     for step, losses in got.items():
         assert all(loss == pytest.approx(expected[step][0], rel=1e-5) for loss in losses), (
             step,
@@ -287,15 +298,6 @@ def test_sigkill_while_a_background_save_is_writing_resumes_from_the_previous_ch
     expected = train_losses(ddp_reference)
     assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
     assert final_weights_equal(ddp_reference, tmp_path)
-
-
-def test_background_and_synchronous_saves_write_the_same_checkpoint(ddp_reference, tmp_path):
-    launch([*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.async_save", "false"], launcher="torchrun")
-    (background,) = (ddp_reference / "checkpoints").glob("[0-9]*")
-    (synchronous,) = (tmp_path / "checkpoints").glob("[0-9]*")
-    assert (background / "manifest.json").read_text() == (synchronous / "manifest.json").read_text()  # size, xxh3
-    assert [r["background"] for r in read_metrics(ddp_reference, "checkpoint")] == [True]
-    assert [r["background"] for r in read_metrics(tmp_path, "checkpoint")] == [False]
 
 
 def test_background_and_synchronous_zero3_saves_write_the_same_checkpoint(tmp_path):

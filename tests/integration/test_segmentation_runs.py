@@ -26,6 +26,8 @@ def shapes_run(tmp_path_factory) -> Path:
     """The demo config, killed after a mid-run checkpoint, then resumed to the end."""
     run_dir = tmp_path_factory.mktemp("shapes")
     args = [*SHAPES, "--output-dir", str(run_dir), "--loop.eval_at_start", "true", "--checkpoint.every_steps", "150"]
+    # a metric run: evaluated untrained and at the end only, checkpointed for the kill only
+    args += ["--loop.eval_every_epochs", "60", "--checkpoint.at_epoch_end", "false"]
     run_killed_after_checkpoint(args, run_dir, step=150, launcher="torchrun", script=SEGMENT)
     launch([*args, "--resume", "auto"], launcher="torchrun", script=SEGMENT)
     run = last_launch(run_dir)
@@ -48,9 +50,8 @@ def test_trains_resumes_and_beats_the_untrained_model(shapes_run):
 
 def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
     """Eval batch 3: both runs form the same batches (accelerate shards whole batches), and the
-    last one is padded on 2 ranks; per-image confusion matrices must add up identically.
-    The 2-rank run is repeated: an eval-only run ends right after a gather, which once aborted
-    about one exit in four (a gloo thread still freeing the gather's tensors at shutdown)."""
+    last one is padded on 2 ranks; per-image confusion matrices must add up identically. (That an
+    eval-only run, which ends right after a gather, exits 0 is test_failure_runs.py's stress test.)"""
     common = [
         *SHAPES,
         "--eval-only",
@@ -61,13 +62,12 @@ def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
     ]
     launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python", script=SEGMENT)
     one = read_metrics(tmp_path / "one", "eval")[-1]
-    for attempt in range(3):
-        launch([*common, "--output-dir", str(tmp_path / f"two{attempt}")], launcher="torchrun", script=SEGMENT)
-        two = read_metrics(tmp_path / f"two{attempt}", "eval")[-1]
-        assert two["images"] == one["images"] == 50
-        for key in ("mIoU", "pixel_acc", "mean_acc", "IoU/background", "IoU/square", "IoU/circle", "IoU/triangle"):
-            assert two[key] == one[key], key
-        assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    launch([*common, "--output-dir", str(tmp_path / "two")], launcher="torchrun", script=SEGMENT)
+    two = read_metrics(tmp_path / "two", "eval")[-1]
+    assert two["images"] == one["images"] == 50
+    for key in ("mIoU", "pixel_acc", "mean_acc", "IoU/background", "IoU/square", "IoU/circle", "IoU/triangle"):
+        assert two[key] == one[key], key
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
 def test_zero2_trains_checkpoints_and_resumes(tmp_path):
