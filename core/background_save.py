@@ -27,13 +27,40 @@ import safetensors.torch
 import torch
 
 
-def host_copy(obj: Any, memo: dict[Any, Any] | None = None) -> Any:
-    """`obj` with every tensor copied into host memory (pinned when it comes from a GPU) and
-    everything else deep-copied, keeping which objects are shared: tensors that share a storage
-    (views) share one copy laid out as the original, an object met twice is copied once, and
-    attributes set on a tensor or a dict (a state dict's `_metadata`) come along. torch.save
-    therefore writes the same bytes from the copy as from the original."""
+class HostBuffers:
+    """Host memory for the copies, kept from one save to the next: allocating hundreds of MB and
+    touching it for the first time costs several times the copy itself (page faults), and every
+    save of a run copies the same sizes. (DCP's async_save keeps its staging memory likewise.)"""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple[int, bool], list[torch.UntypedStorage]] = {}
+        self.lent: list[torch.UntypedStorage] = []
+
+    def take(self, nbytes: int, pinned: bool) -> torch.UntypedStorage:
+        kept = self.free.get((nbytes, pinned))
+        storage = kept.pop() if kept else torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned).untyped_storage()
+        self.lent.append(storage)
+        return storage
+
+    def give_back(self) -> None:
+        """Every buffer lent since the last call is free for the next save."""
+        for storage in self.lent:
+            self.free.setdefault((storage.nbytes(), storage.is_pinned()), []).append(storage)
+        self.lent = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for kept in self.free.values() for s in kept) + sum(s.nbytes() for s in self.lent)
+
+
+def host_copy(obj: Any, memo: dict[Any, Any] | None = None, buffers: HostBuffers | None = None) -> Any:
+    """`obj` with every tensor copied into host memory (pinned when it comes from a GPU; from
+    `buffers` if given) and everything else deep-copied, keeping which objects are shared:
+    tensors that share a storage (views) share one copy laid out as the original, an object met
+    twice is copied once, and attributes set on a tensor or a dict (a state dict's `_metadata`)
+    come along. torch.save therefore writes the same bytes from the copy as from the original."""
     memo = {} if memo is None else memo
+    buffers = HostBuffers() if buffers is None else buffers
     copy: Any
     if id(obj) in memo:
         return memo[id(obj)]
@@ -43,24 +70,22 @@ def host_copy(obj: Any, memo: dict[Any, Any] | None = None) -> Any:
         key = ("storage", storage.data_ptr(), storage.nbytes(), str(storage.device)) if storage.nbytes() else id(obj)
         if key not in memo:
             pinned = storage.device.type == "cuda"
-            host = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=pinned)
-            host.copy_(torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage), non_blocking=pinned)
-            memo[key] = host.untyped_storage()
+            memo[key] = buffers.take(storage.nbytes(), pinned).copy_(storage, non_blocking=pinned)
         copy = torch.empty(0, dtype=obj.dtype).set_(memo[key], obj.storage_offset(), obj.size(), obj.stride())
         if isinstance(obj, torch.nn.Parameter):
             copy = torch.nn.Parameter(copy, requires_grad=obj.requires_grad)
         elif obj.requires_grad:
             copy.requires_grad_()
         if obj.__dict__:
-            copy.__dict__.update(host_copy(obj.__dict__, memo))
+            copy.__dict__.update(host_copy(obj.__dict__, memo, buffers))
     elif isinstance(obj, dict):
-        copy = type(obj)((k, host_copy(v, memo)) for k, v in obj.items())
+        copy = type(obj)((k, host_copy(v, memo, buffers)) for k, v in obj.items())
         if getattr(obj, "__dict__", None):  # a state dict's _metadata
-            copy.__dict__.update(host_copy(obj.__dict__, memo))
+            copy.__dict__.update(host_copy(obj.__dict__, memo, buffers))
     elif isinstance(obj, list):
-        copy = [host_copy(v, memo) for v in obj]
+        copy = [host_copy(v, memo, buffers) for v in obj]
     elif isinstance(obj, tuple):
-        items = [host_copy(v, memo) for v in obj]
+        items = [host_copy(v, memo, buffers) for v in obj]
         copy = type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     else:
         copy = copy_module.deepcopy(obj)
@@ -68,43 +93,44 @@ def host_copy(obj: Any, memo: dict[Any, Any] | None = None) -> Any:
     return copy
 
 
-def copied_bytes(memo: dict[Any, Any]) -> int:
-    """The host memory `host_copy` took for the tensors it copied with `memo`."""
-    return sum(v.nbytes() for v in memo.values() if isinstance(v, torch.UntypedStorage))
-
-
 class HeldFiles:
     """An asynchronous save's writes, held in host memory: (writer, host copy, path, arguments)."""
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: HostBuffers) -> None:
         self.writes: list[tuple[Callable, Any, str, tuple, dict]] = []
-        self.nbytes = 0  # the host memory the copies take
+        self.buffers = buffers
+
+    @property
+    def nbytes(self) -> int:
+        """The host memory the copies take."""
+        return sum(s.nbytes() for s in self.buffers.lent)
 
     def hold(self, writer: Callable, obj: Any, path: Any, args: tuple = (), kwargs: dict | None = None) -> None:
         # Objects are matched by address within one call only: between calls the libraries free
         # temporaries (DeepSpeed's clones) whose addresses the next ones reuse.
-        memo: dict[Any, Any] = {}
-        self.writes.append((writer, host_copy(obj, memo), os.fspath(path), args, kwargs or {}))
-        self.nbytes += copied_bytes(memo)
+        self.writes.append((writer, host_copy(obj, {}, self.buffers), os.fspath(path), args, kwargs or {}))
 
     def write(self) -> None:
-        """Make the held calls, fsync each file, then let go of the memory."""
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the copies into pinned memory have landed
-        for writer, obj, path, args, kwargs in self.writes:
-            writer(obj, path, *args, **kwargs)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        self.writes = []
+        """Make the held calls and fsync each file; the buffers then serve the next save."""
+        try:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the copies into pinned memory have landed
+            for writer, obj, path, args, kwargs in self.writes:
+                writer(obj, path, *args, **kwargs)
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        finally:
+            self.writes = []
+            self.buffers.give_back()
 
 
 @contextlib.contextmanager
-def captured_writes(folder: str) -> Iterator[HeldFiles]:
+def captured_writes(folder: str, buffers: HostBuffers) -> Iterator[HeldFiles]:
     """While active, `torch.save` and safetensors' `save_file` calls for files under `folder`
     copy their arguments into host memory (the `HeldFiles` yielded) instead of writing."""
     import accelerate.utils.other as accelerate_io
 
-    held = HeldFiles()
+    held = HeldFiles(buffers)
     root = os.path.realpath(folder) + os.sep
     torch_save, save_file = torch.save, safetensors.torch.save_file
 

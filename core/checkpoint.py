@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from accelerate.checkpointing import load_accelerator_state
 from accelerate.utils import broadcast_object_list
 
-from core.background_save import HeldFiles, captured_writes
+from core.background_save import HeldFiles, HostBuffers, captured_writes
 from core.distributed import layout_of
 from core.ema import WeightAverage, WeightAverageError
 from core.optim import innermost_optimizer
@@ -167,6 +167,7 @@ class CheckpointManager:
         self.last_saved_step: int | None = None
         self._pruning: threading.Thread | None = None
         self._writing: threading.Thread | None = None  # the save in flight (async_save), at most one
+        self._host_buffers = HostBuffers()
         self._write_failure: BaseException | None = None
 
     def due(self, step: int) -> bool:
@@ -263,7 +264,7 @@ class CheckpointManager:
         acc.wait_for_everyone()
         with (
             _without_crc32(),
-            captured_writes(tmp) if self.async_save else contextlib.nullcontext() as held,
+            captured_writes(tmp, self._host_buffers) if self.async_save else contextlib.nullcontext() as held,
         ):
             acc.save_state(tmp, safe_serialization=True)
             if ema is not None:
@@ -613,6 +614,7 @@ class CheckpointManager:
             self.wait()
         except CheckpointWriteError as e:
             logger.error("%s", e)
+        self._host_buffers = HostBuffers()  # the memory kept for the next background save
         self.wait_for_pruning()
 
     def wait_for_pruning(self) -> None:
