@@ -4,9 +4,9 @@ At the step boundary each rank copies what it is about to write (accelerate's mo
 and RNG state, DeepSpeed's shards, the EMA) into host memory: `captured_writes` turns the
 `torch.save` and safetensors `save_file` calls of `accelerator.save_state` into host copies of
 their arguments (`host_copy`). Training then goes on while a thread makes those same calls on the
-copies, writing the very bytes a synchronous save writes, and fsyncs them; rank 0 publishes the
-folder (trainer state, manifest, rename; core/checkpoint.py) only once every rank has said, by a
-marker file beside its own, that its part is on disk. A crash at any moment therefore leaves at
+copies, writing the very bytes a synchronous save writes; rank 0 publishes the folder (trainer
+state, manifest with every file fsynced, rename; core/checkpoint.py) only once every rank has
+said, by a marker file beside its own, that its part is written. A crash at any moment therefore leaves at
 most an unpublished `.tmp-<step>` folder, as a synchronous save does.
 
 Neither library offers this hook: accelerate writes through its own `save` (safetensors'
@@ -47,10 +47,6 @@ class HostBuffers:
         for storage in self.lent:
             self.free.setdefault((storage.nbytes(), storage.is_pinned()), []).append(storage)
         self.lent = []
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes() for kept in self.free.values() for s in kept) + sum(s.nbytes() for s in self.lent)
 
 
 def host_copy(obj: Any, memo: dict[Any, Any] | None = None, buffers: HostBuffers | None = None) -> Any:
@@ -111,14 +107,13 @@ class HeldFiles:
         self.writes.append((writer, host_copy(obj, {}, self.buffers), os.fspath(path), args, kwargs or {}))
 
     def write(self) -> None:
-        """Make the held calls and fsync each file; the buffers then serve the next save."""
+        """Make the held calls; the buffers then serve the next save. (Rank 0 fsyncs every file of
+        the folder when it writes the manifest, as after a synchronous save.)"""
         try:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the copies into pinned memory have landed
             for writer, obj, path, args, kwargs in self.writes:
                 writer(obj, path, *args, **kwargs)
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
         finally:
             self.writes = []
             self.buffers.give_back()

@@ -287,7 +287,7 @@ class CheckpointManager:
 
     def _write_and_publish(self, held: HeldFiles, tmp: str, trainer_state: str, saved: Saved) -> None:
         """The background half of an asynchronous save: this rank's files, then on rank 0 the
-        publish, once every rank's marker says its part is on disk."""
+        publish, once every rank's marker says its part is written."""
         acc, started, final = self.accelerator, time.perf_counter(), saved.path
         rank, world = acc.process_index, acc.num_processes
         try:
