@@ -117,10 +117,10 @@ class Trainer:
         )
         # Before the engine exists: a ZeRO checkpoint of another world size or strategy is loaded in
         # DeepSpeed's universal form, which its config must announce.
-        self.resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
-        self.resume_plan = None
-        if self.resumed_from is not None:
-            self.resume_plan = self.checkpoints.plan(self.resumed_from, cfg.checkpoint.allow_pickle)
+        resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
+        self.resume_plan = (
+            None if resumed_from is None else self.checkpoints.plan(resumed_from, cfg.checkpoint.allow_pickle)
+        )
 
         # Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
         # then a per-rank stream for dropout and mixup. Fine-tuning under ZeRO-3 builds the model
@@ -523,7 +523,7 @@ class Trainer:
             "parameters_on_this_rank": on_this_rank,
             "optimizer": optimizer,
             "update_kernel": kernel,
-            "resumed_from": self.resumed_from,
+            "resumed_from": self.resume_plan.path if self.resume_plan is not None else None,
         }
         self.run_logger.log("run", self.state.global_step, self.state.epoch, facts, trackers=False)
         strategy = self.strategy + (f" (ZeRO-{stage})" if stage is not None else "")
