@@ -111,9 +111,26 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def run_killed_when(args: list[str], marker: Path, one_rank: bool = False, **launch_kwargs) -> None:
-    """Start a run and SIGKILL all its processes as soon as `marker` exists, or with `one_rank`
-    a single rank, leaving it to the launcher to notice and stop the others."""
+def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
+    """The launched ranks by their RANK, once both have started."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ranks = {}
+        for p in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                if "train.py" in " ".join(p.cmdline()) and "RANK" in p.environ():
+                    ranks[int(p.environ()["RANK"])] = p
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        if len(ranks) == 2:
+            return ranks
+        time.sleep(0.1)
+    raise AssertionError("the two ranks never started")
+
+
+def run_killed_when(args: list[str], marker: Path, rank: int | None = None, **launch_kwargs) -> None:
+    """Start a run and SIGKILL all its processes as soon as `marker` exists, or with `rank` only
+    that rank, leaving it to the launcher to notice and stop the others."""
     cmd = launch_command(args, **launch_kwargs)
     proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 400
@@ -125,10 +142,9 @@ def run_killed_when(args: list[str], marker: Path, one_rank: bool = False, **lau
         if time.time() > deadline:
             kill_tree(proc.pid)
             raise AssertionError(f"no {marker} within the time limit")
-        time.sleep(0.01)
-    if one_rank:
-        rank = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline()))
-        rank.kill()
+        time.sleep(0.005)
+    if rank is not None:
+        rank_processes(proc.pid)[rank].kill()
         try:
             proc.wait(timeout=120)
         finally:

@@ -28,9 +28,11 @@ from tests.helpers import (
     last_launch,
     launch,
     launch_command,
+    rank_processes,
     read_metrics,
     run_env,
     run_killed_after_checkpoint,
+    run_killed_when,
 )
 
 # Two short epochs of the digits demo, logging every step; dropout on, so resuming must also
@@ -277,20 +279,7 @@ def test_sigkill_while_a_background_save_is_writing_resumes_from_the_previous_ch
     step 7 and ends as if nothing had happened."""
     args = [*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "7"]
     writing = tmp_path / "checkpoints" / ".tmp-14" / "model.safetensors"  # only the background thread writes it
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        proc = subprocess.Popen(
-            launch_command(args, "torchrun"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=stderr
-        )
-        try:
-            rank0 = rank_processes(proc.pid)[0]
-            deadline = time.time() + 300
-            while not writing.exists():
-                assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr.txt").read_text()[-3000:]
-                time.sleep(0.005)
-            rank0.kill()
-            proc.wait(timeout=120)
-        finally:
-            kill_tree(proc.pid)
+    run_killed_when(args, writing, rank=0, launcher="torchrun")
     assert not (tmp_path / "checkpoints" / "14").exists()  # the kill came before the publish
     launch([*args, "--resume", "auto"], launcher="torchrun")
     assert last_launch(tmp_path)["resumed_from"] == str(tmp_path / "checkpoints" / "7")
@@ -369,23 +358,6 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(ddp_referenc
     expected = train_losses(ddp_reference)
     assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
     assert final_weights_equal(ddp_reference, tmp_path)
-
-
-def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
-    """The launched ranks by their RANK, once both have started."""
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        ranks = {}
-        for p in psutil.Process(launcher_pid).children(recursive=True):
-            try:
-                if "train.py" in " ".join(p.cmdline()) and "RANK" in p.environ():
-                    ranks[int(p.environ()["RANK"])] = p
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        if len(ranks) == 2:
-            return ranks
-        time.sleep(0.1)
-    raise AssertionError("the two ranks never started")
 
 
 def test_a_frozen_rank_is_reported_by_the_other_within_the_limit_and_the_run_resumes_exactly(ddp_reference, tmp_path):

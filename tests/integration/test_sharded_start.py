@@ -83,10 +83,11 @@ def test_zero3_refuses_a_file_that_does_not_fit_with_the_ddp_message(weights, tm
 
 
 # The recipes' torchvision detector and segmenter and a transformers segmenter, each built
-# partitioned: (script, recipe module, its config and task classes, extra arguments).
+# partitioned: (recipe, its config and task classes, arguments beside its shapes.yaml).
+TORCHVISION_DEEPLAB = ["--model.source", "torchvision", "--model.name", "deeplabv3_mobilenet_v3_large"]
 VISION = {
     "fasterrcnn": ("detection", "DetectionConfig", "DetectionTask", []),
-    "deeplabv3": ("segmentation", "SegmentationConfig", "SegmentationTask", ["--model.source", "torchvision"]),
+    "deeplabv3": ("segmentation", "SegmentationConfig", "SegmentationTask", TORCHVISION_DEEPLAB),
     "segformer": ("segmentation", "SegmentationConfig", "SegmentationTask", []),
 }
 
@@ -95,8 +96,6 @@ VISION = {
 def test_zero3_builds_the_recipes_detectors_and_segmenters_partitioned(model, tmp_path):
     task_name, config_class, task_class, extra = VISION[model]
     args = ["--config", f"recipes/{task_name}/configs/shapes.yaml", *QUICK, *extra]
-    if model == "deeplabv3":
-        args += ["--model.name", "deeplabv3_mobilenet_v3_large"]
     recipe = importlib.import_module(f"recipes.{task_name}.task")
     cfg = parse_args(getattr(recipe, config_class), args)
     torch.manual_seed(1)  # the model's own weights, moved: not what the run's seed would build
