@@ -27,7 +27,8 @@ from core.data import BadSamples
 
 logger = logging.getLogger("shardvision")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM and cloud schedulers send before a kill
+# What SLURM and cloud schedulers send before a kill; SIGUSR2 is submitit's preemption/timeout signal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,7 +36,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """Raised after a stop signal once the checkpoint of the current step is written."""
+    """Raised after a stop signal once the checkpoint of the current step is written. `signal`:
+    the one this rank received (None when another rank's stopped it), so a submitit job requeues
+    on its preemption signal and not on a cancellation's SIGTERM."""
+
+    def __init__(self, message: str, signal: str | None = None):
+        super().__init__(message)
+        self.signal = signal
 
 
 class Agreement(NamedTuple):
@@ -111,6 +118,13 @@ class StepAgreement:
             window, self._unread = self._unread, None
             self._read(window)
 
+    def stop_agreed(self) -> bool:
+        """Whether any rank has been asked to stop, agreed now (one small all-reduce): for the
+        evaluation, which has no optimizer step to carry the flag."""
+        asked = torch.tensor([float(self.stop_signal is not None)], device=self.accelerator.device)
+        self.stop_requested = self.stop_requested or self.accelerator.reduce(asked, reduction="sum").item() > 0
+        return self.stop_requested
+
     def stop_reason(self) -> str:
         return f"stopped by {self.stop_signal or 'a signal on another rank'}"
 
@@ -131,4 +145,6 @@ class StepAgreement:
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         self.stop_signal = signal.Signals(signum).name
-        logger.warning("%s received: stopping after this optimizer step, with a checkpoint", self.stop_signal)
+        logger.warning(
+            "%s received: stopping after this optimizer step (or evaluation batch), with a checkpoint", self.stop_signal
+        )

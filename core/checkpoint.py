@@ -24,10 +24,12 @@ import logging
 import mmap
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ import torch.utils.serialization.config as serialization_config
 import xxhash
 from accelerate import Accelerator
 from accelerate.checkpointing import load_accelerator_state
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from core.background_save import HeldFiles, HostBuffers, captured_writes
 from core.distributed import layout_of
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+EVALUATION = "evaluation.json"  # the evaluation of a checkpoint's own weights, added once it has finished
 DEEPSPEED_TAG = "pytorch_model"  # the folder (DeepSpeed's checkpoint tag) accelerate saves ZeRO shards in
 WRITTEN, FAILED = ".written-rank", ".failed-rank"  # an asynchronous save's markers, one per rank
 PICKLED_FORMATS = {DEEPSPEED_TAG: "DeepSpeed", "pytorch_model_fsdp_0": "FSDP"}
@@ -95,12 +98,24 @@ class TrainerState:
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss
     best_metric: float | None = None
     best_step: int | None = None
-    eval_metric: float | None = None  # the primary metric of the latest evaluation (keep_best ranks by it)
+    eval_metric: float | None = None  # the primary metric of the latest evaluation
+    # An epoch-end checkpoint is written before the epoch's evaluation, so that a stop during a long
+    # evaluation loses nothing; a run resumed from it evaluates first, unless EVALUATION says it finished.
+    evaluation_due: bool = False
     world_size: int = 1  # the geometry the position was recorded under
     micro_batch_size: int = 0
     grad_accum_steps: int = 1
     layout: str = ""  # how model and optimizer state are stored: ddp, zero1/2/3 or fsdp ("": saved before it was kept)
     optimizer: str = ""  # the optimizer's class name
+
+    def note_evaluation(self, primary: float | None, higher_is_better: bool) -> None:
+        """The evaluation at this step is done: its primary metric, and the best so far."""
+        self.evaluation_due = False
+        self.eval_metric = primary
+        if primary is None:
+            return
+        if self.best_metric is None or (primary > self.best_metric if higher_is_better else primary < self.best_metric):
+            self.best_metric, self.best_step = primary, self.global_step
 
 
 def _checksum(path: str) -> str:
@@ -139,6 +154,15 @@ def verify(path: str) -> None:
             raise CheckpointError(f"{path}: {rel} is damaged (its checksum differs from {MANIFEST})")
 
 
+def _evaluated_metric(path: str) -> float | None:
+    """The primary metric of checkpoint `path`'s own evaluation, None if none finished."""
+    try:
+        with open(os.path.join(path, EVALUATION)) as f:
+            return json.load(f)["primary_metric"]
+    except FileNotFoundError:
+        return None
+
+
 def pickled_format(path: str) -> str | None:
     """'DeepSpeed' or 'FSDP' when the checkpoint's model state is stored as Python pickles."""
     return next((fmt for sub, fmt in PICKLED_FORMATS.items() if os.path.isdir(os.path.join(path, sub))), None)
@@ -169,6 +193,32 @@ class CheckpointManager:
         self._writing: threading.Thread | None = None  # the save in flight (async_save), at most one
         self._host_buffers = HostBuffers()
         self._write_failure: BaseException | None = None
+
+    def check_shared(self) -> None:
+        """Stop at the start, on every rank, if some rank cannot see what rank 0 writes under `root`.
+        Every rank writes its part of a checkpoint there and rank 0 publishes it, so a folder local
+        to each machine would otherwise end in a wait for files that never appear, or a checkpoint
+        holding one machine's shards."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        token = [uuid.uuid4().hex]
+        broadcast_object_list(token, from_process=0)
+        probe = os.path.join(self.root, f".shared-{token[0]}")
+        if acc.is_main_process:
+            os.makedirs(self.root, exist_ok=True)
+            open(probe, "w").close()
+        acc.wait_for_everyone()
+        blind = gather_object([] if os.path.exists(probe) else [f"rank {acc.process_index} on {socket.gethostname()}"])
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            os.remove(probe)
+        if blind:
+            raise CheckpointError(
+                f"{self.root} is not on a filesystem every rank shares: {', '.join(blind)} cannot see the file rank 0 "
+                "wrote there. Every rank writes its part of each checkpoint into it and rank 0 publishes it: set "
+                "--output-dir to a shared filesystem (NFS, Lustre, GPFS, ...) that every node mounts at the same path."
+            )
 
     def due(self, step: int) -> bool:
         """checkpoint.every_steps asks for a save after this optimizer step."""
@@ -315,6 +365,23 @@ class CheckpointManager:
                 "published checkpoint is still whole"
             )
             self._write_failure.__cause__ = e
+
+    def record_evaluation(self, step: int, primary: float | None, metrics: dict[str, float]) -> None:
+        """Add the finished evaluation of checkpoint `step`'s weights to its folder (rank 0, once the
+        checkpoint is published; written atomically), then apply keep_best, which ranks by it. The
+        manifest does not list it: the checkpoint was whole before it, and is whole without it."""
+        if self.last_saved_step != step:
+            return  # the weights evaluated were not saved at this step
+        self.wait()
+        if not self.accelerator.is_main_process:
+            return
+        path = os.path.join(self.root, str(step))
+        tmp = os.path.join(path, f".{EVALUATION}.tmp")
+        with open(tmp, "w") as f:
+            json.dump({"step": step, "primary_metric": primary, "metrics": metrics}, f, indent=2)
+        os.replace(tmp, os.path.join(path, EVALUATION))
+        if self.keep_best:
+            self._prune(newest=path)
 
     def raise_if_write_failed(self) -> None:
         """Stop the run if a background save has failed (checked after every optimizer step)."""
@@ -495,6 +562,8 @@ class CheckpointManager:
             except WeightAverageError as e:
                 raise CheckpointError(str(e)) from e
         self.last_saved_step = state.global_step
+        if state.evaluation_due and os.path.isfile(os.path.join(path, EVALUATION)):
+            state.note_evaluation(_evaluated_metric(path), self.higher_is_better)
         logger.info("resumed from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
 
     def _saved_state(self, path: str) -> dict:
@@ -586,9 +655,8 @@ class CheckpointManager:
         keep = {path for _, path in complete[-self.keep_last :]} | {newest}
         if self.keep_best:
             scored = []
-            for _, path in complete:
-                with open(os.path.join(path, TRAINER_STATE)) as f:
-                    metric = json.load(f).get("eval_metric")
+            for _, path in complete:  # ranked by the evaluation of their own weights, where one finished
+                metric = _evaluated_metric(path)
                 if metric is not None:
                     scored.append((metric, path))
             scored.sort(reverse=self.higher_is_better)

@@ -5,15 +5,18 @@
     shardvision train classification --help  # every config key with its type, default and help
     shardvision export CHECKPOINT OUT [--allow-pickle]   # consolidated safetensors (core/export.py)
     shardvision check-data segmentation --config ...   # read every sample once, list every problem
+    shardvision submit classification --config ... --nodes 2 --tasks-per-node 8   # SLURM via submitit (core/submit.py)
 
 Exit codes: core/exit_codes.py (and docs/failures.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 # Models and data are local by contract; make the HF libraries fail fast instead of reaching out.
@@ -35,31 +38,43 @@ def run(config_cls: type, task_cls: type, argv: list[str] | None = None) -> dict
     """Parse the command line, build the task, then train, evaluate (--eval-only) or read every
     sample once (--check-data). A known failure exits with its ExitCode and one line instead of a
     traceback; every rank meets it together, so rank 0 alone prints it."""
+    with known_failures_exit():
+        metrics = train(config_cls, task_cls, argv)
+    if one_of_several_ranks():
+        leave(ExitCode.SUCCESS)
+    return metrics
+
+
+def train(config_cls: type, task_cls: type, argv: list[str] | None = None) -> dict[str, float]:
+    """What `run` does, with failures raised rather than turned into exit codes."""
     from core.trainer import Trainer
 
     argv = list(sys.argv[1:] if argv is None else argv)
     check_only = "--check-data" in argv
+    cfg = parse_args(config_cls, [a for a in argv if a != "--check-data"])
+    if check_only:
+        sys.exit(check_data(task_cls(cfg), cfg))
+    return Trainer(cfg, task_cls(cfg)).fit()
+
+
+@contextlib.contextmanager
+def known_failures_exit() -> Iterator[None]:
+    """A known failure inside the block leaves the process with its ExitCode and its message."""
     try:
-        cfg = parse_args(config_cls, [a for a in argv if a != "--check-data"])
-        if check_only:
-            sys.exit(check_data(task_cls(cfg), cfg))
-        metrics = Trainer(cfg, task_cls(cfg)).fit()
+        yield
     except (ConfigError, CheckpointError, WeightsError, DataError) as e:
-        _exit(ExitCode.USER_ERROR, f"error: {e}")
+        leave(ExitCode.USER_ERROR, f"error: {e}")
     except NonFiniteLossError as e:
-        _exit(ExitCode.NONFINITE_LOSS, f"error: {e}")
+        leave(ExitCode.NONFINITE_LOSS, f"error: {e}")
     except Preempted as e:
-        _exit(ExitCode.PREEMPTED, f"{e}; checkpoint saved, rerun with --resume auto")
-    if _one_of_several_ranks():
-        _exit(ExitCode.SUCCESS)
-    return metrics
+        leave(ExitCode.PREEMPTED, str(e))
 
 
-def _one_of_several_ranks() -> bool:
+def one_of_several_ranks() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def _exit(code: ExitCode, message: str = "") -> NoReturn:
+def leave(code: ExitCode, message: str = "") -> NoReturn:
     """Leave with `code`, the message said once.
 
     Every rank meets a known failure together (one config, and data, non-finite loss and stop
@@ -79,7 +94,7 @@ def _exit(code: ExitCode, message: str = "") -> NoReturn:
     By now Trainer.fit has shut everything down in order (trackers, checkpoint threads, loader
     workers, process group), so nothing is left for finalization to do but that race."""
     rank = int(os.environ.get("RANK", "0"))
-    if not _one_of_several_ranks():
+    if not one_of_several_ranks():
         if message:
             print(f"shardvision: {message}", file=sys.stderr, flush=True)
         sys.exit(code)
@@ -97,18 +112,30 @@ def _exit(code: ExitCode, message: str = "") -> NoReturn:
 
 
 RANK_0_GRACE_SECONDS = 60
+OTHER_NODE_GRACE_SECONDS = 5
 
 
 def _wait_for_the_launchers_stop(code: ExitCode) -> None:
-    """Wait (bounded) for the launcher to stop this rank once rank 0 has left, then leave with `code`."""
+    """Wait (bounded) for the launcher to stop this rank once rank 0 has left, then leave with `code`.
+    A rank on another node than rank 0 is never stopped by rank 0's launcher (each node runs its
+    own): it only gives rank 0 a moment to say it first."""
     import signal
     import time
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, lambda *_: os._exit(code))
-    deadline = time.monotonic() + RANK_0_GRACE_SECONDS
+    grace = RANK_0_GRACE_SECONDS if _on_rank_0s_node() else OTHER_NODE_GRACE_SECONDS
+    deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+def _on_rank_0s_node() -> bool:
+    """Every launcher here numbers ranks node by node (torchrun, accelerate, deepspeed, srun's
+    block distribution), so the first `local world size` ranks share rank 0's node."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    local_world = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world  # torchrun, deepspeed
+    return int(os.environ.get("RANK", "0")) < int(local_world)
 
 
 def check_data(task: Any, cfg: Any) -> int:
@@ -152,15 +179,19 @@ def export_main(argv: list[str]) -> None:
     try:
         print(export_checkpoint(args.checkpoint, args.out, args.allow_pickle))
     except CheckpointError as e:
-        _exit(ExitCode.USER_ERROR, f"error: {e}")
+        leave(ExitCode.USER_ERROR, f"error: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
+    if argv[:1] == ["submit"]:
+        from core.submit import submit_main
+
+        return submit_main(argv[1:])
     usage = (
-        f"usage: shardvision {{train,eval,check-data}} {{{','.join(TASKS)}}} [options] | shardvision "
+        f"usage: shardvision {{train,eval,check-data,submit}} {{{','.join(TASKS)}}} [options] | shardvision "
         "export CHECKPOINT OUT"
     )
     if len(argv) < 2 or argv[0] not in COMMANDS or argv[1] not in TASKS:

@@ -8,10 +8,12 @@ DeepSpeed ZeRO and FSDP differ only in the Accelerator that core/distributed.py 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -115,6 +117,7 @@ class Trainer:
             # not see; DCP's own async_save is the way, not yet wired in (it needs a GPU to verify).
             async_save=cfg.checkpoint.async_save and self.strategy != "fsdp",
         )
+        self.checkpoints.check_shared()  # before any work that a checkpoint could not keep
         # Before the engine exists: a ZeRO checkpoint of another world size or strategy is loaded in
         # DeepSpeed's universal form, which its config must announce.
         resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
@@ -137,7 +140,10 @@ class Trainer:
         apply_model_options(model, cfg)
         seed_rank(cfg.seed, acc.process_index)
 
-        train_set, eval_set = task.build_datasets()
+        # Generated data sets (the demos) are written once per machine, by its first rank; several
+        # machines on one shared filesystem race safely (core/data.py folder_written_once).
+        with acc.local_main_process_first():
+            train_set, eval_set = task.build_datasets()
         self.train_set, self.eval_set = GuardedSamples(train_set, "train"), GuardedSamples(eval_set, "eval")
         self.collate = GuardedCollate(task.collate)
         self.bad_samples = BadSamples(acc, cfg.output_dir, cfg.data.bad_samples)
@@ -240,14 +246,19 @@ class Trainer:
         metrics: dict[str, float] = {}
         if self.cfg.loop.eval_at_start and self.state.global_step == 0:
             self.evaluate_and_log()
+        if self.state.evaluation_due:  # resumed from an epoch's checkpoint whose evaluation did not finish
+            metrics = self.evaluate_and_log()
         for epoch in range(self.state.epoch, self.cfg.loop.epochs):
             if self._reached_max_steps():  # resumed from the run's last checkpoint
                 break
             self.train_one_epoch(epoch)
-            last = epoch + 1 == self.cfg.loop.epochs or self._reached_max_steps()
-            if last or (epoch + 1) % self.cfg.loop.eval_every_epochs == 0:
-                metrics = self.evaluate_and_log()
+            last = self._last_epoch(epoch)
+            self.state.evaluation_due = self._evaluates_after(epoch)
+            # The epoch's checkpoint before its evaluation: a scheduler's grace period can run out
+            # during a long evaluation, and the epoch must not be lost with it.
             self._save_if_due(epoch, epoch_end=True, force=last)
+            if self.state.evaluation_due:
+                metrics = self.evaluate_and_log()
             if last:
                 break
         if not metrics:  # resumed from a finished run: nothing left to train
@@ -276,14 +287,20 @@ class Trainer:
                     self._log_train(epoch, batches)
                 self._save_if_due(epoch, force=agreement.stop_requested)
                 if agreement.stop_requested:
-                    raise Preempted(f"{agreement.stop_reason()} at step {state.global_step}")
+                    raise Preempted(
+                        f"{agreement.stop_reason()} at step {state.global_step}; {self._saved_note()}",
+                        agreement.stop_signal,
+                    )
                 if self._reached_max_steps():
                     return
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         agreement.settle()  # a stop requested during the epoch's last step
         if agreement.stop_requested:
+            state.evaluation_due = self._evaluates_after(epoch)  # the resumed run evaluates the epoch
             self._save_if_due(epoch, force=True)
-            raise Preempted(f"{agreement.stop_reason()} at the end of epoch {epoch}")
+            raise Preempted(
+                f"{agreement.stop_reason()} at the end of epoch {epoch}; {self._saved_note()}", agreement.stop_signal
+            )
 
     def _save_if_due(self, epoch: int, *, epoch_end: bool = False, force: bool = False) -> None:
         """A checkpoint if one is due (CheckpointManager.maybe_save), with what it cost the loop."""
@@ -321,20 +338,18 @@ class Trainer:
         was_training = model.training
         model.eval()
         metrics = self.task.build_metrics()
-        for batch, report in watched(self.eval_loader, self.watchdog, "evaluation", lambda: self.state.global_step):
-            self.bad_samples.take(report)
-            batch = self._cast_inputs(batch)
-            with self.accelerator.autocast():
-                outputs = self.task.evaluation_step(model, batch)
-            outputs = self.accelerator.gather_for_metrics(outputs)
-            # Every rank sees every rank's flags, so all stop (or drop) together.
-            ok = self.accelerator.gather_for_metrics(report.ok.to(self.accelerator.device)).cpu()
-            if not ok.all():
-                if not self.bad_samples.skip:
-                    raise self.bad_samples.error()
-                outputs = _only(outputs, ok)  # a stand-in sample must not count twice
-            metrics.update(outputs)
-            self.watchdog.started()  # an eval-only run's startup ends with its first batch
+        # Evaluating must not move the training's random streams (the loader draws its seed from
+        # them): a resumed run that evaluates again, or does not, then trains on identically.
+        with _training_rng_kept(self.accelerator.device):
+            batches = watched(self.eval_loader, self.watchdog, "evaluation", lambda: self.state.global_step)
+            for done, (batch, report) in enumerate(batches):
+                if self.agreement.stop_agreed():  # at the next batch, not after the whole evaluation
+                    raise Preempted(
+                        f"{self.agreement.stop_reason()} during the evaluation at step {self.state.global_step}, "
+                        f"after {done} of its {len(self.eval_loader)} batches",
+                        self.agreement.stop_signal,
+                    )
+                self._evaluate_batch(model, metrics, batch, report)
         model.train(was_training)
         self.bad_samples.flush()
         values = metrics.compute()
@@ -345,20 +360,42 @@ class Trainer:
             metrics.write(os.path.join(self.cfg.output_dir, "eval", f"step-{self.state.global_step}{tag}"), values)
         return values
 
+    def _evaluate_batch(self, model: torch.nn.Module, metrics: Any, batch: Any, report: Any) -> None:
+        """One evaluation batch: every rank's outputs gathered into `metrics`, bad samples left out."""
+        self.bad_samples.take(report)
+        batch = self._cast_inputs(batch)
+        with self.accelerator.autocast():
+            outputs = self.task.evaluation_step(model, batch)
+        outputs = self.accelerator.gather_for_metrics(outputs)
+        # Every rank sees every rank's flags, so all stop (or drop) together.
+        ok = self.accelerator.gather_for_metrics(report.ok.to(self.accelerator.device)).cpu()
+        if not ok.all():
+            if not self.bad_samples.skip:
+                raise self.bad_samples.error()
+            outputs = _only(outputs, ok)  # a stand-in sample must not count twice
+        metrics.update(outputs)
+        self.watchdog.started()  # an eval-only run's startup ends with its first batch
+
     def evaluate_and_log(self) -> dict[str, float]:
         state = self.state
-        metrics = self.evaluate()
-        if self.ema is not None:
-            with self.ema.swapped_in() as averaged:
-                metrics.update({f"ema_{k}": v for k, v in self.evaluate(averaged, tag="-ema").items()})
+        try:
+            metrics = self.evaluate()
+            if self.ema is not None:
+                with self.ema.swapped_in() as averaged:
+                    metrics.update({f"ema_{k}": v for k, v in self.evaluate(averaged, tag="-ema").items()})
+        except Preempted as stop:
+            if self.cfg.eval_only:
+                raise Preempted(
+                    f"{stop}; nothing to save in an evaluation-only run, run it again", stop.signal
+                ) from None
+            self._save_if_due(state.epoch, force=True)  # no-op when the epoch's checkpoint is already written
+            raise Preempted(f"{stop}; {self._saved_note()} (the resumed run evaluates again)", stop.signal) from None
         primary = metrics.get(self.task.primary_metric)
-        state.eval_metric = primary
-        if primary is not None and not self.cfg.eval_only:
-            better = state.best_metric is None or (
-                primary > state.best_metric if self.task.higher_is_better else primary < state.best_metric
-            )
-            if better:
-                state.best_metric, state.best_step = primary, state.global_step
+        if self.cfg.eval_only:
+            state.eval_metric = primary
+        else:
+            state.note_evaluation(primary, self.task.higher_is_better)
+            self.checkpoints.record_evaluation(state.global_step, primary, metrics)
         epoch = state.epoch + state.batches_in_epoch / max(1, len(self.train_loader))
         self.run_logger.log("eval", state.global_step, epoch, metrics)
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" not in k)  # per-class values: in the table
@@ -500,6 +537,15 @@ class Trainer:
         """The model without DDP's or torch.compile's wrappers (FSDP2 shards stay in place)."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
+    def _last_epoch(self, epoch: int) -> bool:
+        return epoch + 1 == self.cfg.loop.epochs or self._reached_max_steps()
+
+    def _evaluates_after(self, epoch: int) -> bool:
+        return self._last_epoch(epoch) or (epoch + 1) % self.cfg.loop.eval_every_epochs == 0
+
+    def _saved_note(self) -> str:
+        return f"checkpoint of step {self.state.global_step} saved, rerun with --resume auto"
+
     def _reached_max_steps(self) -> bool:
         return self.cfg.loop.max_steps is not None and self.state.global_step >= self.cfg.loop.max_steps
 
@@ -554,6 +600,14 @@ class Trainer:
         if self.ema is not None:
             lines.append(f"EMA of weights, decay {cfg.loop.ema_decay}")
         logger.info("run summary\n  %s", "\n  ".join(lines))
+
+
+@contextlib.contextmanager
+def _training_rng_kept(device: torch.device) -> Iterator[None]:
+    """torch's random state (the host's and `device`'s) as it was before the block."""
+    accelerators = [device] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=accelerators, device_type=device.type if accelerators else "cuda"):
+        yield
 
 
 def _only(outputs: Any, keep: torch.Tensor) -> Any:

@@ -4,8 +4,19 @@ tests/builders.py (tiny tasks, data sets with known faults, independent referenc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+from tests.helpers import TRAJECTORY, ZERO_TRAJECTORY, accelerate_config, last_launch, launch
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    integration = Path(__file__).parent / "integration"
+    for item in items:
+        if integration in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -21,3 +32,31 @@ def fresh_accelerate_state():
     reset_accelerator_state()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory) -> Path:
+    """An uninterrupted 2-rank DDP run (torchrun) of TRAJECTORY: what killed, resumed, stopped and
+    multi-node runs of it must reproduce bit for bit."""
+    run_dir = tmp_path_factory.mktemp("ddp_reference")
+    launch([*TRAJECTORY, "--output-dir", str(run_dir)], launcher="torchrun")
+    run = last_launch(run_dir)
+    assert (run["world_size"], run["strategy"], run["optimizer"], run["update_kernel"]) == (2, "ddp", "AdamW", "fused")
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def zero_reference(tmp_path_factory) -> Callable[[int], Path]:
+    """zero_reference(stage): an uninterrupted single-host 2-rank ZeRO run of ZERO_TRAJECTORY
+    (accelerate launch with the repo's config), made once per stage."""
+    made: dict[int, Path] = {}
+
+    def reference(stage: int) -> Path:
+        if stage not in made:
+            run_dir = tmp_path_factory.mktemp(f"zero{stage}_reference")
+            config = accelerate_config(f"deepspeed_zero{stage}.yaml")
+            launch([*ZERO_TRAJECTORY, "--output-dir", str(run_dir)], launcher="accelerate", accelerate_config=config)
+            made[stage] = run_dir
+        return made[stage]
+
+    return reference

@@ -22,6 +22,28 @@ QUICK = ["--logging.progress_bar", "false", "--logging.tensorboard", "false", "-
 TINY_VIT = ["--config", DIGITS, *QUICK, "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}"]
 
 
+# Two short epochs of the digits demo, logging every step; dropout on, so resuming must also
+# restore the RNG, and random-resized-crop on, so it must also replay the augmentations.
+TRAJECTORY = [
+    "--config",
+    DIGITS,
+    *QUICK,
+    "--loop.epochs",
+    "2",
+    "--logging.every_steps",
+    "1",
+    "--model.kwargs",
+    "{drop_rate: 0.2}",
+    "--checkpoint.at_epoch_end",
+    "false",
+]
+ZERO_TRAJECTORY = [*TRAJECTORY, "--loop.max_steps", "13"]  # into the second epoch, shorter than DDP's
+
+
+def accelerate_config(name: str) -> str:
+    return str(REPO / "accelerate_configs" / name)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,6 +115,27 @@ def read_metrics(run_dir: Path, split: str) -> list[dict]:
 def last_launch(run_dir: Path) -> dict:
     """The run row of the latest launch in `run_dir`: world size, strategy, steps, resumed_from..."""
     return read_metrics(run_dir, "run")[-1]
+
+
+def train_losses(run_dir: Path) -> dict[int, list[float]]:
+    """Each step's logged losses: one per launch that trained it (a resumed run repeats none)."""
+    losses: dict[int, list[float]] = {}
+    for row in read_metrics(run_dir, "train"):
+        losses.setdefault(row["step"], []).append(row["loss"])
+    return losses
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def final_weights_equal(a: Path, b: Path) -> bool:
+    import torch
+
+    wa, wb = final_weights(a), final_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def kill_tree(pid: int) -> None:

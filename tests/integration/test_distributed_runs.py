@@ -24,6 +24,9 @@ from tests.helpers import (
     QUICK,
     REPO,
     TINY_VIT,
+    TRAJECTORY,
+    accelerate_config,
+    final_weights_equal,
     kill_tree,
     last_launch,
     launch,
@@ -33,108 +36,8 @@ from tests.helpers import (
     run_env,
     run_killed_after_checkpoint,
     run_killed_when,
+    train_losses,
 )
-
-# Two short epochs of the digits demo, logging every step; dropout on, so resuming must also
-# restore the RNG, and random-resized-crop on, so it must also replay the augmentations.
-TRAJECTORY = [
-    "--config",
-    DIGITS,
-    *QUICK,
-    "--loop.epochs",
-    "2",
-    "--logging.every_steps",
-    "1",
-    "--model.kwargs",
-    "{drop_rate: 0.2}",
-    "--checkpoint.at_epoch_end",
-    "false",
-]
-
-
-def accelerate_config(name: str) -> str:
-    return str(REPO / "accelerate_configs" / name)
-
-
-def train_losses(run_dir: Path) -> dict[int, list[float]]:
-    losses: dict[int, list[float]] = {}
-    for row in read_metrics(run_dir, "train"):
-        losses.setdefault(row["step"], []).append(row["loss"])
-    return losses
-
-
-@pytest.fixture(scope="module")
-def ddp_reference(tmp_path_factory) -> Path:
-    """An uninterrupted 2-rank DDP run (torchrun): the trajectory the others must reproduce."""
-    run_dir = tmp_path_factory.mktemp("ddp_reference")
-    launch([*TRAJECTORY, "--output-dir", str(run_dir)], launcher="torchrun")
-    run = last_launch(run_dir)
-    assert (run["world_size"], run["strategy"], run["optimizer"], run["update_kernel"]) == (2, "ddp", "AdamW", "fused")
-    return run_dir
-
-
-def test_ddp_killed_and_resumed_run_equals_uninterrupted_run(ddp_reference, tmp_path):
-    """Saved synchronously here, in the background in the reference: the last checkpoints of the
-    two runs are byte for byte the same files (their manifests, sizes and checksums, are equal)."""
-    args = [*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.every_steps", "7"]
-    args += ["--checkpoint.async_save", "false"]
-    run_killed_after_checkpoint(args, tmp_path, step=7, launcher="torchrun")
-    launch([*args, "--resume", "auto"], launcher="torchrun")
-
-    expected, got = train_losses(ddp_reference), train_losses(tmp_path)
-    assert sorted(got) == sorted(expected) == list(range(1, 23))
-    for step, losses in got.items():  # rows from before the kill and after the resume alike
-        assert all(loss == expected[step][0] for loss in losses), (step, losses, expected[step])
-    a = load_file(ddp_reference / "final" / "model.safetensors")
-    b = load_file(tmp_path / "final" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-    background, synchronous = ddp_reference / "checkpoints" / "22", tmp_path / "checkpoints" / "22"
-    assert (background / "manifest.json").read_text() == (synchronous / "manifest.json").read_text()
-    assert {r["background"] for r in read_metrics(ddp_reference, "checkpoint")} == {True}
-    assert {r["background"] for r in read_metrics(tmp_path, "checkpoint")} == {False}
-
-
-# ZeRO-2's kill and resume is run by the detection and segmentation tests (and its resumes at
-# another world size by test_elastic_resume.py); here ZeRO-3.
-@pytest.mark.parametrize("stage", [3])
-def test_zero_killed_and_resumed_run_equals_uninterrupted(ddp_reference, tmp_path, stage):
-    """ZeRO (accelerate launch + the repo's DeepSpeed configs) trains, checkpoints ZeRO shards,
-    resumes mid-epoch after a SIGKILL and continues on its own uninterrupted trajectory."""
-    kwargs = dict(launcher="accelerate", accelerate_config=accelerate_config(f"deepspeed_zero{stage}.yaml"))
-    trajectory = [*TRAJECTORY, "--loop.max_steps", "13"]  # into the second epoch, shorter than DDP's
-    reference = tmp_path / "uninterrupted"
-    launch([*trajectory, "--output-dir", str(reference)], **kwargs)
-    resumed = tmp_path / "resumed"
-    args = [*trajectory, "--output-dir", str(resumed), "--checkpoint.every_steps", "7"]
-    run_killed_after_checkpoint(args, resumed, step=7, **kwargs)
-    assert (resumed / "checkpoints" / "7" / "pytorch_model").is_dir()  # ZeRO shards
-    assert (resumed / "checkpoints" / "7" / "zero_to_fp32.py").is_file()
-    launch([*args, "--resume", "auto"], **kwargs)
-    run = last_launch(resumed)
-    assert (run["strategy"], run["zero_stage"]) == ("deepspeed", stage)
-    assert (run["optimizer"], run["update_kernel"]) == ("AdamW", "fused")  # the client optimizer DeepSpeed steps
-    assert run["resumed_from"] == str(resumed / "checkpoints" / "7")
-
-    expected, got = train_losses(reference), train_losses(resumed)
-    assert sorted(got) == sorted(expected) == list(range(1, 14))
-    for step, losses in got.items():
-        assert all(loss == pytest.approx(expected[step][0], rel=1e-5) for loss in losses), (
-            step,
-            losses,
-            expected[step],
-        )
-    a = load_file(reference / "final" / "model.safetensors")
-    b = load_file(resumed / "final" / "model.safetensors")  # consolidated from the shards
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
-
-    # Same model, data and optimizer as DDP: the first steps agree before fp32 reduction-order
-    # noise compounds (Adam amplifies it in near-zero gradients).
-    ddp = train_losses(ddp_reference)
-    for step in range(1, 6):
-        assert expected[step][0] == pytest.approx(ddp[step][0], rel=1e-3), step
 
 
 def test_lr_per_optimizer_step_ignores_ranks_and_accumulation(ddp_reference, tmp_path):
@@ -268,11 +171,6 @@ def test_bad_config_exits_2_with_the_message(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def final_weights_equal(a: Path, b: Path) -> bool:
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
 def test_sigkill_while_a_background_save_is_writing_resumes_from_the_previous_checkpoint(ddp_reference, tmp_path):
     """Rank 0 writes the model and optimizer and publishes; it is killed once its background write
     of step 14 has begun (the capture is over and training has moved on). The run resumes from
@@ -351,12 +249,47 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(ddp_referenc
             worker.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert "exitcode  : 75" in stderr, stderr[-3000:]
-    assert "checkpoint saved, rerun with --resume auto" in stderr
+    assert re.search(r"checkpoint of step \d+ saved, rerun with --resume auto", stderr), stderr[-3000:]
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 4 <= saved[0] < 11, saved  # mid-epoch 0
     launch([*args, "--resume", "auto"], launcher="torchrun")
     expected = train_losses(ddp_reference)
     assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
+    assert final_weights_equal(ddp_reference, tmp_path)
+
+
+def test_sigterm_during_an_evaluation_exits_75_at_the_next_batch_and_resumes_exactly(ddp_reference, tmp_path):
+    """The epoch's checkpoint is written before its evaluation; a stop during the evaluation ends it
+    at the next batch. The resumed run evaluates again, then trains on exactly as if never stopped
+    (evaluation leaves the training's random streams alone)."""
+    args = [*TRAJECTORY, "--output-dir", str(tmp_path), "--checkpoint.at_epoch_end", "true"]
+    args += ["--checkpoint.async_save", "false", "--data.eval_micro_batch_size", "1"]  # 180 batches per rank
+    proc = subprocess.Popen(
+        launch_command(args, "torchrun"), cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    epoch_end = tmp_path / "checkpoints" / "11" / "manifest.json"  # published before the evaluation begins
+    deadline = time.time() + 300
+    while not epoch_end.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    workers = [w for w in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(w.cmdline())]
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=300)[1].decode()
+    assert "exitcode  : 75" in stderr, stderr[-3000:]
+    stopped = re.search(r"evaluation at step 11, after (\d+) of its 180 batches; checkpoint of step 11 saved", stderr)
+    assert stopped and int(stopped.group(1)) < 180, stderr[-3000:]
+    assert not (tmp_path / "eval" / "step-11").exists()  # the evaluation did not finish
+    state = json.loads((tmp_path / "checkpoints" / "11" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["evaluation_due"]) == (1, True)
+    assert not (tmp_path / "checkpoints" / "11" / "evaluation.json").exists()
+
+    launch([*args, "--resume", "auto"], launcher="torchrun")
+    assert (tmp_path / "checkpoints" / "11" / "evaluation.json").is_file()
+    evaluated = {row["step"]: row["top1"] for row in read_metrics(tmp_path, "eval")}
+    assert evaluated == {row["step"]: row["top1"] for row in read_metrics(ddp_reference, "eval")}
+    assert sorted(evaluated) == [11, 22]
+    expected = train_losses(ddp_reference)
+    assert all(losses == expected[step] for step, losses in train_losses(tmp_path).items())
     assert final_weights_equal(ddp_reference, tmp_path)
 
 

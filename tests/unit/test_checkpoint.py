@@ -93,11 +93,32 @@ def test_auto_resume_falls_back_past_a_damaged_newest(setup, caplog):
 
 
 def test_keep_best_keeps_the_best_and_never_the_newest_out(setup):
+    """Ranked by the evaluation each checkpoint's own weights got, recorded after its save; one
+    never evaluated (saved mid-epoch, or stopped during its evaluation) is not ranked."""
     acc, model, optimizer, manager = setup
     manager.keep_last, manager.keep_best = 1, 2
-    for step, metric in ((1, 50.0), (2, 90.0), (3, 70.0), (4, 80.0), (5, 10.0)):
-        manager.save(TrainerState(global_step=step, eval_metric=metric))
-    assert [s for s, _ in manager.complete()] == [2, 4, 5]  # best two (90, 80) + the newest
+    for step, metric in ((1, 50.0), (2, 90.0), (3, 70.0), (4, None), (5, 80.0), (6, 10.0)):
+        manager.save(TrainerState(global_step=step, eval_metric=95.0))  # the previous evaluation's: not this one's
+        if metric is not None:
+            manager.record_evaluation(step, metric, {"top1": metric})
+    assert [s for s, _ in manager.complete()] == [2, 5, 6]  # best two (90, 80) + the newest
+    assert json.load(open(os.path.join(manager.root, "6", "evaluation.json")))["metrics"] == {"top1": 10.0}
+    verify(os.path.join(manager.root, "6"))  # the checkpoint is still whole: its manifest does not list it
+
+
+def test_a_resumed_run_knows_whether_its_checkpoints_evaluation_finished(setup):
+    acc, model, optimizer, manager = setup
+    manager.keep_best = 1
+    due = TrainerState(global_step=3, evaluation_due=True, best_metric=60.0, best_step=1, layout="ddp")
+    path = manager.save(due).path
+    resumed = TrainerState(layout="ddp")
+    manager.load(manager.plan(path, False), resumed)
+    assert resumed.evaluation_due and resumed.best_step == 1  # stopped during it: evaluate again
+    manager.record_evaluation(3, 70.0, {"top1": 70.0})
+    resumed = TrainerState(layout="ddp")
+    manager.load(manager.plan(path, False), resumed)
+    assert not resumed.evaluation_due
+    assert (resumed.eval_metric, resumed.best_metric, resumed.best_step) == (70.0, 70.0, 3)
 
 
 def test_pickled_checkpoints_from_elsewhere_need_opt_in(setup, tmp_path):
