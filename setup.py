@@ -46,6 +46,7 @@ setup(
             "pillow",
             "numpy",
             "xxhash",
+            "submitit",
         ]
     ),
     extras_require={

@@ -19,9 +19,12 @@ Any config key can be overridden: --optim.lr 3e-4 --loop.epochs 5. `--help` list
 from core.cli import run
 from recipes.classification.task import ClassificationConfig, ClassificationTask
 
+# What `main` runs, and what `shardvision submit classification` runs in each task of a job.
+CONFIG, TASK = ClassificationConfig, ClassificationTask
+
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run(ClassificationConfig, ClassificationTask, argv)
+    return run(CONFIG, TASK, argv)
 
 
 if __name__ == "__main__":

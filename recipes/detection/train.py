@@ -16,9 +16,12 @@ Evaluation writes <output_dir>/eval/step-<N>/predictions.json (COCO results form
 from core.cli import run
 from recipes.detection.task import DetectionConfig, DetectionTask
 
+# What `main` runs, and what `shardvision submit detection` runs in each task of a job.
+CONFIG, TASK = DetectionConfig, DetectionTask
+
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run(DetectionConfig, DetectionTask, argv)
+    return run(CONFIG, TASK, argv)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,12 @@ Any config key can be overridden: --data.image_size 384 --model.num_classes 150.
 from core.cli import run
 from recipes.segmentation.task import SegmentationConfig, SegmentationTask
 
+# What `main` runs, and what `shardvision submit segmentation` runs in each task of a job.
+CONFIG, TASK = SegmentationConfig, SegmentationTask
+
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    return run(SegmentationConfig, SegmentationTask, argv)
+    return run(CONFIG, TASK, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""`shardvision submit --cluster local`: a real submitit job on this machine (its LocalExecutor,
+2 tasks = 2 ranks), preempted the way SLURM preempts, by submitit's signal (SIGUSR2) to every
+task. The job must checkpoint, requeue itself with --resume auto, resume and finish exactly where
+the uninterrupted torchrun run of the same trajectory finishes."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.helpers import (
+    REPO,
+    TRAJECTORY,
+    final_weights_equal,
+    last_launch,
+    read_metrics,
+    run_env,
+    train_losses,
+)
+
+SHARDVISION = str(Path(sys.executable).parent / "shardvision")
+
+
+def wait_until(condition, what: str, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def logged_step(run_dir: Path) -> int:
+    if not (run_dir / "metrics.jsonl").exists():
+        return 0
+    return max((row["step"] for row in read_metrics(run_dir, "train")), default=0)
+
+
+def test_a_preempted_local_job_checkpoints_requeues_and_ends_equal_to_an_uninterrupted_run(ddp_reference, tmp_path):
+    run_dir = tmp_path / "run"
+    submit = [SHARDVISION, "submit", "classification", "--cluster", "local", "--tasks-per-node", "2"]
+    submit += ["--timeout-min", "30", *TRAJECTORY, "--output-dir", str(run_dir)]
+    # To a file, not a pipe: the local job's controller inherits the submitting process's output
+    # and keeps it open until the job ends.
+    printed = tmp_path / "submit.out"
+    with open(printed, "w") as out:
+        code = subprocess.run(submit, cwd=REPO, env=run_env(), stdout=out, stderr=subprocess.STDOUT, timeout=120)
+    assert code.returncode == 0, printed.read_text()[-3000:]
+    shape = r"submitted job (\d+) \(local\): 1 node\(s\) x 2 task\(s\) = 2 ranks"
+    job_id = int(re.search(shape, printed.read_text())[1])
+    controller = psutil.Process(job_id)  # the local job's id is its controller's pid
+    try:
+        wait_until(lambda: logged_step(run_dir) >= 4, "step 4 of the first job")
+        tasks = controller.children()
+        assert len(tasks) == 2
+        for task in tasks:  # as SLURM signals every task of a preempted job
+            task.send_signal(signal.SIGUSR2)
+        wait_until(lambda: len(read_metrics(run_dir, "run")) == 2, "the requeued job's start")
+        assert not {t.pid for t in tasks} & {t.pid for t in controller.children()}  # new tasks: requeued
+        wait_until(lambda: not controller.is_running() or controller.status() == psutil.STATUS_ZOMBIE, "the job's end")
+    finally:
+        for process in [controller, *controller.children(recursive=True)] if controller.is_running() else []:
+            process.kill()
+
+    logs = "\n".join(p.read_text() for p in sorted((run_dir / "submitit").glob("*_0_log.*")))
+    assert re.search(r"stopped by SIGUSR2 at step (\d+); checkpoint of step \1 saved.*submitit requeues the job", logs)
+    assert "Requeued job" in logs  # submitit's own word, after its checkpoint() call
+    saved = int(re.search(r"stopped by SIGUSR2 at step (\d+)", logs)[1])
+    run = last_launch(run_dir)
+    assert run["resumed_from"] == str(run_dir / "checkpoints" / str(saved)) and run["world_size"] == 2
+    expected, got = train_losses(ddp_reference), train_losses(run_dir)
+    assert sorted(got) == sorted(expected) == list(range(1, 23))
+    assert all(losses == expected[step] for step, losses in got.items()), got  # no step trained twice
+    assert final_weights_equal(ddp_reference, run_dir)
