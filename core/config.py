@@ -217,7 +217,9 @@ class CheckpointConfig:
     keep_last: int = option(
         3, "Newest complete checkpoints to keep (older ones are deleted after a new one is complete)."
     )
-    keep_best: int = option(0, "Also keep this many checkpoints with the best eval metric (the task's primary metric).")
+    keep_best: int = option(
+        0, "Also keep this many checkpoints whose own evaluation scored best (the task's primary metric)."
+    )
     resume: str | None = option(None, "'auto' (newest intact checkpoint in output_dir, if any) or a checkpoint path.")
     allow_pickle: bool = option(
         False,

@@ -1,10 +1,18 @@
-"""`shardvision submit --cluster local`: a real submitit job on this machine (its LocalExecutor,
-2 tasks = 2 ranks), preempted the way SLURM preempts, by submitit's signal (SIGUSR2) to every
-task. The job must checkpoint, requeue itself with --resume auto, resume and finish exactly where
-the uninterrupted torchrun run of the same trajectory finishes."""
+"""The two SLURM paths, run on one machine.
+
+`shardvision submit --cluster local`: a real submitit job (its LocalExecutor, 2 tasks = 2 ranks),
+preempted the way SLURM preempts, by submitit's signal (SIGUSR2) to every task. The job must
+checkpoint, requeue itself with --resume auto, resume and finish exactly where the uninterrupted
+torchrun run of the same trajectory finishes.
+
+`launchers/slurm.sbatch`: the batch script itself, with stand-ins for srun and scontrol
+(tests/stand_ins/) that run the tasks here and record the requeue; SIGUSR1 to the script, as
+`--signal=B:USR1@180` sends it before the time limit.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -15,9 +23,12 @@ from pathlib import Path
 import psutil
 
 from tests.helpers import (
+    CLASSIFY,
     REPO,
     TRAJECTORY,
     final_weights_equal,
+    free_port,
+    kill_tree,
     last_launch,
     read_metrics,
     run_env,
@@ -76,4 +87,40 @@ def test_a_preempted_local_job_checkpoints_requeues_and_ends_equal_to_an_uninter
     expected, got = train_losses(ddp_reference), train_losses(run_dir)
     assert sorted(got) == sorted(expected) == list(range(1, 23))
     assert all(losses == expected[step] for step, losses in got.items()), got  # no step trained twice
+    assert final_weights_equal(ddp_reference, run_dir)
+
+
+def test_the_sbatch_script_stops_its_ranks_on_usr1_requeues_and_the_requeued_job_resumes_exactly(
+    ddp_reference, tmp_path
+):
+    run_dir, requeues = tmp_path / "run", tmp_path / "scontrol.log"
+    env = run_env()
+    env.update(
+        PATH=os.pathsep.join([str(REPO / "tests" / "stand_ins"), str(Path(sys.executable).parent), env["PATH"]]),
+        SCONTROL_LOG=str(requeues),
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="node-a",
+        SLURM_NTASKS="2",
+        SLURM_NTASKS_PER_NODE="2",
+        SLURM_CPUS_PER_TASK="1",
+        MASTER_PORT=str(free_port()),
+    )
+    job = ["bash", "launchers/slurm.sbatch", CLASSIFY, *TRAJECTORY, "--output-dir", str(run_dir)]
+    script = subprocess.Popen(job, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: logged_step(run_dir) >= 4 or script.poll() is not None, "step 4")
+        script.send_signal(signal.SIGUSR1)
+        output = script.communicate(timeout=300)[0]
+    finally:
+        kill_tree(script.pid)
+    assert script.returncode == 75, output[-3000:]
+    assert "checkpoint written, requeueing job 77" in output and requeues.read_text() == "requeue 77\n"
+    saved = int(re.search(r"stopped by SIGTERM at step (\d+); checkpoint of step \1 saved", output)[1])
+
+    requeued = subprocess.run(job, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
+    assert last_launch(run_dir)["resumed_from"] == str(run_dir / "checkpoints" / str(saved))
+    assert requeues.read_text() == "requeue 77\n"  # a run that finished is not requeued
+    expected = train_losses(ddp_reference)
+    assert all(losses == expected[step] for step, losses in train_losses(run_dir).items())
     assert final_weights_equal(ddp_reference, run_dir)
