@@ -373,9 +373,9 @@ class CheckpointManager:
         if self.last_saved_step != step:
             return  # the weights evaluated were not saved at this step
         self.wait()
-        if not self.accelerator.is_main_process:
-            return
         path = os.path.join(self.root, str(step))
+        if not self.accelerator.is_main_process or not os.path.isdir(path):
+            return  # (not a checkpoint of this run: resumed from another run's folder)
         tmp = os.path.join(path, f".{EVALUATION}.tmp")
         with open(tmp, "w") as f:
             json.dump({"step": step, "primary_metric": primary, "metrics": metrics}, f, indent=2)

@@ -120,6 +120,11 @@ def test_a_resumed_run_knows_whether_its_checkpoints_evaluation_finished(setup):
     assert not resumed.evaluation_due
     assert (resumed.eval_metric, resumed.best_metric, resumed.best_step) == (70.0, 70.0, 3)
 
+    other_run = CheckpointManager(acc, os.path.join(os.path.dirname(manager.root), "other-run"), keep_last=1)
+    other_run.load(other_run.plan(path, False), TrainerState(layout="ddp"))  # --resume PATH of this run's
+    other_run.record_evaluation(3, 75.0, {"top1": 75.0})  # not its own checkpoint: left alone
+    assert json.load(open(os.path.join(path, "evaluation.json")))["primary_metric"] == 70.0
+
 
 def test_pickled_checkpoints_from_elsewhere_need_opt_in(setup, tmp_path):
     acc, model, optimizer, manager = setup
