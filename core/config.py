@@ -284,7 +284,9 @@ class DistributedConfig:
 @dataclass
 class LoggingConfig:
     every_steps: int = option(10, "Log training loss, lr and throughput every N optimizer steps.")
-    progress_bar: bool = option(True, "Show a tqdm progress bar on rank 0.")
+    progress_bar: bool = option(
+        True, "Show progress on rank 0: the whole run (steps, ETA to the end, images/s) and the epoch."
+    )
     tensorboard: bool = option(True, "Write TensorBoard events to <output_dir>/tensorboard.")
     count_flops: bool = option(True, "Count the model's FLOPs per sample once at start, to log TFLOP/s and MFU.")
     peak_tflops: float | None = option(

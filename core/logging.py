@@ -1,5 +1,5 @@
-"""What a run reports: `<output_dir>/metrics.jsonl`, accelerate's trackers (TensorBoard), a tqdm
-progress bar and a throughput meter (images/s, model TFLOP/s and, where the device's peak is
+"""What a run reports: `<output_dir>/metrics.jsonl`, accelerate's trackers (TensorBoard), tqdm
+progress bars (the run and the epoch) and a throughput meter (images/s, model TFLOP/s and, where the device's peak is
 known, model FLOPs utilisation). Only the main process writes or prints."""
 
 from __future__ import annotations
@@ -147,22 +147,49 @@ def training_flops_per_sample(model: torch.nn.Module, forward: Callable[[], Any]
     return 3.0 * counter.get_total_flops() / samples
 
 
-def progress_bar(
-    accelerator: Accelerator, enabled: bool, batches: Iterable, total: int, initial: int, desc: str
-) -> tqdm:
-    """`batches`, counted on rank 0's console. Use it as a context manager so the bar is closed
-    however the loop ends."""
-    return tqdm(
-        batches,
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="batch",
-        disable=not (enabled and accelerator.is_main_process),
-        dynamic_ncols=True,
-        mininterval=1.0,
-        leave=False,
-    )
+class RunProgress:
+    """Rank 0's console: a bar for the whole run (optimizer steps done of the total, the ETA to
+    the run's end, images/s) above one for the epoch in progress (micro-batches). A resumed run's
+    bar starts at the step it resumed from; its rate and ETA count only this launch's steps."""
+
+    def __init__(self, accelerator: Accelerator, enabled: bool, total_steps: int, done_steps: int):
+        self.enabled = enabled and accelerator.is_main_process
+        self.run = tqdm(
+            total=total_steps,
+            initial=done_steps,
+            desc="run",
+            unit="step",
+            disable=not self.enabled,
+            dynamic_ncols=True,
+            mininterval=1.0,
+            position=0,
+        )
+
+    def epoch(self, batches: Iterable, total: int, initial: int, desc: str) -> tqdm:
+        """`batches`, counted below the run's bar. Use it as a context manager so the bar is
+        closed however the loop ends."""
+        return tqdm(
+            batches,
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit="batch",
+            disable=not self.enabled,
+            dynamic_ncols=True,
+            mininterval=1.0,
+            leave=False,
+            position=1,
+        )
+
+    def step_taken(self) -> None:
+        self.run.update(1)
+
+    def show(self, **values: str) -> None:
+        """The latest logged values beside the run's bar (loss, lr, images/s)."""
+        self.run.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        self.run.close()
 
 
 def peak_resident_mb() -> float:

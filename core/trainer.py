@@ -37,11 +37,11 @@ from core.distributed import (
 from core.ema import WeightAverage
 from core.logging import (
     RunLogger,
+    RunProgress,
     TrainMeter,
     memory_mb,
     peak_resident_mb_per_rank,
     peak_tflops,
-    progress_bar,
     training_flops_per_sample,
 )
 from core.optim import (
@@ -209,6 +209,7 @@ class Trainer:
         self.startup_reported = False  # each rank's peak memory is reported once, after its first step
         self.agreement = StepAgreement(acc, cfg.loop.nonfinite_loss, self.bad_samples)
         self.meter = TrainMeter(acc, cfg.logging.every_steps)
+        self.progress = RunProgress(acc, cfg.logging.progress_bar, self.total_steps, self.state.global_step)
 
     # ------------------------------------------------------------------------------------------
 
@@ -236,6 +237,7 @@ class Trainer:
             workers = getattr(loader, "_iterator", None)  # persistent workers live on the loader
             if workers is not None and hasattr(workers, "_shutdown_workers"):
                 workers._shutdown_workers()
+        self.progress.close()
         self.run_logger.close()
 
     def _run(self) -> dict[str, float]:
@@ -277,6 +279,7 @@ class Trainer:
                 agreement.note(self.bad_samples.take(report))
                 if not self.train_step(batch, epoch):
                     continue  # inside an accumulation window
+                self.progress.step_taken()
                 self.watchdog.started()
                 if not self.startup_reported:
                     self._report_startup_memory(epoch)
@@ -284,7 +287,7 @@ class Trainer:
                 if logging_due or self.checkpoints.due(state.global_step) or self._reached_max_steps():
                     agreement.settle()  # nothing is logged or saved before every rank's flags are read
                 if logging_due:
-                    self._log_train(epoch, batches)
+                    self._log_train(epoch)
                 self._save_if_due(epoch, force=agreement.stop_requested)
                 if agreement.stop_requested:
                     raise Preempted(
@@ -451,11 +454,9 @@ class Trainer:
         if done:
             loader = self.accelerator.skip_first_batches(loader, done)
         batches = watched(loader, self.watchdog, "train step", lambda: self.state.global_step)
-        return progress_bar(
-            self.accelerator, self.cfg.logging.progress_bar, batches, len(self.train_loader), done, f"epoch {epoch}"
-        )
+        return self.progress.epoch(batches, len(self.train_loader), done, f"epoch {epoch}")
 
-    def _log_train(self, epoch: int, bar: Any) -> None:
+    def _log_train(self, epoch: int) -> None:
         self.bad_samples.flush()
         measured = self.meter.read()
         images_per_sec = measured["images_per_sec"]
@@ -476,7 +477,7 @@ class Trainer:
         self.run_logger.log(
             "train", self.state.global_step, epoch + self.state.batches_in_epoch / len(self.train_loader), values
         )
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{images_per_sec:.0f}")
+        self.progress.show(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.3g}", img_s=f"{images_per_sec:.0f}")
 
     def _input_dtype(self) -> torch.dtype | None:
         """DeepSpeed casts the whole model to bf16/fp16, so inputs must follow; DDP autocasts."""

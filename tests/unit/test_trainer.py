@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 
 import pytest
 import torch
@@ -118,3 +120,26 @@ def test_known_failures_exit_with_their_code_and_one_line(fresh_accelerate_state
         "distributed.hang_timeout_minutes must be below distributed.timeout_minutes (60), got 90.0"
         in capsys.readouterr().err
     )
+
+
+def test_the_progress_bar_counts_the_whole_run_and_a_resumed_run_starts_where_it_stopped(
+    fresh_accelerate_state, tmp_path, capsys
+):
+    cfg = tiny_config(tmp_path)
+    cfg.logging.progress_bar, cfg.checkpoint.every_steps, cfg.loop.max_steps = True, 3, 5
+    trainer = Trainer(cfg, TinyTask(cfg))
+    trainer.fit()
+    total = trainer.total_steps
+    shown = capsys.readouterr().err
+    assert re.search(rf"run: +0%\|.*\| 0/{total} ", shown) and re.search(rf"run: .*\| {total}/{total} ", shown)
+    assert re.search(r"epoch 0: ", shown) and "img_s=" in shown
+
+    reset_accelerator_state()
+    for step in os.listdir(tmp_path / "checkpoints"):  # the run stopped after step 3
+        if step.isdigit() and int(step) > 3:
+            shutil.rmtree(tmp_path / "checkpoints" / step)
+    cfg.checkpoint.resume = "auto"
+    Trainer(cfg, TinyTask(cfg)).fit()
+    shown = capsys.readouterr().err
+    assert re.search(rf"run: +\d+%\|.*\| 3/{total} ", shown) and re.search(rf"run: .*\| {total}/{total} ", shown)
+    assert not re.search(rf"run: .*\| [012]/{total} ", shown), shown
