@@ -6,6 +6,7 @@ import re
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TRACKERS = ["mlflow-skinny", "sqlalchemy", "alembic", "wandb"]
 
 
 def pinned(names: list[str]) -> list[str]:
@@ -50,8 +51,11 @@ setup(
         ]
     ),
     extras_require={
+        # logging.trackers: mlflow (its client and the local sqlite store, without the server) and wandb
+        "trackers": pinned(TRACKERS),
         "dev": pinned(
             [
+                *TRACKERS,
                 "pytest",
                 "pytest-timeout",
                 "torchmetrics",
@@ -62,7 +66,7 @@ setup(
                 "types-tqdm",
                 "pre-commit",
             ]
-        )
+        ),
     },
     entry_points={"console_scripts": ["shardvision=core.cli:main"]},
 )

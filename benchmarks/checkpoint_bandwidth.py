@@ -71,7 +71,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg.loop.max_steps = 1
     cfg.checkpoint.keep_last = 1
     cfg.checkpoint.async_save = False  # the bandwidth of the write itself first; the background save below
-    cfg.logging.progress_bar, cfg.logging.tensorboard = False, False
+    cfg.logging.progress_bar, cfg.logging.trackers = False, []
     trainer = Trainer(cfg, SyntheticTask(cfg, args.model, 64, 4 * int(os.environ["WORLD_SIZE"]), num_classes=1000))
     trainer.train_one_epoch(0)  # materialise AdamW's two moments
     acc, saves, loads, disk, nbytes = trainer.accelerator, [], [], [], 0

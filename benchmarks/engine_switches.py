@@ -40,7 +40,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg.data.micro_batch_size, cfg.data.num_workers = args.batch, 0
     cfg.loop.precision, cfg.loop.epochs = args.precision, 2
     cfg.checkpoint.at_epoch_end = False
-    cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 10**9
+    cfg.logging.progress_bar, cfg.logging.trackers, cfg.logging.every_steps = False, [], 10**9
     trainer = Trainer(cfg, SyntheticTask(cfg, args.model, args.image_size, args.batch * args.steps))
     device = trainer.accelerator.device
     if device.type == "cuda":

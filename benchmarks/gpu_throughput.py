@@ -76,7 +76,7 @@ def shardvision_images_per_sec(args: argparse.Namespace, name: str, samples: lis
         cfg.model.name, cfg.model.channels_last, cfg.model.compile = name, True, args.compile
         cfg.data.micro_batch_size, cfg.data.num_workers = args.batch, args.workers
         cfg.loop.precision, cfg.loop.epochs = "bf16", 2
-        cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 10**9
+        cfg.logging.progress_bar, cfg.logging.trackers, cfg.logging.every_steps = False, [], 10**9
         cfg.checkpoint.at_epoch_end = False
         task = SyntheticTask(cfg, name, args.image_size, len(samples), num_classes=1000, samples=samples)
         trainer = Trainer(cfg, task)

@@ -37,7 +37,7 @@ def shardvision_images_per_sec(samples, args, precision: str) -> float:
         cfg.data.micro_batch_size, cfg.data.num_workers = args.batch, 0
         cfg.loop.precision, cfg.loop.epochs = precision, 2
         cfg.optim = dataclasses.replace(cfg.optim, **OPTIMIZER_KERNELS[args.kernel])
-        cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 10**9
+        cfg.logging.progress_bar, cfg.logging.trackers, cfg.logging.every_steps = False, [], 10**9
         trainer = Trainer(cfg, SyntheticTask(cfg, args.model, args.image_size, len(samples), samples=samples))
         trainer.train_one_epoch(0)  # warm-up epoch
         start = time.perf_counter()

@@ -113,7 +113,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg.data.micro_batch_size, cfg.data.num_workers = 2, 0
     cfg.loop.max_steps, cfg.loop.precision = 1, args.precision
     cfg.checkpoint.at_epoch_end = False
-    cfg.logging.progress_bar, cfg.logging.tensorboard = False, False
+    cfg.logging.progress_bar, cfg.logging.trackers = False, []
     task = SyntheticTask(cfg, args.model, args.image_size, 2 * int(os.environ["WORLD_SIZE"]), num_classes=1000)
     before_start = peak_resident_mb()
     trainer = Trainer(cfg, task)

@@ -18,6 +18,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
 import yaml
+
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 class ConfigError(ValueError):
@@ -287,7 +290,18 @@ class LoggingConfig:
     progress_bar: bool = option(
         True, "Show progress on rank 0: the whole run (steps, ETA to the end, images/s) and the epoch."
     )
-    tensorboard: bool = option(True, "Write TensorBoard events to <output_dir>/tensorboard.")
+    trackers: list[str] = option(
+        ["tensorboard"],
+        "Where metrics, the run config and the final metrics also go (accelerate's trackers): tensorboard "
+        "(<output_dir>/tensorboard), mlflow, wandb; [] for none. A resumed run continues the same tracker run.",
+    )
+    project: str = option("shardvision", "MLflow experiment / W&B project name.")
+    mlflow_tracking_uri: str | None = option(
+        None, "MLflow store or server; None: the local store sqlite:///<output_dir>/mlflow.db (no server)."
+    )
+    wandb_mode: Literal["offline", "online"] = option(
+        "offline", "W&B: offline writes <output_dir>/wandb/ (upload later with `wandb sync`); online needs a login."
+    )
     count_flops: bool = option(True, "Count the model's FLOPs per sample once at start, to log TFLOP/s and MFU.")
     peak_tflops: float | None = option(
         None,
@@ -297,6 +311,14 @@ class LoggingConfig:
 
     def validate(self) -> None:
         _check(self.every_steps >= 1, "logging.every_steps", self.every_steps, "must be >= 1")
+        for tracker in self.trackers:
+            _check(tracker in TRACKERS, "logging.trackers", tracker, f"must be one of {', '.join(TRACKERS)}")
+            _check(
+                importlib.util.find_spec(tracker) is not None,
+                "logging.trackers",
+                tracker,
+                f"needs the {tracker} package: pip install 'shardvision[trackers]'",
+            )
         if self.peak_tflops is not None:
             _check(self.peak_tflops > 0, "logging.peak_tflops", self.peak_tflops, "must be > 0")
 

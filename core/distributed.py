@@ -214,7 +214,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         project_config=ProjectConfiguration(
             project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard")
         ),
-        log_with="tensorboard" if cfg.logging.tensorboard else None,
+        log_with=list(cfg.logging.trackers) or None,
         dynamo_plugin=build_dynamo_plugin(cfg),
         **plugins,
     )

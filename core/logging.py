@@ -8,6 +8,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,7 +16,10 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from core.config import LoggingConfig
 from core.distributed import reduce_mean
+
+TRACKER_IDS = "trackers.json"
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -30,15 +34,52 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 class RunLogger:
     """One JSON object per line in metrics.jsonl (step, epoch, split and the values), mirrored to
-    the trackers as `<split>/<name>`. Splits: `train`, `eval`, and `run` (the run's shape, once per
-    launch, not mirrored)."""
+    the trackers as `<split>/<name>`. Splits: `train`, `eval`, `final` (the exported weights'
+    metrics), and `run` and `checkpoint` (the run's shape once per launch, and each save's cost:
+    not mirrored).
 
-    def __init__(self, accelerator: Accelerator, output_dir: str, config: dict, use_trackers: bool):
+    The trackers are accelerate's (TensorBoard, MLflow, W&B), started on rank 0. A run that
+    resumes continues the same tracker run: the MLflow run id and the W&B id are kept in
+    `<output_dir>/trackers.json`, and the config is sent only when the tracker run is new (MLflow
+    refuses a parameter whose value changes, and a resumed launch's --resume does)."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str, config: dict, settings: LoggingConfig):
         self.accelerator = accelerator
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.use_trackers = use_trackers
-        if use_trackers:
-            accelerator.init_trackers("shardvision", config=_flat(config))
+        self.use_trackers = bool(settings.trackers)
+        if not self.use_trackers:
+            return
+        ids_path = os.path.join(output_dir, TRACKER_IDS)
+        ids: dict[str, str] = {}
+        if os.path.isfile(ids_path):
+            with open(ids_path) as f:
+                ids = json.load(f)
+        kwargs: dict[str, dict] = {}
+        name = os.path.basename(os.path.abspath(output_dir))
+        if "mlflow" in settings.trackers and accelerator.is_main_process:
+            import mlflow
+
+            store = settings.mlflow_tracking_uri or f"sqlite:///{os.path.abspath(output_dir)}/mlflow.db"
+            mlflow.set_tracking_uri(store)
+            artifacts = os.path.join(os.path.abspath(output_dir), "mlruns")
+            kwargs["mlflow"] = {"run_id": ids.get("mlflow"), "run_name": name, "logging_dir": artifacts}
+        if "wandb" in settings.trackers:
+            wandb_id = ids.get("wandb") or uuid.uuid4().hex[:8]
+            ids["wandb"] = wandb_id
+            kwargs["wandb"] = {
+                "mode": settings.wandb_mode,
+                "dir": output_dir,
+                "id": wandb_id,
+                "resume": "allow",
+                "name": name,
+            }
+        new = not os.path.isfile(ids_path)
+        accelerator.init_trackers(settings.project, config=_flat(config) if new else None, init_kwargs=kwargs)
+        if accelerator.is_main_process:
+            if "mlflow" in settings.trackers:
+                ids["mlflow"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
+            with open(ids_path, "w") as f:
+                json.dump(ids, f)
 
     def log(self, split: str, step: int, epoch: float, values: dict[str, Any], trackers: bool = True) -> None:
         if not self.accelerator.is_main_process:

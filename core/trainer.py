@@ -205,7 +205,7 @@ class Trainer:
             set_schedule_step(self.scheduler, self.state.global_step)
         elif cfg.checkpoint.resume == "auto":
             logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
-        self.run_logger = RunLogger(acc, cfg.output_dir, to_dict(cfg), cfg.logging.tensorboard)
+        self.run_logger = RunLogger(acc, cfg.output_dir, to_dict(cfg), cfg.logging)
         self.startup_reported = False  # each rank's peak memory is reported once, after its first step
         self.agreement = StepAgreement(acc, cfg.loop.nonfinite_loss, self.bad_samples)
         self.meter = TrainMeter(acc, cfg.logging.every_steps)
@@ -423,6 +423,7 @@ class Trainer:
             with open(os.path.join(final_dir, "metrics.json"), "w") as f:
                 json.dump({"step": self.state.global_step, **metrics}, f, indent=2)
             logger.info("exported %s", os.path.join(final_dir, "model.safetensors"))
+        self.run_logger.log("final", self.state.global_step, self.state.epoch, metrics)  # to the trackers too
         acc.wait_for_everyone()
         return final_dir
 

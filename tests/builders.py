@@ -67,7 +67,7 @@ def tiny_config(tmp_path, **loop) -> TrainConfig:
     cfg.loop.epochs = 2
     for key, value in loop.items():
         setattr(cfg.loop, key, value)
-    cfg.logging.progress_bar, cfg.logging.tensorboard, cfg.logging.every_steps = False, False, 1
+    cfg.logging.progress_bar, cfg.logging.trackers, cfg.logging.every_steps = False, [], 1
     return cfg
 
 
@@ -77,8 +77,8 @@ def tiny_config(tmp_path, **loop) -> TrainConfig:
 QUICK_RUN = [
     "--logging.progress_bar",
     "false",
-    "--logging.tensorboard",
-    "false",
+    "--logging.trackers",
+    "[]",
     "--logging.count_flops",
     "false",
     "--logging.every_steps",

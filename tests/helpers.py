@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSIFY = "recipes/classification/train.py"
 DIGITS = "recipes/classification/configs/digits.yaml"
 # Small, quick and quiet: what every test run adds to the recipe's own config.
-QUICK = ["--logging.progress_bar", "false", "--logging.tensorboard", "false", "--data.num_workers", "0"]
+QUICK = ["--logging.progress_bar", "false", "--logging.trackers", "[]", "--data.num_workers", "0"]
 # The digits demo with a small LayerNorm ViT at 32 px: no batch statistics, so a step does not
 # depend on how its samples are spread over ranks or micro-batches.
 TINY_VIT = ["--config", DIGITS, *QUICK, "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}"]

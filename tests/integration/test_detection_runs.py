@@ -18,8 +18,8 @@ SHAPES = [
     "recipes/detection/configs/shapes.yaml",
     "--logging.progress_bar",
     "false",
-    "--logging.tensorboard",
-    "false",
+    "--logging.trackers",
+    "[]",
 ]
 VAL_JSON = Path.home() / ".cache" / "shardvision" / "shapes-det-v1-240-60" / "annotations" / "instances_val.json"
 

@@ -16,8 +16,8 @@ SHAPES = [
     "recipes/segmentation/configs/shapes.yaml",
     "--logging.progress_bar",
     "false",
-    "--logging.tensorboard",
-    "false",
+    "--logging.trackers",
+    "[]",
 ]
 
 

@@ -105,8 +105,8 @@ def test_known_failures_exit_with_their_code_and_one_line(fresh_accelerate_state
         "0",
         "--logging.progress_bar",
         "false",
-        "--logging.tensorboard",
-        "false",
+        "--logging.trackers",
+        "[]",
     ]
     with pytest.raises(SystemExit) as exit_info:
         run(TrainConfig, lambda cfg: TinyTask(cfg, nan_at=2), base)
