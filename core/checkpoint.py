@@ -195,18 +195,19 @@ class CheckpointManager:
         self._write_failure: BaseException | None = None
 
     def check_shared(self) -> None:
-        """Stop at the start, on every rank, if some rank cannot see what rank 0 writes under `root`.
-        Every rank writes its part of a checkpoint there and rank 0 publishes it, so a folder local
-        to each machine would otherwise end in a wait for files that never appear, or a checkpoint
-        holding one machine's shards."""
+        """Stop at the start, on every rank, if some rank cannot see what rank 0 writes in the run
+        folder that holds `root`. Every rank writes its part of a checkpoint there and rank 0
+        publishes it, so a folder local to each machine would otherwise end in a wait for files
+        that never appear, or a checkpoint holding one machine's shards."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return
         token = [uuid.uuid4().hex]
         broadcast_object_list(token, from_process=0)
-        probe = os.path.join(self.root, f".shared-{token[0]}")
+        run_folder = os.path.dirname(self.root)
+        probe = os.path.join(run_folder, f".shared-{token[0]}")
         if acc.is_main_process:
-            os.makedirs(self.root, exist_ok=True)
+            os.makedirs(run_folder, exist_ok=True)
             open(probe, "w").close()
         acc.wait_for_everyone()
         blind = gather_object([] if os.path.exists(probe) else [f"rank {acc.process_index} on {socket.gethostname()}"])
@@ -215,7 +216,7 @@ class CheckpointManager:
             os.remove(probe)
         if blind:
             raise CheckpointError(
-                f"{self.root} is not on a filesystem every rank shares: {', '.join(blind)} cannot see the file rank 0 "
+                f"{run_folder} is not on a filesystem every rank shares: {', '.join(blind)} cannot see the file rank 0 "
                 "wrote there. Every rank writes its part of each checkpoint into it and rank 0 publishes it: set "
                 "--output-dir to a shared filesystem (NFS, Lustre, GPFS, ...) that every node mounts at the same path."
             )

@@ -187,6 +187,6 @@ def test_a_checkpoint_folder_another_node_cannot_see_stops_the_run_at_once_namin
     logs = node_logs(tmp_path, "unshared")
     assert codes == [1, 1], logs  # torchrun's own code for a worker that failed (here with 2)
     assert "exitcode  : 2" in logs, logs
-    root = tmp_path / "local-disk-of-node-0" / "checkpoints"
-    assert f"error: {root} is not on a filesystem every rank shares: rank 1 on " in logs, logs
+    run_folder = tmp_path / "local-disk-of-node-0"
+    assert f"error: {run_folder} is not on a filesystem every rank shares: rank 1 on " in logs, logs
     assert not (tmp_path / "local-disk-of-node-0" / "metrics.jsonl").exists()  # stopped before training
