@@ -48,6 +48,7 @@ setup(
             "numpy",
             "xxhash",
             "submitit",
+            "matplotlib",
         ]
     ),
     extras_require={
