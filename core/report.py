@@ -99,7 +99,7 @@ def _plot(runs: list[Run], split: str, name: str) -> str:
     matplotlib.use("Agg")  # no display
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    figure, axes = plt.subplots(figsize=(5.0, 3.2), dpi=100)
     for run in runs:
         points = sorted(run.series.get(split, {}).get(name, {}).items())
         if points:
@@ -139,6 +139,7 @@ def render(runs: list[Run]) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>shardvision report</title><style>"
         "body{font-family:sans-serif;margin:24px}img{margin:4px;border:1px solid #ddd}"
+        ".plots{display:flex;flex-wrap:wrap}"
         "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
         "</style></head><body>",
         f"<h1>shardvision report: {html.escape(', '.join(r.label for r in runs))}</h1>",
@@ -147,9 +148,10 @@ def render(runs: list[Run]) -> str:
         steps = max((max(s) for s in run.series.get("train", {}).values() if s), default=0)
         parts.append(f"<h2>{html.escape(run.label)}</h2><p>{html.escape(run.folder)}: {steps} optimizer steps logged, ")
         parts.append(f"{len(run.launches)} launch(es)</p>")
-        if run.launches:
+        if run.launches:  # a column per launch
             keys = [k for k in run.launches[-1] if k not in ("split", "epoch")]
-            parts.append(_table(keys, [[launch.get(k, "") for k in keys] for launch in run.launches]))
+            header = ["", *[f"launch {i + 1}" for i in range(len(run.launches))]]
+            parts.append(_table(header, [[k, *[launch.get(k, "") for launch in run.launches]] for k in keys]))
         per_class = {k: v for k, v in run.last_eval.items() if "/" in k}
         if per_class:
             parts.append(f"<h3>per-class results at step {run.last_eval['step']}</h3>")
@@ -160,11 +162,11 @@ def render(runs: list[Run]) -> str:
         parts.append(
             _table(["key", *[r.label for r in runs]], [[k, *v] for k, v in differing]) if differing else "<p>none</p>"
         )
-    parts.append("<h2>curves</h2>")
+    parts.append("<h2>curves</h2><div class='plots'>")
     for split, name in plotted_metrics(runs):
         png = _plot(runs, split, name)
         parts.append(f"<img class='plot' alt='{split}/{html.escape(name)}' src='data:image/png;base64,{png}'>")
-    parts.append("</body></html>")
+    parts.append("</div></body></html>")
     return "".join(parts)
 
 
