@@ -76,3 +76,24 @@ def test_lint_bans_what_the_layout_forbids(path, source, banned):
     ruff = [sys.executable, "-m", "ruff", "check", "--stdin-filename", path, "--output-format", "concise", "-"]
     proc = subprocess.run(ruff, cwd=REPO, input=source, capture_output=True, text=True)
     assert proc.returncode == 1 and f"TID251 `{banned}` is banned" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "env, same_node",
+    [
+        ({"RANK": "1", "WORLD_SIZE": "2"}, True),  # one node, no local size given: all on rank 0's
+        ({"RANK": "7", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, True),  # torchrun, accelerate
+        ({"RANK": "8", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, False),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_SIZE": "1"}, False),  # the deepspeed launcher, 1 rank per host
+    ],
+)
+def test_a_rank_knows_whether_rank_0s_launcher_will_stop_it(monkeypatch, env, same_node):
+    """A rank on another node waits only briefly for rank 0 to report a shared failure: no launcher
+    of its own node will stop it when rank 0 leaves (core/cli.py leave)."""
+    from core.cli import _on_rank_0s_node
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _on_rank_0s_node() is same_node
