@@ -23,12 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.helpers import DIGITS, QUICK, launch_command, run_env  # noqa: E402
+from tests.helpers import DIGITS, QUICK, launch_command, rank_processes, run_env  # noqa: E402
 
 
 def timed_run(out: Path, image_size: int, delay: float | None) -> tuple[float, str]:
@@ -47,9 +45,8 @@ def timed_run(out: Path, image_size: int, delay: float | None) -> tuple[float, s
     if delay is not None:
         time.sleep(delay)
         started = time.perf_counter()
-        for worker in psutil.Process(proc.pid).children(recursive=True):
-            if "train.py" in " ".join(worker.cmdline()):
-                worker.send_signal(signal.SIGTERM)
+        for worker in rank_processes(proc.pid).values():
+            worker.send_signal(signal.SIGTERM)
     stderr = proc.communicate()[1].decode()
     elapsed = time.perf_counter() - started
     expected = "exitcode  : 75" if delay is not None else None

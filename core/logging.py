@@ -16,20 +16,15 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from core.config import LoggingConfig
+from core.config import LoggingConfig, flat_dict
 from core.distributed import reduce_mean
 
 TRACKER_IDS = "trackers.json"
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _tracker_params(config: dict) -> dict[str, Any]:
+    """The config as trackers take it: dotted keys, scalar values (lists and None as text)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_dict(config).items()}
 
 
 class RunLogger:
@@ -50,8 +45,9 @@ class RunLogger:
         if not self.use_trackers:
             return
         ids_path = os.path.join(output_dir, TRACKER_IDS)
+        new = not os.path.isfile(ids_path)  # the first launch with trackers: the config goes to them
         ids: dict[str, str] = {}
-        if os.path.isfile(ids_path):
+        if not new:
             with open(ids_path) as f:
                 ids = json.load(f)
         kwargs: dict[str, dict] = {}
@@ -73,8 +69,8 @@ class RunLogger:
                 "resume": "allow",
                 "name": name,
             }
-        new = not os.path.isfile(ids_path)
-        accelerator.init_trackers(settings.project, config=_flat(config) if new else None, init_kwargs=kwargs)
+        params = _tracker_params(config) if new else None
+        accelerator.init_trackers(settings.project, config=params, init_kwargs=kwargs)
         if accelerator.is_main_process:
             if "mlflow" in settings.trackers:
                 ids["mlflow"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id

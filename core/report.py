@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from core.config import flat_dict
+
 TRAIN_SERIES = ("loss", "lr", "grad_norm", "images_per_sec", "tflops_per_device", "mfu", "memory_mb")
 NOT_PLOTTED = {"samples", "images"}  # evaluation counts, not metrics
 
@@ -68,18 +70,8 @@ def read_run(folder: str, label: str | None = None) -> Run:
     config = os.path.join(folder, "config.yaml")
     if os.path.isfile(config):
         with open(config) as f:
-            run.config = _flat(yaml.safe_load(f) or {})
+            run.config = flat_dict(yaml.safe_load(f) or {})
     return run
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def plotted_metrics(runs: list[Run]) -> list[tuple[str, str]]:

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -244,9 +243,8 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(ddp_referenc
         text=True,
     )
     wait_for_train_step(tmp_path, 4, proc)
-    for worker in psutil.Process(proc.pid).children(recursive=True):
-        if "train.py" in " ".join(worker.cmdline()):
-            worker.send_signal(signal.SIGTERM)
+    for worker in rank_processes(proc.pid).values():
+        worker.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert "exitcode  : 75" in stderr, stderr[-3000:]
     assert re.search(r"checkpoint of step \d+ saved, rerun with --resume auto", stderr), stderr[-3000:]
@@ -271,8 +269,7 @@ def test_sigterm_during_an_evaluation_exits_75_at_the_next_batch_and_resumes_exa
     deadline = time.time() + 300
     while not epoch_end.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
-    workers = [w for w in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(w.cmdline())]
-    for worker in workers:
+    for worker in rank_processes(proc.pid).values():
         worker.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=300)[1].decode()
     assert "exitcode  : 75" in stderr, stderr[-3000:]
