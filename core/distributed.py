@@ -181,7 +181,12 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         handlers.append(InitProcessGroupKwargs(backend=None if on_gpu else "gloo", timeout=timeout))
     plugins: dict[str, Any] = {}
     if strategy == "ddp":
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=cfg.distributed.find_unused_parameters))
+        # Gradients as views of the all-reduce buckets: one copy of the gradients per rank, not two.
+        handlers.append(
+            DistributedDataParallelKwargs(
+                find_unused_parameters=cfg.distributed.find_unused_parameters, gradient_as_bucket_view=True
+            )
+        )
     elif strategy == "deepspeed":
         path = deepspeed_config_path(cfg)
         with open(path) as f:
