@@ -5,14 +5,21 @@
     python benchmarks/memory_per_rank.py --model vit_large_patch16_224 --nproc 4
 
 For each strategy it launches the real recipe engine on gloo ranks (accelerate launch with the
-repo's configs) and takes one AdamW step. At the step's peak for training state, right after the
-optimizer has updated the weights and before the gradients are released (a global optimizer
-step hook), each rank counts the bytes of every live tensor, each storage once, sorted into:
-weights (as the model holds them: ZeRO-3 holds only its partition), master weights and their
+repo's configs) and takes three AdamW steps (the first creates the optimizer's state, in the second
+DDP rebuilds its buckets; the batches and samples are not counted). At the third step's peak for
+training state, right after the optimizer has updated the weights and before the gradients are
+released (a global optimizer step hook), each rank counts the bytes of every live tensor, each
+storage once, sorted into: weights (as the model holds them: ZeRO-3 holds only its partition), master weights and their
 gradients (what the optimizer updates: DeepSpeed's fp32 partitions, or the model's own parameters
-under DDP), optimizer state (AdamW's two moments), and other (DDP's gradient buckets, DeepSpeed's
-reduce buckets and low-precision gradient partitions, buffers). Peak resident memory is reported
-beside it. Last line: ZeRO-3's total per rank as a fraction of DDP's (target: <= 0.55).
+under DDP), optimizer state (AdamW's two moments), and other (DeepSpeed's reduce buckets and
+low-precision gradient partitions, buffers; DDP's gradients are views of its buckets). Peak
+resident memory is reported beside it. Then: ZeRO-3's total per rank as a fraction of DDP's
+(target: <= 0.55).
+
+Last, `shardvision plan`'s figures for the same model, micro-batch and ranks (core/plan.py)
+beside the measured ones, with the error per row: the training state, and activations as torch's
+MemTracker files them at the end of the third step's forward (issue #16's targets: 15% and 25%).
+    python benchmarks/memory_per_rank.py --model resnet50 --micro-batch 32 --strategies DDP ZeRO-2 ZeRO-3
 
 The start-up, measured as a fine-tune from a local weights file (written once, random, by this
 script): each rank's peak resident memory from just before the trainer is built to just after
@@ -40,6 +47,9 @@ STRATEGIES = {
     "ZeRO-3-offload": "deepspeed_zero3_offload.yaml",
 }
 CATEGORIES = ("weights", "master", "grads", "optimizer", "other")
+# Before the measured step: the first creates the optimizer's state, the second is where DDP
+# rebuilds its buckets in the order gradients arrived.
+WARM_UP_STEPS = 2
 
 
 def storage_key(t) -> tuple[int, int]:
@@ -47,13 +57,13 @@ def storage_key(t) -> tuple[int, int]:
     return s.data_ptr(), s.nbytes()
 
 
-def state_bytes(model, optimizer, zero) -> dict[str, int]:
+def state_bytes(model, optimizer, zero, data=()) -> dict[str, int]:
     """Bytes per category of every live CPU tensor; a storage counts once, in the first category
-    that claims it."""
+    that claims it. `data` (the samples and batches) is claimed before "other" and not counted."""
     import torch
 
     seen: set[tuple[int, int]] = set()
-    out = dict.fromkeys(CATEGORIES, 0)
+    out = dict.fromkeys([*CATEGORIES, "data"], 0)
 
     def claim(category: str, tensors) -> None:
         for t in tensors:
@@ -77,6 +87,7 @@ def state_bytes(model, optimizer, zero) -> dict[str, int]:
     )
     claim("grads", [p.grad for p in master + params])
     claim("optimizer", [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)])
+    claim("data", data)
     gc.collect()
     rest = []
     for obj in gc.get_objects():
@@ -100,8 +111,29 @@ def write_weights(model_name: str, image_size: int, path: str) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
 
 
+class MeasuredTask(SyntheticTask):
+    """Remembers the batches it builds and trains on, so they count as data, not as training state."""
+
+    def collate(self, samples):
+        self.batches = [super().collate(samples)]
+        return self.batches[0]
+
+    def training_step(self, model, batch):
+        self.batches.append(batch)
+        return super().training_step(model, batch)
+
+    def data_tensors(self) -> list:
+        import torch
+
+        values = [v for sample in self.samples for v in sample.values()]
+        values += [v for batch in self.batches for v in batch.values()]
+        return [v for v in values if isinstance(v, torch.Tensor)]
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One rank: build the engine, take one optimizer step, report at its peak."""
+    """One rank: build the engine, take WARM_UP_STEPS optimizer steps, then one more measured."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from core.config import TrainConfig
@@ -110,11 +142,17 @@ def worker(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(output_dir=args.out)
     cfg.model.name, cfg.model.weights = args.model, args.weights
-    cfg.data.micro_batch_size, cfg.data.num_workers = 2, 0
-    cfg.loop.max_steps, cfg.loop.precision = 1, args.precision
+    cfg.data.micro_batch_size, cfg.data.num_workers = args.micro_batch, 0
+    cfg.loop.precision = args.precision
     cfg.checkpoint.at_epoch_end = False
     cfg.logging.progress_bar, cfg.logging.trackers = False, []
-    task = SyntheticTask(cfg, args.model, args.image_size, 2 * int(os.environ["WORLD_SIZE"]), num_classes=1000)
+    task = MeasuredTask(
+        cfg,
+        args.model,
+        args.image_size,
+        (WARM_UP_STEPS + 1) * args.micro_batch * int(os.environ["WORLD_SIZE"]),
+        num_classes=1000,
+    )
     before_start = peak_resident_mb()
     trainer = Trainer(cfg, task)
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -126,13 +164,25 @@ def worker(args: argparse.Namespace) -> None:
     }
 
     def at_peak(optimizer, *_):  # the inner torch optimizer, whoever wraps it (DeepSpeed: once per sub-group)
-        counted = state_bytes(model, optimizer, zero)
-        if sum(counted.values()) > sum(report.get(c, 0) for c in CATEGORIES):
+        counted = state_bytes(model, optimizer, zero, task.data_tensors())
+        if sum(counted[c] for c in CATEGORIES) > sum(report.get(c, 0) for c in CATEGORIES):
             report.update(counted)
 
-    hook = register_optimizer_step_post_hook(at_peak)
-    trainer.train_one_epoch(0)
-    hook.remove()
+    tracker = MemTracker()  # torch's own account of every allocation, by what the tensor is for
+    tracker.track_external(trainer.model, inner)
+    with trainer._epoch_batches(0) as batches:
+        batches = iter(batches)
+        for _ in range(WARM_UP_STEPS):
+            trainer.train_step(next(batches)[0], 0)
+        hook = register_optimizer_step_post_hook(at_peak)
+        with tracker:
+            trainer.train_step(next(batches)[0], 0)
+        hook.remove()
+    snapshots = tracker.memory_tracking[model].snapshots
+    for state in (_ModState.POST_FW, _ModState.PEAK_FW, _ModState.PEAK_BW):
+        for snap in snapshots.get(state, []):
+            for key, value in snap[torch.device("cpu")].items():
+                report.setdefault(f"{state.value}/{key}", value)
     report["parameters"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
     report["peak_rss_bytes"] = memory_mb(trainer.accelerator.device) * 2**20
     write_report(args.out, trainer.accelerator.process_index, report)
@@ -143,6 +193,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--precision", default="bf16", choices=["no", "bf16"])
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument(
         "--strategies", nargs="+", default=[n for n in STRATEGIES if n != "ZeRO-3-offload"], choices=list(STRATEGIES)
@@ -167,6 +218,8 @@ def main() -> None:
                     args.precision,
                     "--image-size",
                     str(args.image_size),
+                    "--micro-batch",
+                    str(args.micro_batch),
                 ]
                 results[name] = launch_ranks(config, args.nproc, __file__, [*worker_args, "--weights", weights], out)
 
@@ -205,6 +258,40 @@ def main() -> None:
         "training state then held, as a fraction of the fp32 model"
     )
     print(f"ZeRO-3 start-up transient / fp32 model size: {worst_start:.2f} (target < 0.10)")
+    compare_with_plan(args, results)
+
+
+def compare_with_plan(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
+    """`shardvision plan`'s figures for the same model, batch and ranks beside the measured ones.
+    Activations measured: what torch's MemTracker files as activations when the forward ends (the
+    plan's quantity), and the forward/backward peak of activations plus temporaries beside it."""
+    from core.config import TrainConfig
+    from core.plan import Cluster, make_plan
+
+    cfg = TrainConfig()
+    cfg.model.name, cfg.data.micro_batch_size, cfg.loop.precision = args.model, args.micro_batch, args.precision
+    task = SyntheticTask(cfg, args.model, args.image_size, 4, num_classes=1000)
+    plan = make_plan("classification", cfg, task, Cluster(1, args.nproc))
+    planned = {row.strategy.replace(" ", "-"): row for row in plan.rows}
+
+    def measured_activations(report: dict, *states: str) -> float:
+        return max(sum(report.get(f"{state}/_MemRefType.{kind}", 0) for kind in ("ACT", "TEMP")) for state in states)
+
+    print(f"\nplanned against measured, micro-batch {args.micro_batch}, MB per rank (the rank with the most)")
+    print(
+        f"{'strategy':<14} {'states':>7} {'planned':>8} {'error':>6}   {'activations':>11} {'planned':>8} "
+        f"{'error':>6}   {'peak act+temp':>13}"
+    )
+    for name in (n for n in STRATEGIES if n in results):
+        row, reports = planned[name], results[name]
+        states = max(sum(r[c] for c in CATEGORIES) for r in reports)
+        planned_states = row.states + row.host  # host and device are one memory on CPU
+        act = max(measured_activations(r, "Post-Forward") for r in reports)
+        peak = max(measured_activations(r, "Peak-Forward", "Peak-Backward") for r in reports)
+        print(
+            f"{name:<14} {states / 1e6:7.0f} {planned_states / 1e6:8.0f} {planned_states / states - 1:+6.1%}   "
+            f"{act / 1e6:11.0f} {row.activations / 1e6:8.0f} {row.activations / act - 1:+6.1%}   {peak / 1e6:13.0f}"
+        )
 
 
 if __name__ == "__main__":

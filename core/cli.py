@@ -6,6 +6,7 @@
     shardvision export CHECKPOINT OUT [--allow-pickle]   # consolidated safetensors (core/export.py)
     shardvision check-data segmentation --config ...   # read every sample once, list every problem
     shardvision submit classification --config ... --nodes 2 --tasks-per-node 8   # SLURM via submitit (core/submit.py)
+    shardvision plan classification --config ... --nodes 2 --gpu-memory 80GiB   # memory per rank (core/plan.py)
     shardvision report runs/a [runs/b ...]   # one HTML page: curves, per-class table, config diff (core/report.py)
 
 Exit codes: core/exit_codes.py (and docs/failures.md).
@@ -191,12 +192,16 @@ def main(argv: list[str] | None = None) -> None:
         from core.submit import submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from core.plan import plan_main
+
+        return plan_main(argv[1:])
     if argv[:1] == ["report"]:
         from core.report import report_main
 
         return report_main(argv[1:])
     usage = (
-        f"usage: shardvision {{train,eval,check-data,submit}} {{{','.join(TASKS)}}} [options] | shardvision "
+        f"usage: shardvision {{train,eval,check-data,submit,plan}} {{{','.join(TASKS)}}} [options] | shardvision "
         "export CHECKPOINT OUT | shardvision report RUN_DIR [RUN_DIR ...]"
     )
     if len(argv) < 2 or argv[0] not in COMMANDS or argv[1] not in TASKS:
