@@ -1,7 +1,9 @@
 """Detection data in the COCO layout (an images folder and an `instances_*.json`), read with
-pycocotools. The built-in synthetic shapes set is written in that same layout, so the demo and
-the tests go through the real loader. Box-aware augmentations come from torchvision's
-transforms v2 on `tv_tensors.BoundingBoxes`."""
+pycocotools, or a `datasets` DatasetDict saved to disk in the layout of transformers'
+object-detection examples (an image column and an `objects` column of boxes and categories),
+turned into the same COCO index so both are checked and scored alike. The built-in synthetic
+shapes set is written in the COCO layout, so the demo and the tests go through the real loader.
+Box-aware augmentations come from torchvision's transforms v2 on `tv_tensors.BoundingBoxes`."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from core.config import ConfigError, DataConfig, option
-from core.data import DataError, SeededTransforms, folder_written_once, read_image
+from core.data import DataError, SeededTransforms, decode_failure, folder_written_once, read_image
 
 logger = logging.getLogger(__name__)
 SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}]
@@ -27,10 +29,25 @@ SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {
 
 @dataclass
 class DetectionDataConfig(DataConfig):
-    source: Literal["coco", "shapes"] = option(
-        "shapes", "coco: images folder + instances json; shapes: built-in synthetic set in COCO layout."
+    source: Literal["coco", "shapes", "hf_disk"] = option(
+        "shapes",
+        "coco: images folder + instances json; shapes: built-in synthetic set in COCO layout; hf_disk: a "
+        "`datasets` DatasetDict saved with save_to_disk, boxes and categories in an objects column.",
     )
-    root: str | None = option(None, "coco: dataset folder; shapes: where it is written (default ~/.cache/shardvision).")
+    root: str | None = option(
+        None,
+        "coco: dataset folder; hf_disk: the save_to_disk folder; shapes: where it is written "
+        "(default ~/.cache/shardvision).",
+    )
+    train_split: str = option("train", "hf_disk: the training split.")
+    eval_split: str = option("validation", "hf_disk: the evaluation split.")
+    image_column: str = option("image", "hf_disk: the image column.")
+    objects_column: str = option(
+        "objects", "hf_disk: per image, lists `bbox` and `category` (optional: `id`, `area`, `iscrowd`)."
+    )
+    box_format: Literal["xywh", "xyxy"] = option(
+        "xywh", "hf_disk: how `bbox` is written: xywh (COCO's x, y, width, height) or xyxy (corners)."
+    )
     train_images: str = option("train2017", "Training images folder, relative to root.")
     train_annotations: str = option("annotations/instances_train2017.json", "Training annotations, relative to root.")
     eval_images: str = option("val2017", "Evaluation images folder, relative to root.")
@@ -43,6 +60,8 @@ class DetectionDataConfig(DataConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.source == "hf_disk" and not (self.root and os.path.isdir(self.root)):
+            raise ConfigError(f"data.root: {self.root!r} is not a folder (data.source='hf_disk' needs save_to_disk's)")
         if self.source == "coco":
             if not self.root:
                 raise ConfigError("data.root is required for data.source='coco'")
@@ -68,14 +87,10 @@ class CocoDetection(Dataset):
     def __init__(self, images: str, annotations: str, bad_samples: str, training: bool):
         from pycocotools.coco import COCO
 
-        self.images_dir, self.annotations_file = images, annotations
+        self.images_dir = images
         with _quiet():
-            self.coco = COCO(annotations)
-        self.category_ids = sorted(self.coco.getCatIds())
-        self.label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
-        self.category_names = [self.coco.cats[c]["name"] for c in self.category_ids]
-        self.ids = sorted(self.coco.getImgIds())
-        self.problems: list[str] = []
+            coco = COCO(annotations)
+        self._index(coco, annotations)
         missing = [i for i in self.ids if not os.path.isfile(os.path.join(images, self.coco.imgs[i]["file_name"]))]
         if missing:
             first = os.path.join(images, self.coco.imgs[missing[0]]["file_name"])
@@ -92,6 +107,17 @@ class CocoDetection(Dataset):
                 for i in missing
             ]
             self.ids = [i for i in self.ids if i not in set(missing)]
+        self._check(bad_samples, training)
+
+    def _index(self, coco: Any, where: str) -> None:
+        self.coco, self.annotations_file = coco, where
+        self.category_ids = sorted(self.coco.getCatIds())
+        self.label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
+        self.category_names = [self.coco.cats[c]["name"] for c in self.category_ids]
+        self.ids = sorted(self.coco.getImgIds())
+        self.problems: list[str] = []
+
+    def _check(self, bad_samples: str, training: bool) -> None:
         self.targets = {image_id: self._checked(image_id, bad_samples, training) for image_id in self.ids}
 
     def _checked(self, image_id: int, policy: str, training: bool) -> dict:
@@ -130,14 +156,114 @@ class CocoDetection(Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, dict]:
         image_id = self.ids[i]
         target = self.targets[image_id]
-        path = os.path.join(self.images_dir, target["file"])
-        image = read_image(path)
+        image, where = self._read(image_id)
         if (image.height, image.width) != target["size"]:
             raise DataError(
-                f"{path}: image is {image.width}x{image.height} but {self.annotations_file} says "
+                f"{where}: image is {image.width}x{image.height} but {self.annotations_file} says "
                 f"{target['size'][1]}x{target['size'][0]}"
             )
         return image, {"image_id": image_id, "boxes": target["boxes"], "labels": target["labels"]}
+
+    def _read(self, image_id: int) -> tuple[Image.Image, str]:
+        path = os.path.join(self.images_dir, self.targets[image_id]["file"])
+        return read_image(path), path
+
+
+class HFDetection(CocoDetection):
+    """A `datasets` split in transformers' object-detection layout, indexed as COCO: image ids from
+    an `image_id` column (else the row number + 1), sizes from `width`/`height` (else the image
+    file's header), categories from the objects' ClassLabel names (else the ids found), boxes in
+    `data.box_format`. Checked and scored exactly as a COCO json is."""
+
+    def __init__(self, ds: Any, cfg: DetectionDataConfig, where: str, bad_samples: str, training: bool):
+        from pycocotools.coco import COCO
+
+        for column in (cfg.image_column, cfg.objects_column):
+            if column not in ds.column_names:
+                raise ConfigError(
+                    f"{where}: no column {column!r}; columns are {ds.column_names} (set data.image_column / "
+                    "data.objects_column)"
+                )
+        self.ds, self.image_column = ds, cfg.image_column
+        coco = COCO()
+        coco.dataset = coco_index(ds, cfg, where)
+        with _quiet():
+            coco.createIndex()
+        self.row_of = {image["id"]: image["row"] for image in coco.dataset["images"]}
+        self._index(coco, where)
+        self._check(bad_samples, training)
+
+    def _read(self, image_id: int) -> tuple[Image.Image, str]:
+        where = f"{self.annotations_file} row {self.row_of[image_id]}"
+        try:
+            image = self.ds[self.row_of[image_id]][self.image_column]
+            return image.convert("RGB"), where
+        except Exception as e:  # an undecodable image names its row
+            raise DataError(f"{where}: {decode_failure(e)}") from e
+
+
+def coco_index(ds: Any, cfg: DetectionDataConfig, where: str) -> dict:
+    """The COCO json equivalent of a `datasets` split in transformers' object-detection layout."""
+    import datasets
+
+    objects = ds.features[cfg.objects_column]
+    fields = objects.feature if isinstance(objects, datasets.Sequence) else objects
+    fields = fields[0] if isinstance(fields, list) else fields
+    missing = {"bbox", "category"} - set(fields)
+    if missing:
+        raise ConfigError(f"{where}: column {cfg.objects_column!r} has no {sorted(missing)} (it has {sorted(fields)})")
+    category = fields["category"]
+    names = getattr(getattr(category, "feature", category), "names", None)
+    plain = ds.remove_columns([cfg.image_column]) if cfg.image_column in ds.column_names else ds
+    sizes = None
+    if not {"width", "height"} <= set(ds.column_names):
+        sizes = [
+            _image_size(raw) for raw in ds.cast_column(cfg.image_column, datasets.Image(decode=False))[cfg.image_column]
+        ]
+    images, annotations, seen = [], [], set()
+    next_id = 1
+    for row, record in enumerate(plain):
+        image_id = int(record["image_id"]) if "image_id" in record else row + 1
+        if image_id in seen:
+            raise DataError(f"{where} row {row}: image_id {image_id} appears twice")
+        seen.add(image_id)
+        width, height = (record["width"], record["height"]) if sizes is None else sizes[row]
+        images.append({"id": image_id, "row": row, "file_name": f"row {row}", "width": width, "height": height})
+        obj = record[cfg.objects_column]
+        if isinstance(obj, list):  # a list of per-object dicts rather than a dict of lists
+            obj = {k: [o[k] for o in obj] for k in (obj[0] if obj else {})}
+        for k, box in enumerate(obj.get("bbox", [])):
+            if len(box) != 4:
+                raise DataError(f"{where} row {row}: object {k} has bbox {box}, not 4 numbers")
+            x, y, a, b = (float(v) for v in box)
+            w, h = (a - x, b - y) if cfg.box_format == "xyxy" else (a, b)
+            annotations.append(
+                {
+                    "id": int(obj["id"][k]) if "id" in obj else next_id,
+                    "image_id": image_id,
+                    "category_id": int(obj["category"][k]),
+                    "bbox": [x, y, w, h],
+                    "area": float(obj["area"][k]) if "area" in obj else w * h,
+                    "iscrowd": int(obj["iscrowd"][k]) if "iscrowd" in obj else 0,
+                }
+            )
+            next_id += 1
+    found = sorted({a["category_id"] for a in annotations})
+    categories = (
+        [{"id": i, "name": name} for i, name in enumerate(names)]
+        if names
+        else [{"id": c, "name": str(c)} for c in found]
+    )
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def _image_size(raw: dict) -> tuple[int, int]:
+    """(width, height) from the image file's header, without decoding its pixels."""
+    import io
+
+    source = io.BytesIO(raw["bytes"]) if raw.get("bytes") else raw["path"]
+    with Image.open(source) as image:
+        return image.width, image.height
 
 
 class _quiet:
@@ -253,6 +379,21 @@ def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, in
 
 
 def build_datasets(cfg: DetectionDataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    if cfg.source == "hf_disk":
+        import datasets
+
+        assert cfg.root is not None  # validated
+        loaded = datasets.load_from_disk(cfg.root)
+        for split in (cfg.train_split, cfg.eval_split):
+            if split not in loaded:
+                raise ConfigError(
+                    f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)"
+                )
+        train = HFDetection(loaded[cfg.train_split], cfg, f"{cfg.root} [{cfg.train_split}]", cfg.bad_samples, True)
+        val = HFDetection(loaded[cfg.eval_split], cfg, f"{cfg.root} [{cfg.eval_split}]", cfg.bad_samples, False)
+        return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(
+            val, DetectionTransform(cfg, False), seed
+        )
     if cfg.source == "shapes":
         base = cfg.root or os.path.join(os.path.expanduser("~"), ".cache", "shardvision")
         root = os.path.join(base, f"shapes-det-v1-{cfg.shapes_count[0]}-{cfg.shapes_count[1]}")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from core.config import ConfigError
 from recipes.detection.data import DataError, DetectionDataConfig, build_datasets, collate
 from recipes.detection.metrics import CocoMetrics
 from recipes.detection.models import DetectionModelConfig, build_model
@@ -204,3 +205,117 @@ def test_shapes_are_generated_once_deterministically(tmp_path):
         a.read_bytes() == (tmp_path / "b" / "shapes-det-v1-4-2" / "annotations" / "instances_train.json").read_bytes()
     )
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["shapes-det-v1-4-2"]
+
+
+def hf_copy_of_shapes(shapes_root, out, box_format="xywh", with_meta=True):
+    """The shapes set's COCO json rewritten as a `datasets` DatasetDict in transformers'
+    object-detection layout (categories as ClassLabel names, 0-based), saved to disk."""
+    import datasets
+
+    splits = {}
+    for split, hf_split in (("train", "train"), ("val", "validation")):
+        coco = json.loads((shapes_root / "annotations" / f"instances_{split}.json").read_text())
+        rows = []
+        for image in coco["images"]:
+            anns = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+            boxes = [
+                a["bbox"]
+                if box_format == "xywh"
+                else [*a["bbox"][:2], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                for a in anns
+            ]
+            row = {
+                "image": str(shapes_root / split / image["file_name"]),
+                "objects": {
+                    "bbox": boxes,
+                    "category": [a["category_id"] - 1 for a in anns],
+                    "id": [a["id"] for a in anns],
+                },
+            }
+            if with_meta:
+                row.update(image_id=image["id"], width=image["width"], height=image["height"])
+            rows.append(row)
+        features = {
+            "image": datasets.Image(),
+            "objects": datasets.Sequence(
+                {
+                    "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+                    "category": datasets.ClassLabel(names=[c["name"] for c in coco["categories"]]),
+                    "id": datasets.Value("int64"),
+                }
+            ),
+        }
+        if with_meta:
+            features.update(
+                image_id=datasets.Value("int64"), width=datasets.Value("int32"), height=datasets.Value("int32")
+            )
+        splits[hf_split] = datasets.Dataset.from_list(rows, features=datasets.Features(features))
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+    return out
+
+
+@pytest.mark.parametrize(("box_format", "with_meta"), [("xywh", True), ("xyxy", False)])
+def test_hf_disk_gives_the_same_annotations_as_the_coco_json(tmp_path, box_format, with_meta):
+    shapes = DetectionDataConfig(
+        source="shapes", root=str(tmp_path / "shapes"), shapes_count=[12, 6], min_size=64, max_size=64
+    )
+    coco_train, coco_val = build_datasets(shapes, 0)
+    shapes_root = next((tmp_path / "shapes").glob("shapes-det-*"))
+    hf = hf_copy_of_shapes(shapes_root, tmp_path / "hf", box_format, with_meta)
+    cfg = DetectionDataConfig(source="hf_disk", root=str(hf), box_format=box_format, min_size=64, max_size=64)
+    hf_train, hf_val = build_datasets(cfg, 0)
+    for coco_set, hf_set in ((coco_train, hf_train), (coco_val, hf_val)):
+        assert hf_set.base.category_names == coco_set.base.category_names == ["square", "circle", "triangle"]
+        assert len(hf_set) == len(coco_set)
+        for coco_target, hf_target in zip(coco_set.base.targets.values(), hf_set.base.targets.values(), strict=True):
+            assert hf_target["labels"] == coco_target["labels"]
+            assert hf_target["size"] == coco_target["size"]
+            assert torch.allclose(
+                torch.tensor(hf_target["boxes"]).reshape(-1, 4),
+                torch.tensor(coco_target["boxes"], dtype=torch.float32).reshape(-1, 4),
+            )
+    sample, expected = hf_val[1], coco_val[1]
+    assert torch.equal(sample["image"], expected["image"]) and torch.allclose(sample["boxes"], expected["boxes"])
+    # The same predictions score the same against either index.
+    predictions = [
+        {
+            "image_id": t["image_id"],
+            "boxes": t["boxes"],
+            "labels": t["labels"],
+            "scores": torch.full((len(t["labels"]),), 0.9),
+        }
+        for t in (coco_val[i] for i in range(len(coco_val)))
+    ]
+    scores = []
+    for val in (coco_val, hf_val):
+        metrics = CocoMetrics(val.base.coco, val.base.category_ids)
+        metrics.update(predictions)
+        scores.append(metrics.compute())
+    assert scores[0] == scores[1] and scores[0]["AP50"] == pytest.approx(1.0)
+
+
+def test_hf_disk_checks_name_the_split_and_row(tmp_path):
+    import datasets
+
+    shapes = DetectionDataConfig(source="shapes", root=str(tmp_path / "shapes"), shapes_count=[4, 2])
+    build_datasets(shapes, 0)
+    hf = hf_copy_of_shapes(next((tmp_path / "shapes").glob("shapes-det-*")), tmp_path / "hf")
+    loaded = datasets.load_from_disk(str(hf))
+    train = loaded["train"].map(
+        lambda row, i: (
+            {"objects": {**row["objects"], "bbox": [[120.0, 120.0, 30.0, 30.0]] * len(row["objects"]["bbox"])}}
+            if i == 2
+            else row
+        ),
+        with_indices=True,
+    )
+    datasets.DatasetDict({"train": train, "validation": loaded["validation"]}).save_to_disk(str(tmp_path / "bad"))
+    cfg = DetectionDataConfig(source="hf_disk", root=str(tmp_path / "bad"))
+    with pytest.raises(
+        DataError, match=r"bad \[train\]: annotation \d+ of image 3 \(row 2\): box .* outside the 128x128 image"
+    ):
+        build_datasets(cfg, 0)
+    with pytest.raises(ConfigError, match=r"no split 'val'; it has \['train', 'validation'\]"):
+        build_datasets(DetectionDataConfig(source="hf_disk", root=str(tmp_path / "bad"), eval_split="val"), 0)
+    with pytest.raises(ConfigError, match=r"no column 'boxes'"):
+        build_datasets(DetectionDataConfig(source="hf_disk", root=str(tmp_path / "bad"), objects_column="boxes"), 0)
