@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -188,6 +189,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             )
         )
     elif strategy == "deepspeed":
+        # DeepSpeed 0.19 gathers ZeRO-3 partitions with a collective torch 2.14 deprecates: one
+        # warning per gather, dozens per step, burying the run's log.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         path = deepspeed_config_path(cfg)
         with open(path) as f:
             try:
@@ -359,3 +363,19 @@ def setup_logging(accelerator: Accelerator) -> None:
 def reduce_mean(accelerator: Accelerator, value: torch.Tensor) -> torch.Tensor:
     """The mean of a per-rank scalar over all ranks."""
     return accelerator.reduce(value.detach().float().reshape(1).to(accelerator.device), reduction="mean")[0]
+
+
+def share_buffers(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics), as DDP does before each
+    forward. DeepSpeed never does, so each rank's statistics would follow its own batches and
+    ranks would evaluate, and be checkpointed (rank 0's copy only), with different models. One
+    broadcast per dtype."""
+    buffers = [b for b in model.buffers() if b.numel()]
+    if not buffers or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    for dtype in {b.dtype for b in buffers}:
+        group = [b for b in buffers if b.dtype == dtype]
+        flat = torch.cat([b.detach().reshape(-1) for b in group])
+        torch.distributed.broadcast(flat, src=0)
+        for buffer, value in zip(group, flat.split([b.numel() for b in group]), strict=True):
+            buffer.data.copy_(value.view_as(buffer))

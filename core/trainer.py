@@ -31,6 +31,7 @@ from core.distributed import (
     seed_everything,
     seed_rank,
     setup_logging,
+    share_buffers,
     strategy_of,
     zero_stage,
 )
@@ -436,6 +437,8 @@ class Trainer:
         if window_ok:
             grad_norm = self._clip_gradients()
             self.optimizer.step()
+            if self.strategy == "deepspeed":
+                share_buffers(self._bare_model())
             if self.ema is not None:
                 self.ema.update(self.model, step=self.state.global_step)
         else:
