@@ -7,12 +7,15 @@ which refuses arbitrary Python objects. Nothing is ever downloaded.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
+
+logger = logging.getLogger(__name__)
 
 
 class WeightsError(ValueError):
@@ -73,6 +76,13 @@ def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ())
         _load_partitioned(model, state)
     else:
         model.load_state_dict({k: v.read() for k, v in state.items()}, strict=False)
+    fresh = sorted(k for k in own if k not in state)
+    logger.info(
+        "%s: %d tensors loaded%s",
+        path,
+        len(state),
+        f"; {len(fresh)} start fresh (model.weights_exclude): {', '.join(fresh)}" if fresh else "",
+    )
 
 
 @dataclass

@@ -346,13 +346,19 @@ def load_gt(path):
         return COCO(str(path))
 
 
-def pycocotools_direct(gt_path, results_path):
+def pycocotools_direct(gt_path, results_path, iou_type="bbox"):
+    """COCOeval on a results file as written; for masks, its results without their boxes (as
+    detectron2 scores them: pycocotools' loadRes would turn a result with a box into the box)."""
     from pycocotools.cocoeval import COCOeval
 
     gt = load_gt(gt_path)
+    results = json.loads(Path(results_path).read_text())
+    if iou_type == "segm":
+        for r in results:
+            r.pop("bbox")
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(str(results_path))
-        e = COCOeval(gt, dt, "bbox")
+        dt = gt.loadRes(results)
+        e = COCOeval(gt, dt, iou_type)
         e.evaluate()
         e.accumulate()
         e.summarize()

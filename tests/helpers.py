@@ -201,3 +201,20 @@ def run_killed_when(args: list[str], marker: Path, rank: int | None = None, **la
 def run_killed_after_checkpoint(args: list[str], run_dir: Path, step: int, **launch_kwargs) -> None:
     """Start a run, SIGKILL all its processes once checkpoint `step` is complete."""
     run_killed_when(args, run_dir / "checkpoints" / str(step) / "manifest.json", **launch_kwargs)
+
+
+def assert_export_is_whole(path: Path, config_cls: type, task_cls: type, argv: list[str]) -> None:
+    """The exported file loads strictly (every parameter and buffer, full shapes) into the model
+    the recipe builds, unsharded, and holds finite values: a ZeRO-3 export is whole."""
+    import torch
+    from safetensors.torch import load_file
+
+    from core.config import parse_args
+    from core.weights import load_weights
+
+    cfg = parse_args(config_cls, argv)
+    model = task_cls(cfg).build_model()
+    load_weights(model, str(path))
+    tensors = load_file(str(path))
+    assert len(tensors) == len(model.state_dict())
+    assert all(torch.isfinite(t.float()).all() for t in tensors.values())

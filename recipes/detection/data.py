@@ -84,10 +84,10 @@ class CocoDetection(Dataset):
     image, of zero area or of an unknown category, and an image file that is missing, stop the
     run naming them (`data.bad_samples: error`) or are left out and listed in `problems` (skip)."""
 
-    def __init__(self, images: str, annotations: str, bad_samples: str, training: bool):
+    def __init__(self, images: str, annotations: str, bad_samples: str, training: bool, masks: bool = False):
         from pycocotools.coco import COCO
 
-        self.images_dir = images
+        self.images_dir, self.masks = images, masks
         with _quiet():
             coco = COCO(annotations)
         self._index(coco, annotations)
@@ -122,7 +122,7 @@ class CocoDetection(Dataset):
 
     def _checked(self, image_id: int, policy: str, training: bool) -> dict:
         info = self.coco.imgs[image_id]
-        boxes, labels, dropped = [], [], []
+        boxes, labels, ann_ids, dropped = [], [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
             if ann.get("iscrowd", 0) and training:
                 continue
@@ -134,6 +134,8 @@ class CocoDetection(Dataset):
                 problem = f"zero-area box {ann['bbox']}"
             elif x < 0 or y < 0 or x + w > info["width"] + 0.5 or y + h > info["height"] + 0.5:
                 problem = f"box {ann['bbox']} outside the {info['width']}x{info['height']} image"
+            elif self.masks and not ann.get("segmentation"):
+                problem = "no segmentation (an instance-segmentation model needs a polygon or RLE mask)"
             if problem:
                 where = (
                     f"{self.annotations_file}: annotation {ann['id']} of image {image_id} "
@@ -145,10 +147,17 @@ class CocoDetection(Dataset):
                 continue
             boxes.append([x, y, x + w, y + h])
             labels.append(self.label_of[ann["category_id"]])
+            ann_ids.append(ann["id"])
         if dropped:
             self.problems += dropped
             logger.warning("left out %d bad annotations, e.g. %s", len(dropped), dropped[0])
-        return {"boxes": boxes, "labels": labels, "size": (info["height"], info["width"]), "file": info["file_name"]}
+        return {
+            "boxes": boxes,
+            "labels": labels,
+            "ann_ids": ann_ids,
+            "size": (info["height"], info["width"]),
+            "file": info["file_name"],
+        }
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -162,7 +171,12 @@ class CocoDetection(Dataset):
                 f"{where}: image is {image.width}x{image.height} but {self.annotations_file} says "
                 f"{target['size'][1]}x{target['size'][0]}"
             )
-        return image, {"image_id": image_id, "boxes": target["boxes"], "labels": target["labels"]}
+        out = {"image_id": image_id, "boxes": target["boxes"], "labels": target["labels"]}
+        if self.masks:  # polygons and RLE alike, rasterised at the image's own size
+            height, width = target["size"]
+            anns = [self.coco.anns[a] for a in target["ann_ids"]]
+            out["masks"] = np.stack([self.coco.annToMask(a) for a in anns]) if anns else np.zeros((0, height, width))
+        return image, out
 
     def _read(self, image_id: int) -> tuple[Image.Image, str]:
         path = os.path.join(self.images_dir, self.targets[image_id]["file"])
@@ -178,6 +192,7 @@ class HFDetection(CocoDetection):
     def __init__(self, ds: Any, cfg: DetectionDataConfig, where: str, bad_samples: str, training: bool):
         from pycocotools.coco import COCO
 
+        self.masks = False
         for column in (cfg.image_column, cfg.objects_column):
             if column not in ds.column_names:
                 raise ConfigError(
@@ -294,7 +309,11 @@ class DetectionTransform:
                 v2.RandomShortestSize(sizes, max_size=cfg.max_size, antialias=True),
                 v2.RandomHorizontalFlip(cfg.hflip),
             ]
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1.0)]
+        # Masks, where there are, leave with the boxes they belong to.
+        steps += [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=lambda inputs: tuple(_per_box(inputs[1]))),
+        ]
         self.transform = v2.Compose(steps)
 
     def __call__(self, pair: tuple[Image.Image, dict]) -> dict:
@@ -303,32 +322,40 @@ class DetectionTransform:
         boxes = tv_tensors.BoundingBoxes(
             torch.tensor(target["boxes"], dtype=torch.float32).reshape(-1, 4), format="XYXY", canvas_size=canvas
         )
-        out_image, out = self.transform(
-            tv_tensors.Image(v2.functional.pil_to_tensor(image)),
-            {"boxes": boxes, "labels": torch.tensor(target["labels"], dtype=torch.int64)},
-        )
-        return {
+        annotations = {"boxes": boxes, "labels": torch.tensor(target["labels"], dtype=torch.int64)}
+        if "masks" in target:
+            annotations["masks"] = tv_tensors.Mask(torch.as_tensor(target["masks"], dtype=torch.uint8))
+        out_image, out = self.transform(tv_tensors.Image(v2.functional.pil_to_tensor(image)), annotations)
+        sample = {
             "image": out_image.as_subclass(torch.Tensor),
             "boxes": out["boxes"].as_subclass(torch.Tensor),
             "labels": out["labels"],
             "image_id": target["image_id"],
             "original_size": torch.tensor(canvas),
         }
+        if "masks" in out:
+            sample["masks"] = out["masks"].as_subclass(torch.Tensor)
+        return sample
+
+
+def _per_box(annotations: dict) -> list[torch.Tensor]:
+    return [annotations[k] for k in ("labels", "masks") if k in annotations]
 
 
 def collate(samples: list[dict]) -> dict:
     """Images differ in size: lists, which the detectors batch themselves."""
     return {
         "image": [s["image"] for s in samples],
-        "targets": [{"boxes": s["boxes"], "labels": s["labels"]} for s in samples],
+        "targets": [{k: s[k] for k in ("boxes", "labels", "masks") if k in s} for s in samples],
         "image_id": torch.tensor([s["image_id"] for s in samples]),
         "original_size": torch.stack([s["original_size"] for s in samples]),
     }
 
 
 def write_shapes(root: str, counts: tuple[int, int], size: int = 128) -> None:
-    """Deterministic scenes of squares, circles and triangles, in the COCO layout, with a few
-    images that have no object at all (negatives)."""
+    """Deterministic scenes of squares, circles and triangles, in the COCO layout, each shape with
+    its box and its outline as a polygon (instance masks), and a few images that have no object
+    at all (negatives)."""
     rng = np.random.default_rng(4321)
     with folder_written_once(root) as tmp:
         _write_shapes_into(tmp, rng, counts, size)
@@ -360,6 +387,7 @@ def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, in
                     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
                 else:
                     draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+                outline = _outline(cat, cx, cy, r)
                 annotations.append(
                     {
                         "id": ann_id,
@@ -367,6 +395,7 @@ def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, in
                         "category_id": cat,
                         "bbox": [cx - r, cy - r, 2 * r + 1, 2 * r + 1],
                         "area": float((2 * r + 1) ** 2),
+                        "segmentation": [[round(v, 2) for point in outline for v in point]],
                         "iscrowd": 0,
                     }
                 )
@@ -378,11 +407,28 @@ def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, in
             json.dump({"images": images, "annotations": annotations, "categories": SHAPES_CATEGORIES}, f)
 
 
-def build_datasets(cfg: DetectionDataConfig, seed: int) -> tuple[Dataset, Dataset]:
+def _outline(category: int, cx: int, cy: int, r: int) -> list[tuple[float, float]]:
+    """The drawn shape's outline in COCO's polygon convention (pixel edges: a filled pixel x
+    spans x..x+1)."""
+    if category == 1:
+        return [(cx - r, cy - r), (cx + r + 1, cy - r), (cx + r + 1, cy + r + 1), (cx - r, cy + r + 1)]
+    if category == 2:
+        angles = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        return [(cx + 0.5 + (r + 0.5) * np.cos(a), cy + 0.5 + (r + 0.5) * np.sin(a)) for a in angles]
+    return [(cx + 0.5, cy - r), (cx - r, cy + r + 1), (cx + r + 1, cy + r + 1)]
+
+
+def build_datasets(cfg: DetectionDataConfig, seed: int, masks: bool = False) -> tuple[Dataset, Dataset]:
+    """(train, eval) sets; `masks`: each sample also carries its instances' masks (N, H, W)."""
     if cfg.source == "hf_disk":
         import datasets
 
         assert cfg.root is not None  # validated
+        if masks:
+            raise ConfigError(
+                "data.source='hf_disk' carries boxes only; an instance-segmentation model needs COCO polygons or "
+                "RLE masks (data.source: coco or shapes)"
+            )
         loaded = datasets.load_from_disk(cfg.root)
         for split in (cfg.train_split, cfg.eval_split):
             if split not in loaded:
@@ -396,15 +442,15 @@ def build_datasets(cfg: DetectionDataConfig, seed: int) -> tuple[Dataset, Datase
         )
     if cfg.source == "shapes":
         base = cfg.root or os.path.join(os.path.expanduser("~"), ".cache", "shardvision")
-        root = os.path.join(base, f"shapes-det-v1-{cfg.shapes_count[0]}-{cfg.shapes_count[1]}")
+        root = os.path.join(base, f"shapes-det-v2-{cfg.shapes_count[0]}-{cfg.shapes_count[1]}")
         if not os.path.isdir(root):
             write_shapes(root, (cfg.shapes_count[0], cfg.shapes_count[1]))
         paths = ("train", "annotations/instances_train.json", "val", "annotations/instances_val.json")
     else:
         root = cfg.root
         paths = (cfg.train_images, cfg.train_annotations, cfg.eval_images, cfg.eval_annotations)
-    train = CocoDetection(os.path.join(root, paths[0]), os.path.join(root, paths[1]), cfg.bad_samples, training=True)
-    val = CocoDetection(os.path.join(root, paths[2]), os.path.join(root, paths[3]), cfg.bad_samples, training=False)
+    train = CocoDetection(os.path.join(root, paths[0]), os.path.join(root, paths[1]), cfg.bad_samples, True, masks)
+    val = CocoDetection(os.path.join(root, paths[2]), os.path.join(root, paths[3]), cfg.bad_samples, False, masks)
     return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(
         val, DetectionTransform(cfg, False), seed
     )

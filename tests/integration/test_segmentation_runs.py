@@ -1,6 +1,6 @@
 """The segmentation recipe end to end: 2 gloo ranks on the synthetic shapes (real JPEG/PNG files
 through the VOC loader), killed and resumed, against an untrained baseline; 2-rank evaluation
-against 1 process; ZeRO-2."""
+against 1 process; ZeRO-3."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, last_launch, launch, read_metrics, run_killed_after_checkpoint
+from recipes.segmentation.task import SegmentationConfig, SegmentationTask
+from tests.helpers import REPO, assert_export_is_whole, last_launch, launch, read_metrics, run_killed_after_checkpoint
 
 SEGMENT = "recipes/segmentation/train.py"
 SHAPES = [
@@ -70,9 +71,11 @@ def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
-def test_zero2_trains_checkpoints_and_resumes(tmp_path):
+def test_zero3_trains_checkpoints_resumes_and_exports(tmp_path):
+    """ZeRO-3 in bf16 (ZeRO-2 ran here until it was replaced: ZeRO-3 takes the same path and
+    partitions the weights as well)."""
     kwargs = dict(
-        launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs/deepspeed_zero2.yaml"), script=SEGMENT
+        launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs/deepspeed_zero3.yaml"), script=SEGMENT
     )
     args = [
         *SHAPES,
@@ -94,8 +97,11 @@ def test_zero2_trains_checkpoints_and_resumes(tmp_path):
     assert (tmp_path / "checkpoints" / "10" / "pytorch_model").is_dir()
     launch([*args, "--resume", "auto"], **kwargs)
     run = last_launch(tmp_path)
-    assert (run["strategy"], run["zero_stage"], run["precision"]) == ("deepspeed", 2, "bf16")
+    assert (run["strategy"], run["zero_stage"], run["precision"]) == ("deepspeed", 3, "bf16")
     assert run["resumed_from"].endswith("checkpoints/10")
     total = run["total_steps"]
     assert read_metrics(tmp_path, "eval")[-1]["step"] == total
-    assert (tmp_path / "final" / "model.safetensors").is_file()
+    model = args[args.index("--model.source") :]
+    assert_export_is_whole(
+        tmp_path / "final" / "model.safetensors", SegmentationConfig, SegmentationTask, SHAPES + model
+    )

@@ -200,11 +200,11 @@ def test_shapes_are_generated_once_deterministically(tmp_path):
         )
         train, val = build_datasets(cfg, 0)
     assert (len(train), len(val)) == (4, 2)
-    a = tmp_path / "a" / "shapes-det-v1-4-2" / "annotations" / "instances_train.json"
+    a = tmp_path / "a" / "shapes-det-v2-4-2" / "annotations" / "instances_train.json"
     assert (
-        a.read_bytes() == (tmp_path / "b" / "shapes-det-v1-4-2" / "annotations" / "instances_train.json").read_bytes()
+        a.read_bytes() == (tmp_path / "b" / "shapes-det-v2-4-2" / "annotations" / "instances_train.json").read_bytes()
     )
-    assert [p.name for p in (tmp_path / "a").iterdir()] == ["shapes-det-v1-4-2"]
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["shapes-det-v2-4-2"]
 
 
 def hf_copy_of_shapes(shapes_root, out, box_format="xywh", with_meta=True):
@@ -319,3 +319,159 @@ def test_hf_disk_checks_name_the_split_and_row(tmp_path):
         build_datasets(DetectionDataConfig(source="hf_disk", root=str(tmp_path / "bad"), eval_split="val"), 0)
     with pytest.raises(ConfigError, match=r"no column 'boxes'"):
         build_datasets(DetectionDataConfig(source="hf_disk", root=str(tmp_path / "bad"), objects_column="boxes"), 0)
+
+
+def test_instance_masks_follow_their_boxes_through_loading_and_flipping(tmp_path):
+    """The shapes' polygons rasterise to the drawn shapes (area against the box: a square fills
+    it, a circle pi/4 of it, a triangle half), and flip and sanitising keep each mask with its box."""
+    cfg = DetectionDataConfig(source="shapes", root=str(tmp_path), shapes_count=[12, 4], min_size=128, max_size=128)
+    _, val = build_datasets(cfg, 0, masks=True)
+    expected_fill = {1: 1.0, 2: torch.pi / 4, 3: 0.5}
+    for i in range(len(val)):
+        sample = val[i]
+        masks, boxes = sample["masks"], sample["boxes"]
+        assert masks.shape == (len(boxes), 128, 128) and masks.dtype == torch.uint8
+        for mask, box, label in zip(masks, boxes, sample["labels"], strict=True):
+            x0, y0, x1, y1 = box.int().tolist()
+            assert mask.sum() == mask[y0:y1, x0:x1].sum() > 0  # inside its box
+            fill = mask.sum().item() / ((x1 - x0) * (y1 - y0))
+            assert fill == pytest.approx(expected_fill[int(label)], abs=0.08)
+    flipped_cfg = DetectionDataConfig(**{**cfg.__dict__, "hflip": 1.0, "scale_jitter": [1.0, 1.0]})
+    flipped, _ = build_datasets(flipped_cfg, 0, masks=True)
+    plain, _ = build_datasets(DetectionDataConfig(**{**flipped_cfg.__dict__, "hflip": 0.0}), 0, masks=True)
+    a, b = flipped[0], plain[0]
+    assert torch.equal(a["masks"], b["masks"].flip(-1)) and torch.equal(a["image"], b["image"].flip(-1))
+    batch = collate([a, b])
+    assert [t["masks"].shape[0] for t in batch["targets"]] == [len(a["boxes"]), len(b["boxes"])]
+
+
+def test_mask_map_against_pycocotools_on_the_written_predictions(tmp_path):
+    """Ground-truth masks as predictions score mask AP 1; the same masks eroded score less; each
+    equals pycocotools run on predictions.json."""
+    from pycocotools import mask as mask_utils
+
+    from recipes.detection.metrics import mask_rles
+
+    cfg = DetectionDataConfig(source="shapes", root=str(tmp_path), shapes_count=[4, 10], min_size=128, max_size=128)
+    _, val = build_datasets(cfg, 0, masks=True)
+    gt_path = next(tmp_path.glob("shapes-det-*")) / "annotations" / "instances_val.json"
+    for erode, expected in ((0, 1.0), (6, None)):
+        metrics = CocoMetrics(val.base.coco, val.base.category_ids, masks=True)
+        for i in range(len(val)):
+            sample = val[i]
+            masks = sample["masks"].float()
+            if erode:  # shrink each mask by `erode` pixels: a worse mask, the same box
+                masks = -torch.nn.functional.max_pool2d(-masks[:, None], 2 * erode + 1, 1, erode)[:, 0]
+            rles = mask_rles(masks[:, None])
+            assert [mask_utils.decode({**r, "counts": r["counts"].encode()}).sum() for r in rles] == [
+                int(m.sum()) for m in masks
+            ]
+            metrics.update(
+                [
+                    {
+                        "image_id": sample["image_id"],
+                        "boxes": sample["boxes"],
+                        "labels": sample["labels"],
+                        "scores": torch.full((len(sample["labels"]),), 0.9),
+                        "rles": rles,
+                    }
+                ]
+            )
+        values = metrics.compute()
+        metrics.write(str(tmp_path / f"eval{erode}"), values)
+        direct = pycocotools_direct(gt_path, tmp_path / f"eval{erode}" / "predictions.json", "segm")
+        assert values["mask_AP"] == pytest.approx(direct[0], abs=1e-12)
+        assert values["mask_AP50"] == pytest.approx(direct[1], abs=1e-12)
+        assert values["AP"] == pytest.approx(1.0)  # boxes untouched
+        if expected is not None:
+            assert values["mask_AP"] == pytest.approx(expected)
+        else:
+            assert values["mask_AP"] < 0.9
+
+
+TINY_HF = {"detr": "recipes/detection/configs/detr_tiny", "rt_detr": "recipes/detection/configs/rt_detr_tiny"}
+
+
+def hf_task(tmp_path, model: str, *overrides: str):
+    from core.config import parse_args
+    from recipes.detection.task import DetectionConfig, DetectionTask
+    from tests.helpers import REPO
+
+    argv = ["--config", str(REPO / "recipes/detection/configs/shapes.yaml"), "--output-dir", str(tmp_path)]
+    argv += ["--model.source", "transformers", "--model.name", str(REPO / TINY_HF[model]), "--model.kwargs", "{}"]
+    argv += ["--data.root", str(tmp_path / "data"), "--data.shapes_count", "[8, 4]", *overrides]
+    cfg = parse_args(DetectionConfig, argv)
+    return cfg, DetectionTask(cfg)
+
+
+@pytest.mark.parametrize("model", sorted(TINY_HF))
+def test_transformers_detector_trains_on_its_own_loss_and_predicts_in_original_coordinates(tmp_path, model):
+    cfg, task = hf_task(tmp_path, model)
+    torch.manual_seed(0)
+    net = task.build_model()
+    train, val = task.build_datasets()
+    batch = task.collate([train[0], train[1], train[2]])  # scale jitter: images of different sizes
+    loss = task.training_step(net.train(), batch)
+    assert torch.isfinite(loss) and loss.requires_grad
+    loss.backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad and p.dim() > 1)
+    net.eval()
+    with torch.no_grad():
+        outputs = task.evaluation_step(net, task.collate([val[0], val[1]]))
+    for out, sample in zip(outputs, [val[0], val[1]], strict=True):
+        assert out["image_id"] == sample["image_id"]
+        h, w = sample["original_size"].tolist()
+        assert len(out["boxes"]) > 0 and (out["boxes"] >= -1e-3).all()
+        assert (out["boxes"][:, 2] <= w + 1e-3).all() and (out["boxes"][:, 3] <= h + 1e-3).all()
+        assert set(out["labels"].tolist()) <= {1, 2, 3}
+
+
+def test_transformers_targets_and_predictions_convert_both_ways(tmp_path):
+    """Known boxes: pixel xyxy -> normalised (cx, cy, w, h) with 0-based labels for the model;
+    a model output that is certain of class 2 at a known normalised box -> that box in the
+    original image's pixels, label 3, through DETR's own post-processing."""
+    from types import SimpleNamespace
+
+    _, task = hf_task(tmp_path, "detr")
+    image = torch.zeros(3, 100, 200)
+    labels = task.hf.labels([image], [{"boxes": torch.tensor([[20.0, 10.0, 60.0, 50.0]]), "labels": torch.tensor([3])}])
+    assert labels[0]["class_labels"].tolist() == [2]
+    assert labels[0]["boxes"].tolist() == [pytest.approx([0.2, 0.3, 0.2, 0.4])]
+    logits = torch.full((1, 2, 4), -20.0)  # 3 classes + "no object"
+    logits[0, 0, 2] = 20.0
+    outputs = SimpleNamespace(logits=logits, pred_boxes=torch.tensor([[[0.5, 0.5, 0.5, 0.2], [0.1, 0.1, 0.1, 0.1]]]))
+    (detections,) = task.hf.detections(outputs, torch.tensor([[300, 400]]))
+    best = detections["scores"].argmax()
+    assert detections["labels"][best] == 3
+    assert detections["boxes"][best].tolist() == pytest.approx([100.0, 120.0, 300.0, 180.0], abs=1e-3)
+    pixels = task.hf.inputs([image, torch.ones(3, 80, 120)], resize=False)
+    assert pixels["pixel_values"].shape == (2, 3, 100, 200)
+    assert pixels["pixel_mask"][1].sum() == 80 * 120 and pixels["pixel_mask"][1, 79, 119] == 1
+
+
+def test_transformers_detector_fine_tunes_with_a_new_number_of_classes(tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import save_file
+
+    from core.weights import WeightsError, load_weights
+
+    _, task3 = hf_task(tmp_path, "detr")
+    source = task3.build_model()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "detr3.safetensors"))
+    _, task5 = hf_task(tmp_path, "detr", "--model.num_classes", "5")
+    target = task5.build_model()
+    with pytest.raises(
+        WeightsError, match=r"class_labels_classifier\.weight: file \(4, 64\) vs model \(6, 64\)"
+    ):
+        load_weights(target, str(tmp_path / "detr3.safetensors"))
+    with caplog.at_level(logging.INFO, logger="core.weights"):
+        load_weights(target, str(tmp_path / "detr3.safetensors"), ["class_labels_classifier.*"])
+    assert (
+        "2 start fresh (model.weights_exclude): class_labels_classifier.bias, class_labels_classifier.weight"
+        in caplog.text
+    )
+    loaded = target.state_dict()
+    for name, value in source.state_dict().items():
+        if not name.startswith("class_labels_classifier"):
+            assert torch.equal(loaded[name], value), name
