@@ -461,9 +461,7 @@ def test_transformers_detector_fine_tunes_with_a_new_number_of_classes(tmp_path,
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "detr3.safetensors"))
     _, task5 = hf_task(tmp_path, "detr", "--model.num_classes", "5")
     target = task5.build_model()
-    with pytest.raises(
-        WeightsError, match=r"class_labels_classifier\.weight: file \(4, 64\) vs model \(6, 64\)"
-    ):
+    with pytest.raises(WeightsError, match=r"class_labels_classifier\.weight: file \(4, 64\) vs model \(6, 64\)"):
         load_weights(target, str(tmp_path / "detr3.safetensors"))
     with caplog.at_level(logging.INFO, logger="core.weights"):
         load_weights(target, str(tmp_path / "detr3.safetensors"), ["class_labels_classifier.*"])
