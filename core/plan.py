@@ -153,6 +153,7 @@ class Plan:
     activations: dict[str, Activations]  # compute mode -> measured activations
     rows: list[StrategyPlan] = field(default_factory=list)
     pick: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -324,7 +325,16 @@ def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
     samples = [train_set[i] for i in range(max(MEASURED_AT))]
     precision, micro_batch = cfg.loop.precision, cfg.data.micro_batch_size
     modes = sorted({compute_mode(s, precision) for s in STRATEGIES}, key=lambda m: m == "half")  # cast last
-    activations = {mode: measure_activations(task, model, samples, mode, precision) for mode in modes}
+    activations: dict[str, Activations] = {}
+    unmeasured = ""
+    for mode in modes:
+        try:
+            activations[mode] = measure_activations(task, model, samples, mode, precision)
+        except RuntimeError as e:  # e.g. torchvision's NMS has no bf16 kernel on CPU
+            if mode != "half" or "autocast" not in activations:
+                raise
+            activations[mode] = activations["autocast"]
+            unmeasured = re.sub(r"^.*\.\w+:\d+, ", "", str(e).splitlines()[-1])  # the source location out
 
     plan = Plan(
         task=task_name,
@@ -336,6 +346,11 @@ def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
         facts=facts,
         activations=activations,
     )
+    if unmeasured:
+        plan.notes.append(
+            f"the model does not run with 16-bit weights on CPU ({unmeasured}): the strategies that hold them "
+            "show the activations measured under autocast"
+        )
     for strategy in STRATEGIES:
         row = model_states(strategy, facts, precision != "no", cluster.world_size, cfg.loop.ema_decay is not None)
         act = activations[compute_mode(strategy, precision)]
@@ -343,8 +358,11 @@ def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
         row.fits = row.total <= cluster.usable
         room = cluster.usable - row.states - row.in_flight - act.fixed
         row.max_micro_batch = max(0, room // act.per_sample) if act.per_sample else 0
+        half = compute_mode(strategy, precision) == "half"
+        notes = ["activations as under autocast, see below"] if unmeasured and half else []
         if strategy == "FSDP2" and not cfg.distributed.fsdp_auto_wrap_classes:
-            row.note = "no distributed.fsdp_auto_wrap_classes: the whole model is one unit"
+            notes.append("no distributed.fsdp_auto_wrap_classes: the whole model is one unit")
+        row.note = "; ".join(notes)
         plan.rows.append(row)
     fitting = {r.strategy for r in plan.rows if r.fits}
     plan.pick = next((s for s in PREFERENCE if s in fitting), None)
@@ -391,6 +409,7 @@ def render(plan: Plan) -> str:
             f"activations ({mode}): measured at micro-batch {counted}; {act.per_sample / 2**20:,.1f} MiB per sample "
             f"+ {act.fixed / 2**20:,.0f} MiB fixed"
         )
+    lines += [f"note: {note}" for note in plan.notes]
     lines.append(
         f"pick: {plan.pick} (the first that fits, in the order {', '.join(PREFERENCE)})"
         if plan.pick

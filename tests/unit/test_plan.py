@@ -130,3 +130,19 @@ def test_cli_rejects_a_bad_memory_size_and_an_unknown_key(tmp_path, capsys):
 )
 def test_memory_sizes(text, expected):
     assert parse_memory(text) == expected
+
+
+def test_a_model_without_16_bit_cpu_kernels_is_planned_with_its_autocast_activations(tmp_path):
+    """torchvision's detectors call NMS, which has no bf16 kernel on CPU: the strategies holding
+    16-bit weights are planned with the activations measured under autocast, and say so."""
+    from recipes.detection.task import DetectionConfig, DetectionTask
+
+    argv = ["--config", str(REPO / "recipes/detection/configs/shapes.yaml"), "--output-dir", str(tmp_path)]
+    argv += ["--data.root", str(tmp_path / "data"), "--data.shapes_count", "[8, 4]", "--loop.precision", "bf16"]
+    cfg = parse_args(DetectionConfig, argv)
+    plan = make_plan("detection", cfg, DetectionTask(cfg), Cluster(1, 2, 24 * GiB))
+    assert plan.activations["half"] is plan.activations["autocast"]
+    assert any("nms_kernel" in note for note in plan.notes)
+    for row in plan.rows:
+        assert ("activations as under autocast" in row.note) == (row.strategy != "DDP")
+        assert row.activations == plan.activations["autocast"].at(cfg.data.micro_batch_size) > 0
