@@ -373,7 +373,7 @@ def share_buffers(model: torch.nn.Module) -> None:
     buffers = [b for b in model.buffers() if b.numel()]
     if not buffers or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return
-    for dtype in {b.dtype for b in buffers}:
+    for dtype in dict.fromkeys(b.dtype for b in buffers):  # the model's order: the same on every rank
         group = [b for b in buffers if b.dtype == dtype]
         flat = torch.cat([b.detach().reshape(-1) for b in group])
         torch.distributed.broadcast(flat, src=0)
