@@ -158,3 +158,42 @@ def test_launcher_precision_conflict(fresh_accelerate_state, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(ConfigError, match=r"loop\.precision='no' contradicts the launcher's mixed_precision='bf16'"):
         build_accelerator(cfg)
+
+
+def _share_buffers_on_rank(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from core.distributed import share_buffers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # each rank's own statistics, as after training on its own batches
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm1d(2))
+    for buffer in model.buffers():
+        buffer.copy_(
+            torch.randint(0, 100, buffer.shape) if not buffer.is_floating_point() else torch.rand(buffer.shape)
+        )
+    model[2].running_mean.data = model[2].running_mean.to(torch.float64)  # a third dtype
+    share_buffers(model)
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in model.state_dict().items() if "running" in k or "batches" in k}, f"{out}/{rank}.st")
+    dist.destroy_process_group()
+
+
+def test_share_buffers_gives_every_rank_rank_0s_buffers(tmp_path):
+    """Two gloo processes with different BatchNorm statistics (float32, float64 and int64
+    buffers): afterwards both hold rank 0's, every dtype."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    mp.spawn(_share_buffers_on_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    from safetensors.torch import load_file
+
+    zero, one = load_file(tmp_path / "0.st"), load_file(tmp_path / "1.st")
+    assert {v.dtype for v in zero.values()} == {torch.float32, torch.float64, torch.int64}
+    for name, value in zero.items():
+        assert torch.equal(one[name], value), name
