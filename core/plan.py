@@ -202,8 +202,9 @@ def model_facts(model: torch.nn.Module, cfg: Any, persistence_threshold: int) ->
 
 
 def deepspeed_settings(name: str) -> dict[str, Any]:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", DS_CONFIGS[name])
-    with open(path) as f:
+    from core.distributed import REPO_ROOT
+
+    with open(os.path.join(REPO_ROOT, "ds_configs", DS_CONFIGS[name])) as f:
         zero = json.load(f).get("zero_optimization", {})
     return {k: zero[k] if isinstance(zero.get(k), (int, float)) else v for k, v in DS_DEFAULTS.items()} | {
         "offload": "offload_optimizer" in zero
@@ -279,31 +280,26 @@ def saved_bytes(task: Any, model: torch.nn.Module, batch: Any) -> int:
     return sum(saved.values())
 
 
-def measure_activations(task: Any, model: torch.nn.Module, samples: list, mode: str, precision: str) -> Activations:
+def measure_activations(
+    task: Any, model: torch.nn.Module, samples: list, mode: str, precision: str, channels_last: bool
+) -> Activations:
     """Saved bytes at micro-batches MEASURED_AT in one compute mode, and the line through them.
     In "half" mode the model is cast in place (the last mode measured)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    from core.trainer import HALF_DTYPES, cast_inputs
+
+    dtype = HALF_DTYPES.get(precision, torch.float32)
     if mode == "half":
         model.to(dtype)
     measured = {}
     for micro_batch in MEASURED_AT:
         batch = task.collate(samples[:micro_batch])
-        if mode == "half":
-            batch = {k: _cast(v, dtype) if k in task.input_keys else v for k, v in batch.items()}
+        batch = cast_inputs(batch, task.input_keys, dtype if mode == "half" else None, channels_last)
         # CPU autocast: the op lists differ a little from CUDA's (said in what is not counted).
         with torch.autocast("cpu", dtype=dtype, enabled=mode == "autocast"):
             measured[micro_batch] = saved_bytes(task, model, batch)
     small, large = MEASURED_AT
     per_sample = max(0, (measured[large] - measured[small]) // (large - small))
     return Activations(fixed=max(0, measured[small] - per_sample * small), per_sample=per_sample, measured=measured)
-
-
-def _cast(x: Any, dtype: torch.dtype) -> Any:
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return x.to(dtype)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_cast(v, dtype) for v in x)
-    return x
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -329,7 +325,7 @@ def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
     unmeasured = ""
     for mode in modes:
         try:
-            activations[mode] = measure_activations(task, model, samples, mode, precision)
+            activations[mode] = measure_activations(task, model, samples, mode, precision, cfg.model.channels_last)
         except RuntimeError as e:  # e.g. torchvision's NMS has no bf16 kernel on CPU
             if mode != "half" or "autocast" not in activations:
                 raise

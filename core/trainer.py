@@ -59,6 +59,7 @@ from core.watchdog import HangWatchdog, watched
 from core.weights import load_weights
 
 logger = logging.getLogger("shardvision")
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # loop.precision -> DeepSpeed's weight dtype
 
 
 def apply_model_options(model: torch.nn.Module, cfg: TrainConfig) -> None:
@@ -487,24 +488,10 @@ class Trainer:
         """DeepSpeed casts the whole model to bf16/fp16, so inputs must follow; DDP autocasts."""
         if self.strategy != "deepspeed":
             return None
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.loop.precision)
+        return HALF_DTYPES.get(self.cfg.loop.precision)
 
     def _cast_inputs(self, batch: Any) -> Any:
-        """Inputs in the model's dtype (DeepSpeed half precision) and memory format (channels_last)."""
-        dtype, channels_last = self.input_dtype, self.cfg.model.channels_last
-        if dtype is None and not channels_last:
-            return batch
-
-        def cast(x: Any) -> Any:
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                return x if dtype is None else x.to(dtype)
-            if isinstance(x, (list, tuple)):
-                return type(x)(cast(v) for v in x)
-            return x
-
-        return {k: cast(v) if k in self.task.input_keys else v for k, v in batch.items()}
+        return cast_inputs(batch, self.task.input_keys, self.input_dtype, self.cfg.model.channels_last)
 
     def _count_flops(self) -> float | None:
         """Counted on one evaluation sample, through the prepared model's own module: under ZeRO-3
@@ -605,6 +592,24 @@ class Trainer:
         if self.ema is not None:
             lines.append(f"EMA of weights, decay {cfg.loop.ema_decay}")
         logger.info("run summary\n  %s", "\n  ".join(lines))
+
+
+def cast_inputs(batch: Any, input_keys: tuple[str, ...], dtype: torch.dtype | None, channels_last: bool) -> Any:
+    """The batch's model inputs in the model's dtype (DeepSpeed half precision; None keeps them)
+    and memory format (channels_last), tensors alone or in lists."""
+    if dtype is None and not channels_last:
+        return batch
+
+    def cast(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x if dtype is None else x.to(dtype)
+        if isinstance(x, (list, tuple)):
+            return type(x)(cast(v) for v in x)
+        return x
+
+    return {k: cast(v) if k in input_keys else v for k, v in batch.items()}
 
 
 @contextlib.contextmanager
