@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torchvision.ops import clip_boxes_to_image
 
 from core.config import ConfigError, ModelConfig, option
 
@@ -204,7 +205,13 @@ class HFDetectorIO:
         results = self.processor.post_process_object_detection(
             outputs, threshold=0.0, target_sizes=original_sizes.tolist()
         )
-        return [{"boxes": r["boxes"], "scores": r["scores"], "labels": r["labels"] + 1} for r in results]
+        # Clipped to the image as torchvision's detectors clip theirs: the DETR family's
+        # post-processing leaves a box reaching past the border as it is (an untrained RT-DETR's
+        # anchors sit just outside the corners).
+        return [
+            {"boxes": clip_boxes_to_image(r["boxes"], (h, w)), "scores": r["scores"], "labels": r["labels"] + 1}
+            for r, (h, w) in zip(results, original_sizes.tolist(), strict=True)
+        ]
 
 
 def image_processor(cfg: DetectionModelConfig) -> Any:

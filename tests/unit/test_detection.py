@@ -389,7 +389,8 @@ def test_mask_map_against_pycocotools_on_the_written_predictions(tmp_path):
             assert values["mask_AP"] < 0.9
 
 
-TINY_HF = {"detr": "recipes/detection/configs/detr_tiny", "rt_detr": "recipes/detection/configs/rt_detr_tiny"}
+TRANSFORMERS_DETECTORS = ("detr", "conditional_detr", "deformable_detr", "rt_detr")
+TINY_HF = {name: f"recipes/detection/configs/{name}_tiny" for name in TRANSFORMERS_DETECTORS}
 
 
 def hf_task(tmp_path, model: str, *overrides: str):
