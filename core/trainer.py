@@ -503,7 +503,18 @@ class Trainer:
         if batch is None:
             return None
         model, batch = self._bare_model(), self._cast_inputs(send_to_device(batch, self.accelerator.device))
-        return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
+        try:
+            return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
+        except (AssertionError, RuntimeError) as e:
+            # The count is a diagnostic and must not stop a run: torch's module tracker fails on
+            # some models (Deformable DETR passes a slice of a parameter to a submodule).
+            logger.warning(
+                "model FLOPs not counted, TFLOP/s and MFU will not be logged: torch's FlopCounterMode failed on "
+                "this model (%s: %s). --logging.count_flops false skips the count.",
+                type(e).__name__,
+                e,
+            )
+            return None
 
     def _report_startup_memory(self, epoch: int) -> None:
         self.startup_reported = True

@@ -143,3 +143,30 @@ def test_the_progress_bar_counts_the_whole_run_and_a_resumed_run_starts_where_it
     shown = capsys.readouterr().err
     assert re.search(rf"run: +\d+%\|.*\| 3/{total} ", shown) and re.search(rf"run: .*\| {total}/{total} ", shown)
     assert not re.search(rf"run: .*\| [012]/{total} ", shown), shown
+
+
+class SlicedParameterTask(TinyTask):
+    """A model whose forward hands a slice of its own parameter to a submodule, as Deformable
+    DETR does with its query embeddings: torch's FlopCounterMode fails on it."""
+
+    def build_model(self):
+        class Sliced(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.queries = torch.nn.Parameter(torch.randn(3, 4))
+                self.head = torch.nn.Linear(4, 2)
+
+            def forward(self, x):
+                return self.head(x) + self.head(self.queries[:1])  # the view is a submodule's input
+
+        return Sliced()
+
+
+def test_a_model_flopcounter_cannot_trace_trains_without_mfu(fresh_accelerate_state, tmp_path, capfd):
+    cfg = tiny_config(tmp_path, epochs=1)
+    trainer = Trainer(cfg, SlicedParameterTask(cfg))
+    trainer.fit()
+    assert trainer.flops_per_sample is None
+    log = capfd.readouterr().err
+    assert "model FLOPs not counted" in log and "--logging.count_flops false skips the count" in log
+    assert (tmp_path / "final" / "model.safetensors").is_file()
