@@ -145,21 +145,22 @@ def test_the_progress_bar_counts_the_whole_run_and_a_resumed_run_starts_where_it
     assert not re.search(rf"run: .*\| [012]/{total} ", shown), shown
 
 
+class SlicedParameterModel(torch.nn.Module):
+    """Hands a slice of its own parameter to a submodule, as Deformable DETR does with its query
+    embeddings: torch's FlopCounterMode fails on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.queries = torch.nn.Parameter(torch.randn(3, 4))
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x) + self.head(self.queries[:1])  # the view is a submodule's input
+
+
 class SlicedParameterTask(TinyTask):
-    """A model whose forward hands a slice of its own parameter to a submodule, as Deformable
-    DETR does with its query embeddings: torch's FlopCounterMode fails on it."""
-
     def build_model(self):
-        class Sliced(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.queries = torch.nn.Parameter(torch.randn(3, 4))
-                self.head = torch.nn.Linear(4, 2)
-
-            def forward(self, x):
-                return self.head(x) + self.head(self.queries[:1])  # the view is a submodule's input
-
-        return Sliced()
+        return SlicedParameterModel()
 
 
 def test_a_model_flopcounter_cannot_trace_trains_without_mfu(fresh_accelerate_state, tmp_path, capfd):
