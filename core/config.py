@@ -198,7 +198,9 @@ class LoopConfig:
     nonfinite_loss: Literal["error", "skip"] = option(
         "error", "On a NaN/inf loss: stop with an error naming the step, or skip that optimizer step."
     )
-    eval_every_epochs: int = option(1, "Evaluate every N epochs (and always after the last one).")
+    eval_every_epochs: int = option(
+        1, "Evaluate every N epochs (and always after the last one); 0: only after the last one."
+    )
     eval_at_start: bool = option(False, "Also evaluate the starting weights before training (a baseline at step 0).")
 
     def validate(self) -> None:
@@ -210,7 +212,7 @@ class LoopConfig:
             _check(self.clip_grad_norm > 0, "loop.clip_grad_norm", self.clip_grad_norm, "must be > 0")
         if self.ema_decay is not None:
             _check(0 < self.ema_decay < 1, "loop.ema_decay", self.ema_decay, "must be in (0, 1)")
-        _check(self.eval_every_epochs >= 1, "loop.eval_every_epochs", self.eval_every_epochs, "must be >= 1")
+        _check(self.eval_every_epochs >= 0, "loop.eval_every_epochs", self.eval_every_epochs, "must be >= 0")
 
 
 @dataclass

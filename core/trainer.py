@@ -544,7 +544,8 @@ class Trainer:
         return epoch + 1 == self.cfg.loop.epochs or self._reached_max_steps()
 
     def _evaluates_after(self, epoch: int) -> bool:
-        return self._last_epoch(epoch) or (epoch + 1) % self.cfg.loop.eval_every_epochs == 0
+        every = self.cfg.loop.eval_every_epochs
+        return self._last_epoch(epoch) or (every > 0 and (epoch + 1) % every == 0)
 
     def _saved_note(self) -> str:
         return f"checkpoint of step {self.state.global_step} saved, rerun with --resume auto"

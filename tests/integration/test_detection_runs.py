@@ -47,7 +47,7 @@ def shapes_run(tmp_path_factory) -> Path:
         "50",
         # a metric run: evaluated untrained and at the end only, checkpointed for the kill only
         "--loop.eval_every_epochs",
-        "8",
+        "0",
         "--checkpoint.at_epoch_end",
         "false",
     ]
@@ -176,7 +176,7 @@ def test_transformers_detector_learns_and_evaluates_alike_on_two_ranks_and_one(t
         "--loop.eval_at_start",
         "true",
         "--loop.eval_every_epochs",
-        "8",
+        "0",
         "--checkpoint.at_epoch_end",
         "false",
         "--data.eval_micro_batch_size",

@@ -93,6 +93,15 @@ def test_eval_only_evaluates_exported_weights(fresh_accelerate_state, tmp_path):
     assert not os.path.exists(tmp_path / "eval" / "checkpoints")
 
 
+@pytest.mark.parametrize(("every", "after_epochs"), [(1, [1, 2, 3, 4]), (3, [3, 4]), (0, [4])])
+def test_evaluations_every_n_epochs_and_always_after_the_last(fresh_accelerate_state, tmp_path, every, after_epochs):
+    cfg = tiny_config(tmp_path, epochs=4, eval_every_epochs=every)
+    trainer = Trainer(cfg, TinyTask(cfg))
+    trainer.fit()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [e * trainer.steps_per_epoch for e in after_epochs]
+
+
 def test_known_failures_exit_with_their_code_and_one_line(fresh_accelerate_state, tmp_path, capsys):
     from core.cli import run
 
