@@ -153,7 +153,6 @@ class Plan:
     activations: dict[str, Activations]  # compute mode -> measured activations
     rows: list[StrategyPlan] = field(default_factory=list)
     pick: str | None = None
-    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -295,7 +294,8 @@ def measure_activations(
         batch = task.collate(samples[:micro_batch])
         batch = cast_inputs(batch, task.input_keys, dtype if mode == "half" else None, channels_last)
         # CPU autocast: the op lists differ a little from CUDA's (said in what is not counted).
-        with torch.autocast("cpu", dtype=dtype, enabled=mode == "autocast"):
+        autocast = mode == "autocast" or task.autocast_half_weights  # as the trainer runs the task
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast and precision != "no"):
             measured[micro_batch] = saved_bytes(task, model, batch)
     small, large = MEASURED_AT
     per_sample = max(0, (measured[large] - measured[small]) // (large - small))
@@ -321,16 +321,9 @@ def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
     samples = [train_set[i] for i in range(max(MEASURED_AT))]
     precision, micro_batch = cfg.loop.precision, cfg.data.micro_batch_size
     modes = sorted({compute_mode(s, precision) for s in STRATEGIES}, key=lambda m: m == "half")  # cast last
-    activations: dict[str, Activations] = {}
-    unmeasured = ""
-    for mode in modes:
-        try:
-            activations[mode] = measure_activations(task, model, samples, mode, precision, cfg.model.channels_last)
-        except RuntimeError as e:  # e.g. torchvision's NMS has no bf16 kernel on CPU
-            if mode != "half" or "autocast" not in activations:
-                raise
-            activations[mode] = activations["autocast"]
-            unmeasured = re.sub(r"^.*\.\w+:\d+, ", "", str(e).splitlines()[-1])  # the source location out
+    activations = {
+        mode: measure_activations(task, model, samples, mode, precision, cfg.model.channels_last) for mode in modes
+    }
 
     plan = Plan(
         task=task_name,
@@ -342,11 +335,6 @@ def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
         facts=facts,
         activations=activations,
     )
-    if unmeasured:
-        plan.notes.append(
-            f"the model does not run with 16-bit weights on CPU ({unmeasured}): the strategies that hold them "
-            "show the activations measured under autocast"
-        )
     for strategy in STRATEGIES:
         row = model_states(strategy, facts, precision != "no", cluster.world_size, cfg.loop.ema_decay is not None)
         act = activations[compute_mode(strategy, precision)]
@@ -354,8 +342,7 @@ def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
         row.fits = row.total <= cluster.usable
         room = cluster.usable - row.states - row.in_flight - act.fixed
         row.max_micro_batch = max(0, room // act.per_sample) if act.per_sample else 0
-        half = compute_mode(strategy, precision) == "half"
-        notes = ["activations as under autocast, see below"] if unmeasured and half else []
+        notes = []
         if strategy == "FSDP2" and not cfg.distributed.fsdp_auto_wrap_classes:
             notes.append("no distributed.fsdp_auto_wrap_classes: the whole model is one unit")
         row.note = "; ".join(notes)
@@ -405,7 +392,6 @@ def render(plan: Plan) -> str:
             f"activations ({mode}): measured at micro-batch {counted}; {act.per_sample / 2**20:,.1f} MiB per sample "
             f"+ {act.fixed / 2**20:,.0f} MiB fixed"
         )
-    lines += [f"note: {note}" for note in plan.notes]
     lines.append(
         f"pick: {plan.pick} (the first that fits, in the order {', '.join(PREFERENCE)})"
         if plan.pick

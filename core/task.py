@@ -38,6 +38,10 @@ class Task:
     primary_metric: str = "loss"  # the metric "best" refers to
     higher_is_better: bool = False
     input_keys: tuple[str, ...] = ("image",)  # batch entries cast to the model dtype under DeepSpeed half precision
+    # DeepSpeed holds bf16/fp16 weights and does not autocast. A model with ops that have no 16-bit
+    # kernel (torchvision's NMS, cdist in DETR's matcher) or that mixes in fp32 tensors of its own
+    # (anchors) sets this: its steps then run under autocast there too, which runs those in fp32.
+    autocast_half_weights: bool = False
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -322,7 +322,8 @@ class Trainer:
         acc, meter = self.accelerator, self.meter
         batch = self._cast_inputs(batch)
         with acc.accumulate(self.model):
-            loss = self.task.training_step(self.model, batch)
+            with self._autocast():
+                loss = self.task.training_step(self.model, batch)
             meter.add(loss, self.task.batch_size(batch))
             closing = acc.sync_gradients
             apply = self.agreement.close_window(meter.window_loss, self._where(epoch)) if closing else True
@@ -369,7 +370,7 @@ class Trainer:
         """One evaluation batch: every rank's outputs gathered into `metrics`, bad samples left out."""
         self.bad_samples.take(report)
         batch = self._cast_inputs(batch)
-        with self.accelerator.autocast():
+        with self._autocast():
             outputs = self.task.evaluation_step(model, batch)
         outputs = self.accelerator.gather_for_metrics(outputs)
         # Every rank sees every rank's flags, so all stop (or drop) together.
@@ -490,6 +491,13 @@ class Trainer:
             return None
         return HALF_DTYPES.get(self.cfg.loop.precision)
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """accelerate's autocast (DDP, FSDP); under DeepSpeed's half weights none, unless the task
+        asks for it (Task.autocast_half_weights)."""
+        if self.input_dtype is not None and self.task.autocast_half_weights:
+            return torch.autocast(self.accelerator.device.type, dtype=self.input_dtype)
+        return self.accelerator.autocast()
+
     def _cast_inputs(self, batch: Any) -> Any:
         return cast_inputs(batch, self.task.input_keys, self.input_dtype, self.cfg.model.channels_last)
 
@@ -504,7 +512,8 @@ class Trainer:
             return None
         model, batch = self._bare_model(), self._cast_inputs(send_to_device(batch, self.accelerator.device))
         try:
-            return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
+            with self._autocast():
+                return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
         except (AssertionError, RuntimeError) as e:
             # The count is a diagnostic and must not stop a run: torch's module tracker fails on
             # some models (Deformable DETR passes a slice of a parameter to a submodule).

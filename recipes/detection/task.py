@@ -22,6 +22,7 @@ class DetectionConfig(TrainConfig):
 class DetectionTask(Task):
     primary_metric = "AP"
     higher_is_better = True
+    autocast_half_weights = True  # NMS and DETR's matcher have no bf16 CPU kernels; anchors are fp32
 
     def __init__(self, cfg: DetectionConfig):
         super().__init__(cfg)

@@ -132,17 +132,18 @@ def test_memory_sizes(text, expected):
     assert parse_memory(text) == expected
 
 
-def test_a_model_without_16_bit_cpu_kernels_is_planned_with_its_autocast_activations(tmp_path):
-    """torchvision's detectors call NMS, which has no bf16 kernel on CPU: the strategies holding
-    16-bit weights are planned with the activations measured under autocast, and say so."""
+def test_a_model_without_16_bit_cpu_kernels_is_measured_as_the_trainer_runs_it(tmp_path):
+    """torchvision's detectors call NMS, which has no bf16 kernel on CPU: the trainer runs their
+    steps under autocast over DeepSpeed's bf16 weights, and the plan measures them that way."""
     from recipes.detection.task import DetectionConfig, DetectionTask
 
     argv = ["--config", str(REPO / "recipes/detection/configs/shapes.yaml"), "--output-dir", str(tmp_path)]
     argv += ["--data.root", str(tmp_path / "data"), "--data.shapes_count", "[8, 4]", "--loop.precision", "bf16"]
     cfg = parse_args(DetectionConfig, argv)
-    plan = make_plan("detection", cfg, DetectionTask(cfg), Cluster(1, 2, 24 * GiB))
-    assert plan.activations["half"] is plan.activations["autocast"]
-    assert any("nms_kernel" in note for note in plan.notes)
+    task = DetectionTask(cfg)
+    assert task.autocast_half_weights
+    plan = make_plan("detection", cfg, task, Cluster(1, 2, 24 * GiB))
+    assert set(plan.activations) == {"autocast", "half"}
+    assert all(n > 0 for act in plan.activations.values() for n in act.measured.values())
     for row in plan.rows:
-        assert ("activations as under autocast" in row.note) == (row.strategy != "DDP")
-        assert row.activations == plan.activations["autocast"].at(cfg.data.micro_batch_size) > 0
+        assert row.activations == plan.activations[compute_mode(row.strategy, "bf16")].at(cfg.data.micro_batch_size)
