@@ -49,6 +49,10 @@ class Task:
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def check_strategy(self, strategy: str, precision: str, device: torch.device) -> None:
+        """Raise ConfigError, before anything is built, when the model cannot run under this
+        strategy and precision on this device: say why and what to use instead."""
+
     def build_datasets(self) -> tuple[MapDataset, MapDataset]:
         """(train, eval) map-style datasets that return transformed samples."""
         raise NotImplementedError

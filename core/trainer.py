@@ -104,6 +104,7 @@ class Trainer:
         self.accelerator = acc = build_accelerator(cfg)
         setup_logging(acc)
         self.strategy = strategy_of(acc)
+        task.check_strategy(self.strategy, cfg.loop.precision, acc.device)
         if acc.is_main_process:
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
         self.checkpoints = CheckpointManager(

@@ -160,6 +160,7 @@ class HFDetectorIO:
     post-processed by its image processor to boxes in each image's original size, labels 1..K."""
 
     def __init__(self, cfg: DetectionModelConfig, min_size: int, max_size: int):
+        self.model_type = transformers_config(cfg).model_type
         self.processor = image_processor(cfg)
         self.min_size, self.max_size = min_size, max_size
         normalise = getattr(self.processor, "do_normalize", False)

@@ -19,6 +19,12 @@ class DetectionConfig(TrainConfig):
     data: DetectionDataConfig = section(DetectionDataConfig, "Data.")
 
 
+# transformers detectors that add fp32 position embeddings to the activations ahead of a LayerNorm.
+# With DeepSpeed's bf16 weights under CPU autocast that LayerNorm gets fp32 inputs and bf16
+# weights, which the CPU kernel refuses (CUDA autocast runs LayerNorm in fp32: not tried).
+FP32_EMBEDDINGS_BEFORE_LAYER_NORM = ("d_fine", "dab-detr")
+
+
 class DetectionTask(Task):
     primary_metric = "AP"
     higher_is_better = True
@@ -31,6 +37,18 @@ class DetectionTask(Task):
 
     def build_model(self) -> torch.nn.Module:
         return build_model(self.cfg.model, self.cfg.data.min_size, self.cfg.data.max_size)
+
+    def check_strategy(self, strategy: str, precision: str, device: torch.device) -> None:
+        if self.hf is None or strategy != "deepspeed" or precision == "no" or device.type != "cpu":
+            return
+        model_type = self.hf.model_type
+        if model_type in FP32_EMBEDDINGS_BEFORE_LAYER_NORM:
+            raise ConfigError(
+                f"model type {model_type!r} cannot train on DeepSpeed's {precision} weights on CPU: it adds fp32 "
+                "position embeddings ahead of a LayerNorm whose weights CPU autocast leaves in 16 bits, which the "
+                f"CPU kernel refuses. Use --loop.precision no, or DDP (accelerate_configs/multi_gpu_ddp.yaml), "
+                f"whose {precision} autocasts over fp32 weights."
+            )
 
     def build_datasets(self):
         train, val = build_datasets(self.cfg.data, self.cfg.seed, masks=predicts_masks(self.cfg.model))

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from core.config import ConfigError
+from core.trainer import cast_inputs
 from recipes.detection.data import DataError, DetectionDataConfig, build_datasets, collate
 from recipes.detection.metrics import CocoMetrics
 from recipes.detection.models import DetectionModelConfig, build_model
@@ -390,7 +391,7 @@ def test_mask_map_against_pycocotools_on_the_written_predictions(tmp_path):
             assert values["mask_AP"] < 0.9
 
 
-TRANSFORMERS_DETECTORS = ("detr", "conditional_detr", "deformable_detr", "rt_detr")
+TRANSFORMERS_DETECTORS = ("detr", "conditional_detr", "deformable_detr", "dab_detr", "rt_detr", "rt_detr_v2", "d_fine")
 TINY_HF = {name: f"recipes/detection/configs/{name}_tiny" for name in TRANSFORMERS_DETECTORS}
 
 
@@ -482,12 +483,13 @@ def test_transformers_detector_fine_tunes_with_a_new_number_of_classes(tmp_path,
 
 
 @pytest.mark.parametrize("model", ["shapes.yaml", "shapes_instances.yaml", *sorted(TINY_HF)])
-def test_every_detector_trains_and_predicts_on_bf16_weights_under_autocast(tmp_path, model):
-    """DeepSpeed's bf16 holds the weights in bf16 and does not autocast. NMS and DETR's matcher
-    (cdist) have no bf16 CPU kernel and RT-DETR adds fp32 anchors, so each detector fails on bare
-    bf16 weights; DetectionTask asks the trainer for autocast there, under which every one trains
-    and predicts."""
-    from core.trainer import cast_inputs
+def test_every_detector_trains_and_predicts_on_bf16_weights_under_autocast_or_refuses_at_start(tmp_path, model):
+    """DeepSpeed's bf16 holds the weights in bf16 and does not autocast. NMS and the DETR family's
+    matcher (cdist) have no bf16 CPU kernel and RT-DETR adds fp32 anchors, so each detector fails
+    on bare bf16 weights; DetectionTask asks the trainer for autocast there, under which every one
+    trains and predicts, except the types that put fp32 position embeddings ahead of a LayerNorm:
+    those still fail on CPU, so the task refuses that setup before anything is built."""
+    from recipes.detection.task import FP32_EMBEDDINGS_BEFORE_LAYER_NORM
 
     _, task = hf_task(tmp_path, model) if model in TINY_HF else shapes_task(tmp_path, model)
     assert task.autocast_half_weights
@@ -500,6 +502,16 @@ def test_every_detector_trains_and_predicts_on_bf16_weights_under_autocast(tmp_p
     batch = cast_inputs(task.collate([train[0], train[1]]), task.input_keys, torch.bfloat16, False)
     with pytest.raises((RuntimeError, NotImplementedError)):
         task.training_step(net.train(), batch)
+    cpu = torch.device("cpu")
+    for strategy, precision in (("ddp", "bf16"), ("deepspeed", "no")):
+        task.check_strategy(strategy, precision, cpu)
+    if task.hf is not None and task.hf.model_type in FP32_EMBEDDINGS_BEFORE_LAYER_NORM:
+        with pytest.raises(RuntimeError, match="mixed dtype"), torch.autocast("cpu", dtype=torch.bfloat16):
+            task.training_step(net.train(), batch)
+        with pytest.raises(ConfigError, match=rf"model type '{task.hf.model_type}' cannot train on DeepSpeed's bf16"):
+            task.check_strategy("deepspeed", "bf16", cpu)
+        return
+    task.check_strategy("deepspeed", "bf16", cpu)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = task.training_step(net.train(), batch)
     assert torch.isfinite(loss)
