@@ -36,6 +36,7 @@ from core.distributed import (
     zero_stage,
 )
 from core.ema import WeightAverage
+from core.host_memory import freed_memory_returned
 from core.logging import (
     RunLogger,
     RunProgress,
@@ -95,7 +96,8 @@ class Trainer:
             cfg.output_dir, int(os.environ.get("RANK", "0")), d.hang_timeout_minutes, d.startup_timeout_minutes
         )
         try:
-            self._build(cfg, task)
+            with freed_memory_returned():
+                self._build(cfg, task)
         except BaseException:
             self.watchdog.stop()
             raise
