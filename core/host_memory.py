@@ -5,7 +5,7 @@ size of every large block freed (up to 32 MiB), so the layer-sized blocks that a
 build, a streamed weights file and DeepSpeed's flattening of the partitions allocate and free stay
 resident: freed, but never returned. Measured on a ViT-L/16 ZeRO-3 fine-tune (2 CPU ranks), that
 retention was most of the start-up transient, 0.90 of the fp32 model's size; with the threshold
-held at its initial 128 KiB, 0.20, of which what grows with the model is 0.02 (docs/performance.md).
+held at its initial 128 KiB, 0.21, of which what grows with the model is 0.03 (docs/performance.md).
 
 During start-up the threshold is held there (and the heap's free top trimmed above 128 KiB, glibc's
 default): blocks above it are mapped and, once freed, unmapped. Afterwards both are set where

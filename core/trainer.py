@@ -325,7 +325,7 @@ class Trainer:
         acc, meter = self.accelerator, self.meter
         batch = self._cast_inputs(batch)
         with acc.accumulate(self.model):
-            with self._autocast():
+            with self._half_weights_autocast():
                 loss = self.task.training_step(self.model, batch)
             meter.add(loss, self.task.batch_size(batch))
             closing = acc.sync_gradients
@@ -373,7 +373,7 @@ class Trainer:
         """One evaluation batch: every rank's outputs gathered into `metrics`, bad samples left out."""
         self.bad_samples.take(report)
         batch = self._cast_inputs(batch)
-        with self._autocast():
+        with self.accelerator.autocast(), self._half_weights_autocast():
             outputs = self.task.evaluation_step(model, batch)
         outputs = self.accelerator.gather_for_metrics(outputs)
         # Every rank sees every rank's flags, so all stop (or drop) together.
@@ -494,12 +494,13 @@ class Trainer:
             return None
         return HALF_DTYPES.get(self.cfg.loop.precision)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """accelerate's autocast (DDP, FSDP); under DeepSpeed's half weights none, unless the task
-        asks for it (Task.autocast_half_weights)."""
+    def _half_weights_autocast(self) -> contextlib.AbstractContextManager:
+        """DeepSpeed holds bf16/fp16 weights and does not autocast: a task whose model needs it
+        (Task.autocast_half_weights) runs its steps under autocast there. Elsewhere nothing: DDP
+        and FSDP autocast through accelerate."""
         if self.input_dtype is not None and self.task.autocast_half_weights:
             return torch.autocast(self.accelerator.device.type, dtype=self.input_dtype)
-        return self.accelerator.autocast()
+        return contextlib.nullcontext()
 
     def _cast_inputs(self, batch: Any) -> Any:
         return cast_inputs(batch, self.task.input_keys, self.input_dtype, self.cfg.model.channels_last)
@@ -515,7 +516,7 @@ class Trainer:
             return None
         model, batch = self._bare_model(), self._cast_inputs(send_to_device(batch, self.accelerator.device))
         try:
-            with self._autocast():
+            with self._half_weights_autocast():
                 return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
         except (AssertionError, RuntimeError) as e:
             # The count is a diagnostic and must not stop a run: torch's module tracker fails on
