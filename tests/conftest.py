@@ -3,7 +3,10 @@ tests/builders.py (tiny tasks, data sets with known faults, independent referenc
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +20,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if integration in Path(item.fspath).parents:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_left_behind():
+    """A DeepSpeed rank killed by a test can leave its shared-memory all-reduce buffer in /dev/shm
+    (RAM, about 69 MB a rank), which a normal exit removes. The test's processes are gone when it
+    ends, so what it left is removed then."""
+    started = time.time()
+    yield
+    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_mtime >= started:
+                os.remove(path)
 
 
 @pytest.fixture
