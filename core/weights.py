@@ -53,12 +53,15 @@ def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ())
     state = {k: v for k, v in state.items() if k not in skipped}
 
     own = _full_shapes(model)
+    tied = _tied_names(model)
+    # A tied name is filled through any of its names.
+    loaded = {k for k in own if any(name in state for name in tied[k])}
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k])}"
         for k, v in state.items()
         if k in own and v.shape != own[k]
     ]
-    missing = [k for k in own if k not in state and not any(fnmatch.fnmatch(k, pat) for pat in exclude)]
+    missing = [k for k in own if k not in loaded and not any(fnmatch.fnmatch(k, pat) for pat in exclude)]
     unexpected = [k for k in state if k not in own]
     problems = []
     if mismatched:
@@ -76,7 +79,7 @@ def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ())
         _load_partitioned(model, state)
     else:
         model.load_state_dict({k: v.read() for k, v in state.items()}, strict=False)
-    fresh = sorted(k for k in own if k not in state)
+    fresh = sorted(k for k in own if k not in loaded)
     logger.info(
         "%s: %d tensors loaded%s",
         path,
@@ -122,16 +125,24 @@ def _constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 def _full_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     """Every state-dict entry's full shape; ZeRO-3 keeps a partitioned parameter's aside (ds_shape)."""
-    params = dict(model.named_parameters())
-    return {
-        k: torch.Size(getattr(params.get(k), "ds_shape", v.shape)) for k, v in model.state_dict(keep_vars=True).items()
-    }
+    return {k: torch.Size(getattr(v, "ds_shape", v.shape)) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Each state-dict name -> every name of the same tensor. Tied weights (a language model's
+    embeddings and output layer, D-FINE's heads and its decoder's) are one tensor under several
+    names, and a safetensors export keeps one of them (accelerate's save_model, as transformers')."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+    return {name: names for names in names_of.values() for name in names}
 
 
 def _load_partitioned(model: torch.nn.Module, state: dict[str, _Stored]) -> None:
     import deepspeed
 
-    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with torch.no_grad():
         for name, stored in state.items():

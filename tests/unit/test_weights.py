@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from core.weights import WeightsError, load_weights
@@ -51,6 +52,37 @@ def test_new_head_needs_exclude_and_errors_name_the_keys(tmp_path):
     head_before = dst[2].weight.clone()
     load_weights(dst, str(tmp_path / "w.safetensors"), exclude=["2.*"])
     assert torch.equal(dst[0].weight, src[0].weight) and torch.equal(dst[2].weight, head_before)
+
+
+class TiedHead(torch.nn.Module):
+    """A head sharing its layer with the body, as D-FINE's heads share their decoder's."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)])
+        self.head = self.body[1]
+
+
+def test_tied_weights_load_from_an_export_that_keeps_one_name(tmp_path):
+    """accelerate's save_model (as transformers') writes a tied tensor under one of its names; the
+    other names are filled through it, and a file lacking every name of a tensor is still refused."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    src = TiedHead()
+    Accelerator(cpu=True).save_model(src, str(tmp_path), safe_serialization=True)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        written = set(f.keys())
+    assert len(written) == 4 and len(src.state_dict()) == 6  # head.* or body.1.*, not both
+    torch.manual_seed(1)
+    dst = TiedHead()
+    load_weights(dst, str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items())
+    assert dst.head is dst.body[1]
+    partial = {k: v for k, v in src.state_dict().items() if not k.endswith("1.weight")}  # neither name
+    save_file({k: v.clone() for k, v in partial.items() if k.startswith("body")}, tmp_path / "partial.safetensors")
+    with pytest.raises(WeightsError, match=r"missing from the file: body\.1\.weight, head\.weight"):
+        load_weights(TiedHead(), str(tmp_path / "partial.safetensors"))
 
 
 def test_missing_and_corrupt_files(tmp_path):
