@@ -140,7 +140,9 @@ def test_accelerate_two_machines_ddp_killed_and_resumed_equal_the_single_host_ru
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize(("launcher", "stage"), [("accelerate", 3), ("deepspeed", 2), ("deepspeed", 3)])
+# Each launcher once and each stage once: the launchers start ranks the same way whatever the stage
+# (the deepspeed launcher under ZeRO-3 ran here too until the suite outgrew its 30 minutes).
+@pytest.mark.parametrize(("launcher", "stage"), [("accelerate", 3), ("deepspeed", 2)])
 def test_zero_two_nodes_killed_and_resumed_equal_the_single_host_run(
     ddp_reference, zero_reference, tmp_path, launcher, stage
 ):
