@@ -164,8 +164,10 @@ def test_mask_rcnn_under_zero2_scores_masks_as_pycocotools_does_and_evaluates_al
 
 def test_transformers_detector_learns_and_evaluates_alike_on_two_ranks_and_one(tmp_path):
     """D-FINE (a tiny local config, random init; of the transformers detectors here the quickest
-    to learn the shapes) on 2 ranks: its own loss trains it well past the untrained model's AP50, and one process evaluating its exported weights gets the 2-rank
-    evaluation's figures (one image per forward on both sides, as in the Mask R-CNN test)."""
+    to learn the shapes) on 2 ranks: its own loss trains it well past the untrained model's AP50,
+    and one process evaluating its exported weights (its heads tied to its decoder's, written once)
+    gets the 2-rank evaluation's figures (one image per forward on both sides, as in the Mask R-CNN
+    test)."""
     args = [
         *SHAPES,
         "--model.source",
