@@ -46,7 +46,7 @@ class DetectionTask(Task):
             raise ConfigError(
                 f"model type {model_type!r} cannot train on DeepSpeed's {precision} weights on CPU: it adds fp32 "
                 "position embeddings ahead of a LayerNorm whose weights CPU autocast leaves in 16 bits, which the "
-                f"CPU kernel refuses. Use --loop.precision no, or DDP (accelerate_configs/multi_gpu_ddp.yaml), "
+                "CPU kernel refuses. Use --loop.precision no, or DDP (accelerate_configs/multi_gpu_ddp.yaml), "
                 f"whose {precision} autocasts over fp32 weights."
             )
 
