@@ -42,6 +42,7 @@ from accelerate.utils import (
 )
 
 from core.config import ConfigError, TrainConfig
+from core.params import full_numel
 
 STRATEGIES = ("ddp", "deepspeed", "fsdp")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -327,12 +328,13 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     total = mine = 0
     p: Any
     for p in model.parameters():
-        if hasattr(p, "ds_numel"):
-            total, mine = total + p.ds_numel, mine + p.ds_tensor.numel()
+        total += full_numel(p)
+        if hasattr(p, "ds_tensor"):
+            mine += p.ds_tensor.numel()
         elif hasattr(p, "to_local"):
-            total, mine = total + p.numel(), mine + p.to_local().numel()
+            mine += p.to_local().numel()
         else:
-            total, mine = total + p.numel(), mine + p.numel()
+            mine += p.numel()
     return total, mine
 
 

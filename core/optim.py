@@ -1,8 +1,12 @@
 """Optimizer and learning-rate schedule.
 
-The optimizer comes from timm's `create_optimizer_v2`, which already splits parameters into a
-decayed group and a no-decay group (norm weights, biases, and whatever the model lists in
-`no_weight_decay()`), and knows layer-wise lr decay.
+The optimizer comes from timm's `create_optimizer_v2`, and its parameter groups from timm's own
+rules: a decayed group and a no-decay group (norm weights, biases: every parameter of at most one
+dimension, and whatever the model lists in `no_weight_decay()`), with layer-wise lr decay where
+asked. timm reads each parameter's `ndim`, which a model built partitioned under ZeRO-3 reports as
+1 for every parameter (an empty local tensor): it would put every weight in the no-decay group and
+fine-tune without weight decay. So timm's rules run here over stand-ins of each parameter's full
+shape (core/params.py), and the groups it returns are mapped back to the real parameters.
 
 The schedule is defined in optimizer steps, not micro-batches or epochs, and is stepped by the
 trainer exactly once per optimizer step. It is therefore the same lr at the same optimizer step
@@ -20,9 +24,10 @@ import math
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2, get_optimizer_info
+from timm.optim import create_optimizer_v2, get_optimizer_info, param_groups_layer_decay, param_groups_weight_decay
 
 from core.config import OptimConfig, ScheduleConfig
+from core.params import full_numel, full_shape
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -35,14 +40,48 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         momentum=cfg.momentum,
-        layer_decay=cfg.layer_decay,
-        filter_bias_and_bn=True,
+        param_group_fn=functools.partial(param_groups, cfg=cfg),
         **kwargs,
     )
     for group in optimizer.param_groups:
         # timm's own schedulers apply lr_scale (layer decay) on every step; ours bakes it into the base lr.
         group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
     return optimizer
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """timm's weight-decay (or layer-decay) groups of `model`, decided on every parameter's full
+    shape and name, whatever strategy built it."""
+    view: Any = _FullShapes(model)  # read as the module it stands in for
+    no_weight_decay: set[str] = getattr(model, "no_weight_decay", lambda: set())()
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(
+            view, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay, no_weight_decay_list=no_weight_decay
+        )
+    else:
+        groups = param_groups_weight_decay(view, weight_decay=cfg.weight_decay, no_weight_decay_list=no_weight_decay)
+    for group in groups:
+        group["params"] = [view.real[id(p)] for p in group["params"]]
+    return groups
+
+
+class _FullShapes:
+    """`model` as timm's grouping reads it (named_parameters, group_matcher, pretrained_cfg), with
+    each parameter replaced by a meta-device stand-in of its full shape (no memory)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._model = model
+        self._stand_ins = {
+            name: torch.empty(full_shape(p), device="meta", requires_grad=p.requires_grad)
+            for name, p in model.named_parameters()
+        }
+        self.real = {id(self._stand_ins[name]): p for name, p in model.named_parameters()}
+
+    def named_parameters(self, *args: Any, **kwargs: Any) -> Any:
+        return iter(self._stand_ins.items())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
 
 
 def step_kernel(cfg: OptimConfig) -> dict[str, bool]:
@@ -138,7 +177,7 @@ def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:
     name, kernel = optimizer_kind(optimizer)
     lines = [f"optimizer {name}, {kernel} update kernel"]
     for i, group in enumerate(optimizer.param_groups):
-        n = sum(p.numel() for p in group["params"])
+        n = sum(full_numel(p) for p in group["params"])
         lines.append(
             f"group {i}: {len(group['params'])} tensors, {n:,} values, lr {group['lr']:.3g}, "
             f"weight_decay {group.get('weight_decay', 0.0):g}"

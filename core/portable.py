@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from core.distributed import strategy_of
 from core.optim import innermost_optimizer
+from core.params import full_shape
 
 STEP = "step"
 FP32 = "fp32"
@@ -171,7 +172,7 @@ class PortableState:
 
     def _checked(self, name: str, param: torch.nn.Parameter) -> dict[str, torch.Tensor]:
         saved = dict(self.tensors(name))
-        shape = torch.Size(getattr(param, "ds_shape", param.shape))  # ZeRO-3 keeps the full shape aside
+        shape = full_shape(param)
         for kind, value in saved.items():
             # ZeRO-3's universal form keeps every tensor flat; the others keep the parameter's shape.
             if value.shape != shape and (value.dim() != 1 or value.numel() != shape.numel()):

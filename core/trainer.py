@@ -169,6 +169,8 @@ class Trainer:
         )
         optimizer = build_optimizer(model, cfg.optim)
         order = optimizer_order(model, optimizer)  # names its state, for a checkpoint of another strategy
+        # Described before DeepSpeed replaces the groups' parameters with its flat partitions.
+        self.param_groups_described = describe_param_groups(optimizer)
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, optimizer, train_loader, eval_loader
         )
@@ -600,7 +602,7 @@ class Trainer:
             f"warmup {warmup_steps_of(cfg.schedule, self.steps_per_epoch)} steps | schedule {cfg.schedule.name}",
             f"model {cfg.model.name}: {parameters:,} parameters"
             + (f", {on_this_rank:,} stored on this rank (its ZeRO-3/FSDP shard)" if sharded else ""),
-            *describe_param_groups(self.optimizer),
+            *self.param_groups_described,
         ]
         if self.flops_per_sample:
             peak = (

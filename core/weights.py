@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from core.params import full_shape
+
 logger = logging.getLogger(__name__)
 
 
@@ -125,7 +127,7 @@ def _constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 def _full_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     """Every state-dict entry's full shape; ZeRO-3 keeps a partitioned parameter's aside (ds_shape)."""
-    return {k: torch.Size(getattr(v, "ds_shape", v.shape)) for k, v in model.state_dict(keep_vars=True).items()}
+    return {k: full_shape(v) for k, v in model.state_dict(keep_vars=True).items()}
 
 
 def _tied_names(model: torch.nn.Module) -> dict[str, list[str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import timm
@@ -108,3 +109,82 @@ def test_step_schedule_and_resume_position():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
     set_schedule_step(sched, 25)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+# The families the recipes fine-tune, each with norms, biases and (for ViTs) tokens that must not decay.
+DECAY_MODELS = {
+    "timm ViT": lambda: timm.create_model("test_vit", num_classes=10),
+    "timm ConvNeXt": lambda: timm.create_model("test_convnext", num_classes=10),
+    "timm ResNet": lambda: timm.create_model("resnet10t", num_classes=10),
+    "transformers ViT": lambda: _hf_vit(),
+}
+
+
+def _hf_vit() -> torch.nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32)
+    return ViTForImageClassification(config)
+
+
+def decay_split(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, tuple[float, float]]:
+    """Each parameter's name -> (its group's weight decay, its group's lr)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return {names[id(p)]: (g["weight_decay"], g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+
+
+@pytest.fixture
+def one_rank_group():
+    """A one-rank gloo process group: what DeepSpeed's zero.Init and FSDP2's mesh need in-process."""
+    import torch.distributed as dist
+
+    from tests.helpers import free_port
+
+    saved = dict(os.environ)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.7])
+@pytest.mark.parametrize("family", DECAY_MODELS)
+def test_decay_split_by_name_is_the_same_whatever_built_the_model(family, layer_decay, one_rank_group):
+    """A model built partitioned under ZeRO-3 (every local tensor empty, shape (0,)) and one
+    sharded by FSDP2 get the groups the whole model gets, parameter by parameter. (ZeRO-1/2 and
+    ZeRO-3 from scratch build the model whole, as DDP does.)"""
+    import deepspeed
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    cfg = OptimConfig(name="adamw", lr=1e-3, weight_decay=0.05, layer_decay=layer_decay)
+    if layer_decay is not None and family != "timm ViT":
+        pytest.skip("layer decay needs timm's group_matcher: the shipped configs use it with timm ViTs only")
+    torch.manual_seed(0)
+    whole = DECAY_MODELS[family]()
+    expected = decay_split(build_optimizer(whole, cfg), whole)
+    assert {wd for wd, _ in expected.values()} == {0.0, 0.05}, "the reference has both groups"
+
+    with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
+        partitioned = DECAY_MODELS[family]()
+    assert all(p.numel() == 0 for p in partitioned.parameters()), "zero.Init left a parameter whole"
+    assert decay_split(build_optimizer(partitioned, cfg), partitioned) == expected
+
+    sharded = DECAY_MODELS[family]()
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))
+    assert decay_split(build_optimizer(sharded, cfg), sharded) == expected
+
+
+def test_the_run_summary_counts_a_partitioned_models_groups(one_rank_group):
+    import deepspeed
+
+    from core.optim import describe_param_groups
+
+    with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
+        model = timm.create_model("test_vit", num_classes=10)
+    lines = describe_param_groups(build_optimizer(model, OptimConfig(name="adamw", weight_decay=0.05)))
+    total = sum(p.ds_numel for p in model.parameters())
+    counted = [int(line.split(" tensors, ")[1].split(" values")[0].replace(",", "")) for line in lines[1:]]
+    assert len(counted) == 2 and sum(counted) == total and all(counted)
