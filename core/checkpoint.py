@@ -557,6 +557,12 @@ class CheckpointManager:
                 layout_of(self.accelerator),
             )
         self._check_rng_restored(path)
+        # accelerate restores its micro-batch counter, which decides where an accumulation window
+        # closes (`step % grad_accum_steps`), as the saving run left it: 5 after five steps of
+        # accumulation 1 would close the first window of a run resumed with accumulation 2 after one
+        # micro-batch and shift every later window by one, feeding each optimizer step other
+        # samples. Within an epoch, an uninterrupted run's counter is the micro-batches it has done.
+        self.accelerator.step = state.batches_in_epoch
         if ema is not None:
             try:
                 ema.load(path)

@@ -1,0 +1,118 @@
+"""A run resumed mid-epoch on another number of ranks trains on the samples the uninterrupted run
+would have: each optimizer step's samples are recorded (tests/recording_train.py) and held to
+uninterrupted DDP runs of both sizes, the same seed and the same global batch of 64 (2 ranks x 32,
+or 1 rank x 32 x accumulation 2), and so are the losses. DDP through torchrun; ZeRO through
+accelerate with the repo's configs, converted to DeepSpeed's universal checkpoint on the way."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    REPO,
+    TINY_VIT,
+    accelerate_config,
+    last_launch,
+    launch,
+    run_killed_after_checkpoint,
+    train_losses,
+)
+
+RECORDING = str(REPO / "tests" / "recording_train.py")
+# A LayerNorm ViT without dropout, so a step's update depends only on which samples it sees; the
+# checkpoint at step 3, odd, so a 2-rank run's micro-batch count does not fall on a window of 2.
+RESUMED = [
+    *TINY_VIT,
+    "--optim.name",
+    "adamw",
+    "--optim.lr",
+    "0.003",
+    "--loop.max_steps",
+    "6",
+    "--logging.every_steps",
+    "1",
+    "--logging.count_flops",
+    "false",
+    "--checkpoint.every_steps",
+    "3",
+    "--checkpoint.at_epoch_end",
+    "false",
+    "--data.micro_batch_size",
+    "32",
+]
+ACCUMULATION = {1: "2", 2: "1"}  # ranks -> accumulation steps: a global batch of 64 either way
+
+
+def launch_kwargs(layout: str, nproc: int) -> dict:
+    if layout == "ddp":
+        return dict(launcher="torchrun", nproc=nproc, script=RECORDING)
+    config = accelerate_config(f"deepspeed_{layout}.yaml")
+    return dict(launcher="accelerate", accelerate_config=config, nproc=nproc, script=RECORDING)
+
+
+def geometry(nproc: int) -> list[str]:
+    return ["--loop.grad_accum_steps", ACCUMULATION[nproc]]
+
+
+def samples_per_step(run_dir: Path, tag: str, nproc: int, first_step: int) -> dict[int, list[int]]:
+    """The sorted sample indices of each optimizer step (numbered from 1) that the launch `tag`
+    trained, from every rank's record of its micro-batches in order."""
+    accumulation, steps = int(ACCUMULATION[nproc]), {}
+    for rank in range(nproc):
+        lines = (run_dir / f"samples-{tag}-rank{rank}.jsonl").read_text().splitlines()
+        for i, line in enumerate(lines):
+            steps.setdefault(first_step + i // accumulation + 1, []).extend(json.loads(line))
+    return {step: sorted(indices) for step, indices in steps.items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, monkeypatch_module) -> dict[int, tuple[dict, dict]]:
+    """Uninterrupted DDP runs on 1 and 2 ranks: (samples of each step, losses of each step)."""
+    runs = {}
+    monkeypatch_module.setenv("RECORD_TAG", "whole")
+    for nproc in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"uninterrupted_{nproc}")
+        launch([*RESUMED, *geometry(nproc), "--output-dir", str(run_dir)], **launch_kwargs("ddp", nproc))
+        runs[nproc] = samples_per_step(run_dir, "whole", nproc, 0), train_losses(run_dir)
+    assert runs[1][0] == runs[2][0] and sorted(runs[1][0]) == list(range(1, 7)), "1 and 2 ranks see one order"
+    return runs
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.mark.parametrize(
+    "layout, before, after",
+    [("ddp", 2, 1), ("ddp", 1, 2), ("zero2", 2, 1), ("zero3", 1, 2)],
+    ids=["ddp-2-to-1", "ddp-1-to-2", "zero2-2-to-1", "zero3-1-to-2"],
+)
+def test_resume_on_another_number_of_ranks_trains_on_the_same_samples(
+    uninterrupted, monkeypatch, tmp_path, layout, before, after
+):
+    args = [*RESUMED, "--output-dir", str(tmp_path)]
+    monkeypatch.setenv("RECORD_TAG", "before")
+    run_killed_after_checkpoint([*args, *geometry(before)], tmp_path, step=3, **launch_kwargs(layout, before))
+    monkeypatch.setenv("RECORD_TAG", "after")
+    launch([*args, *geometry(after), "--resume", "auto"], **launch_kwargs(layout, after))
+    run = last_launch(tmp_path)
+    assert (run["world_size"], run["resumed_from"]) == (after, str(tmp_path / "checkpoints" / "3"))
+
+    got = samples_per_step(tmp_path, "before", before, 0)
+    got = {step: got[step] for step in (1, 2, 3)}  # the killed launch may have gone past its checkpoint
+    got |= samples_per_step(tmp_path, "after", after, 3)
+    expected_samples, expected_losses = uninterrupted[2]
+    assert got == expected_samples
+
+    # The same samples, the same weights: the losses follow the uninterrupted DDP run's (DDP to
+    # float noise; ZeRO's reductions and Adam's normalisation of near-zero gradients a little more).
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 7))
+    tolerance = 1e-4 if layout == "ddp" else 1e-3
+    for step in range(4, 7):
+        assert losses[step][-1] == pytest.approx(expected_losses[step][0], rel=tolerance), step
