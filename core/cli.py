@@ -1,5 +1,6 @@
 """Entry points: `run()` behind every recipe's train.py, and the `shardvision` console script.
 
+    shardvision --help   # the commands; `shardvision COMMAND --help`: what one does, an example, its options
     shardvision train classification --config recipes/classification/configs/digits.yaml
     shardvision eval classification --config ... --weights runs/digits/final/model.safetensors
     shardvision train classification --help  # every config key with its type, default and help
@@ -8,12 +9,14 @@
     shardvision submit classification --config ... --nodes 2 --tasks-per-node 8   # SLURM via submitit (core/submit.py)
     shardvision plan classification --config ... --nodes 2 --gpu-memory 80GiB   # memory per rank (core/plan.py)
     shardvision report runs/a [runs/b ...]   # one HTML page: curves, per-class table, config diff (core/report.py)
+    python -m core.cli train classification ...   # the same commands, without the console script
 
 Exit codes: core/exit_codes.py (and docs/failures.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import os
@@ -32,30 +35,84 @@ from core.data import DataError  # noqa: E402
 from core.exit_codes import ExitCode  # noqa: E402
 from core.weights import WeightsError  # noqa: E402
 
-TASKS = ("classification", "detection", "segmentation")
-COMMANDS = {"train": [], "eval": ["--eval-only"], "check-data": ["--check-data"]}  # each one's flag to the recipe
+# Each task (recipes/<task>/train.py) and the demo config its help's examples name.
+TASKS = {"classification": "digits.yaml", "detection": "shapes.yaml", "segmentation": "shapes.yaml"}
+
+# Each command's line in `shardvision --help`; `shardvision COMMAND --help` tells the rest.
+COMMANDS = {
+    "train": f"train a model of TASK ({', '.join(TASKS)})",
+    "eval": "evaluate weights or a checkpoint on TASK's eval split",
+    "check-data": "read every sample of TASK's data once and list every problem",
+    "export": "write consolidated safetensors from any checkpoint",
+    "submit": "submit a training run as a SLURM (or local) job that requeues itself",
+    "plan": "memory per rank under each strategy, and the largest micro-batch that fits",
+    "report": "one HTML page of one or several runs: curves, per-class table, config diff",
+}
+# The commands that run a recipe: the flag each adds to the recipe's command line, and its help
+# ({task} and {config}: a task and its demo config, for the example).
+RECIPE_COMMANDS = {
+    "train": (
+        [],
+        """Train a model of one task. Its config is the recipe's dataclass defaults, then the --config
+YAML file, then each --key VALUE given here; the resolved copy is saved as <output_dir>/config.yaml.
+
+example:
+  shardvision train {task} --config {config} --optim.lr 3e-4 --output-dir runs/try1""",
+    ),
+    "eval": (
+        ["--eval-only"],
+        """Evaluate weights (--weights FILE) or a checkpoint (--resume auto|PATH) on the eval split of
+one task, then exit. Same options as `shardvision train`.
+
+example:
+  shardvision eval {task} --config {config} --weights runs/try1/final/model.safetensors""",
+    ),
+    "check-data": (
+        ["--check-data"],
+        """Read every sample of both splits once, through the same readers and transforms as training,
+and list every problem in one report. Exit code 0 when the data is clean, 2 (a user error) when it
+is not. Same options as `shardvision train`.
+
+example:
+  shardvision check-data {task} --config {config}""",
+    ),
+}
 
 
-def run(config_cls: type, task_cls: type, argv: list[str] | None = None) -> dict[str, float]:
+def run(
+    config_cls: type,
+    task_cls: type,
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    description: str | None = None,
+) -> dict[str, float]:
     """Parse the command line, build the task, then train, evaluate (--eval-only) or read every
     sample once (--check-data). A known failure exits with its ExitCode and one line instead of a
-    traceback; every rank meets it together, so rank 0 alone prints it."""
+    traceback; every rank meets it together, so rank 0 alone prints it. `prog` and `description`
+    title its --help (core.config.parse_args)."""
     with known_failures_exit():
-        metrics = train(config_cls, task_cls, argv)
+        metrics = train(config_cls, task_cls, argv, prog, description)
     if one_of_several_ranks():
         leave(ExitCode.SUCCESS)
     return metrics
 
 
-def train(config_cls: type, task_cls: type, argv: list[str] | None = None) -> dict[str, float]:
+def train(
+    config_cls: type,
+    task_cls: type,
+    argv: list[str] | None = None,
+    prog: str | None = None,
+    description: str | None = None,
+) -> dict[str, float]:
     """What `run` does, with failures raised rather than turned into exit codes."""
     from core.trainer import Trainer
 
     argv = list(sys.argv[1:] if argv is None else argv)
     check_only = "--check-data" in argv
-    cfg = parse_args(config_cls, [a for a in argv if a != "--check-data"])
+    cfg = parse_args(config_cls, [a for a in argv if a != "--check-data"], prog, description)
     if check_only:
-        sys.exit(check_data(task_cls(cfg), cfg))
+        check_data(task_cls(cfg), cfg)
+        sys.exit(ExitCode.SUCCESS)
     return Trainer(cfg, task_cls(cfg)).fit()
 
 
@@ -140,9 +197,9 @@ def _on_rank_0s_node() -> bool:
     return int(os.environ.get("RANK", "0")) < int(local_world)
 
 
-def check_data(task: Any, cfg: Any) -> int:
+def check_data(task: Any, cfg: Any) -> None:
     """Read every sample of both splits once, in parallel, and list every problem in one report.
-    Exit code 0 when the data is clean, 1 when it is not."""
+    Problems end in a DataError: bad data is a user error (exit code 2), found before training."""
     import logging
 
     from core.data import check_samples
@@ -157,60 +214,62 @@ def check_data(task: Any, cfg: Any) -> int:
         problems += found
     print("\n".join(problems + lines))
     if problems:
-        print(
-            f"shardvision: {len(problems)} problems in the data; fix them, or train with "
-            "--data.bad_samples skip to leave them out"
+        raise DataError(
+            f"{len(problems)} problems in the data; fix them, or train with --data.bad_samples skip to leave them out"
         )
-    return 1 if problems else 0
-
-
-def export_main(argv: list[str]) -> None:
-    import argparse
-
-    from core.export import export_checkpoint
-
-    parser = argparse.ArgumentParser(
-        prog="shardvision export", description="Write consolidated safetensors from any checkpoint."
-    )
-    parser.add_argument("checkpoint", help="a checkpoints/<step> folder")
-    parser.add_argument("out", help="output folder (model.safetensors, config.yaml, export.json)")
-    parser.add_argument(
-        "--allow-pickle", action="store_true", help="allow reading DeepSpeed/FSDP shards, which are Python pickles"
-    )
-    args = parser.parse_args(argv)
-    try:
-        print(export_checkpoint(args.checkpoint, args.out, args.allow_pickle))
-    except CheckpointError as e:
-        leave(ExitCode.USER_ERROR, f"error: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["export"]:
-        return export_main(argv[1:])
-    if argv[:1] == ["submit"]:
-        from core.submit import submit_main
-
-        return submit_main(argv[1:])
-    if argv[:1] == ["plan"]:
-        from core.plan import plan_main
-
-        return plan_main(argv[1:])
-    if argv[:1] == ["report"]:
-        from core.report import report_main
-
-        return report_main(argv[1:])
-    usage = (
-        f"usage: shardvision {{train,eval,check-data,submit,plan}} {{{','.join(TASKS)}}} [options] | shardvision "
-        "export CHECKPOINT OUT | shardvision report RUN_DIR [RUN_DIR ...]"
+    """The `shardvision` console script (setup.py), also `python -m core.cli`."""
+    parser = argparse.ArgumentParser(
+        prog="shardvision",
+        description="Train and fine-tune vision models at scale on accelerate and DeepSpeed.\n\nexample:\n"
+        f"  shardvision train classification --config recipes/classification/configs/{TASKS['classification']}",
+        epilog="`shardvision COMMAND --help`: what a command does, an example, and its options.\nexit codes: "
+        + ", ".join(f"{code.value} {code.name.lower().replace('_', ' ')}" for code in ExitCode)
+        + " (docs/failures.md)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if len(argv) < 2 or argv[0] not in COMMANDS or argv[1] not in TASKS:
-        print(usage, file=sys.stderr)
-        sys.exit(ExitCode.USER_ERROR)
-    command, task, rest = argv[0], argv[1], argv[2:]
-    try:
-        recipe = importlib.import_module(f"recipes.{task}.train")
-    except ModuleNotFoundError as e:
-        print(f"shardvision: the {task} recipe is not available yet ({e})", file=sys.stderr)
-        sys.exit(ExitCode.USER_ERROR)
-    recipe.main(rest + COMMANDS[command])
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+    for name, summary in COMMANDS.items():
+        # Each command reads, and explains with --help, the rest of the line itself: its options live
+        # beside its code, and those of train, eval and check-data depend on the task.
+        commands.add_parser(name, help=summary, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command in RECIPE_COMMANDS:
+        recipe_main(args.command, rest)
+    else:  # export, submit, plan, report: core/<command>.py, which imports this module
+        getattr(importlib.import_module(f"core.{args.command}"), f"{args.command}_main")(rest)
+
+
+def recipe_main(command: str, argv: list[str]) -> dict[str, float]:
+    """`shardvision train|eval|check-data TASK ...`: what the task's train.py runs (its CONFIG and
+    TASK through `run`), with this command's flag, and its --help titled for this command."""
+    flags, about = RECIPE_COMMANDS[command]
+    parser = argparse.ArgumentParser(
+        prog=f"shardvision {command}",
+        usage="%(prog)s [-h] TASK [options]",
+        description=_with_example(about, "classification"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "task",
+        choices=TASKS,
+        metavar="TASK",
+        help=f"{', '.join(TASKS)}; `shardvision {command} TASK --help` lists its options: every config key",
+    )
+    # Only the first word is read here: the task, or --help for the help above. What follows the
+    # task, --help included, is the recipe's: only it knows its config keys.
+    task = parser.parse_args(argv[:1]).task
+    recipe = importlib.import_module(f"recipes.{task}.train")
+    return run(
+        recipe.CONFIG, recipe.TASK, argv[1:] + flags, f"shardvision {command} {task}", _with_example(about, task)
+    )
+
+
+def _with_example(about: str, task: str) -> str:
+    return about.format(task=task, config=f"recipes/{task}/configs/{TASKS[task]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -27,6 +27,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from core.shipped import user_path
+
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
@@ -271,8 +273,11 @@ class DistributedConfig:
     )
 
     def validate(self) -> None:
-        if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
-            raise ConfigError(f"distributed.deepspeed_config: file not found: {self.deepspeed_config!r}")
+        if self.deepspeed_config is not None and not os.path.isfile(user_path(self.deepspeed_config)):
+            raise ConfigError(
+                f"distributed.deepspeed_config: file not found: {self.deepspeed_config!r} (neither from the "
+                "current directory nor among the shipped ds_configs/)"
+            )
         _check(self.timeout_minutes >= 1, "distributed.timeout_minutes", self.timeout_minutes, "must be >= 1")
         for key in ("hang_timeout_minutes", "startup_timeout_minutes"):
             value = getattr(self, key)
@@ -533,8 +538,10 @@ def _split_overrides(tokens: list[str]) -> list[tuple[str, Any, str]]:
 
 
 def describe(cls: type) -> str:
-    """Every key with its type, default and help: the text behind `--help`."""
-    lines, default = [], cls()
+    """Every key with its type, default and help: the text behind `--help`. A key is accepted with
+    `-` or `_`; each is shown once, as people type it: top-level keys like the launchers' own flags
+    (--output-dir, --eval-only), the others as --section.key_name."""
+    lines, default = ["config keys (each set as --key VALUE; a bare --key sets a bool key to true):"], cls()
 
     def walk(obj: Any, c: type, prefix: str) -> None:
         for name, (f, tp) in _fields(c).items():
@@ -543,36 +550,39 @@ def describe(cls: type) -> str:
                 lines.append(f"\n{prefix}{name}: {f.metadata.get('help', '')}")
                 walk(value, tp, f"{prefix}{name}.")
             else:
-                lines.append(
-                    f"  --{prefix}{name} ({_type_name(tp)}, default {value!r})\n      {f.metadata.get('help', '')}"
-                )
+                flag = f"{prefix}{name}" if prefix else name.replace("_", "-")
+                lines.append(f"  --{flag} ({_type_name(tp)}, default {value!r})\n      {f.metadata.get('help', '')}")
 
     walk(default, cls, "")
     return "\n".join(lines)
 
 
-def parse_args(cls: type, argv: list[str] | None = None):
-    """The command line every recipe shares; returns a validated `cls` instance."""
+ENTRY_POINT_HELP = (
+    "shardvision training entry point: train, evaluate and exit (--eval-only), or read every sample once and "
+    "list every problem (--check-data). Any config key can be overridden as --section.key VALUE."
+)
+
+
+def parse_args(cls: type, argv: list[str] | None = None, prog: str | None = None, description: str | None = None):
+    """The command line every recipe shares; returns a validated `cls` instance. `prog` and
+    `description` title its --help (the `shardvision` subcommands give their own)."""
     parser = argparse.ArgumentParser(
-        description="shardvision training entry point. Any config key can be overridden as --section.key VALUE.",
+        prog=prog,
+        description=description or ENTRY_POINT_HELP,
         epilog=describe(cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML config file.")
-    parser.add_argument("--output-dir", help="Run folder (config key output_dir).")
     parser.add_argument("--resume", help="'auto' or a checkpoint folder (config key checkpoint.resume).")
-    parser.add_argument("--eval-only", action="store_true", help="Evaluate and exit.")
     parser.add_argument("--weights", help="Local weights file to load (config key model.weights).")
     # The deepspeed launcher passes --local_rank=N; the rank itself is read from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
 
-    overrides = _split_overrides(rest)
-    for flag, key in (("output_dir", "output_dir"), ("resume", "checkpoint.resume"), ("weights", "model.weights")):
+    overrides = _split_overrides(rest)  # --output-dir and --eval-only among them: top-level keys
+    for flag, key in (("resume", "checkpoint.resume"), ("weights", "model.weights")):
         if getattr(args, flag) is not None:
-            overrides.append((key, getattr(args, flag), f"--{flag.replace('_', '-')}"))
-    if args.eval_only:
-        overrides.append(("eval_only", True, "--eval-only"))
+            overrides.append((key, getattr(args, flag), f"--{flag}"))
     return load_config(cls, args.config, overrides)
 
 

@@ -14,9 +14,11 @@ them into the same model. The EMA of the weights, when the run kept one, is writ
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from core.checkpoint import TRAINER_STATE, CheckpointError, pickled_format, verify
 from core.ema import EXPORT_FILE as EMA_EXPORT
 from core.ema import saved_average
+from core.exit_codes import ExitCode
 
 
 def _save(state_dict: dict[str, torch.Tensor], path: str) -> None:
@@ -72,3 +75,21 @@ def export_checkpoint(checkpoint: str, out_dir: str, allow_pickle: bool = False)
     with open(os.path.join(out_dir, "export.json"), "w") as f:
         json.dump({"checkpoint": os.path.abspath(checkpoint), "step": step, "format": fmt or "accelerate"}, f, indent=2)
     return target
+
+
+def export_main(argv: list[str]) -> None:
+    """`shardvision export CHECKPOINT OUT [--allow-pickle]`."""
+    parser = argparse.ArgumentParser(
+        prog="shardvision export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoints/<step> folder")
+    parser.add_argument("out", metavar="OUT", help="output folder (model.safetensors, config.yaml, export.json)")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="allow reading DeepSpeed/FSDP shards, which are Python pickles"
+    )
+    args = parser.parse_args(argv)
+    try:
+        print(export_checkpoint(args.checkpoint, args.out, args.allow_pickle))
+    except CheckpointError as e:
+        print(f"shardvision: error: {e}", file=sys.stderr)
+        sys.exit(ExitCode.USER_ERROR)

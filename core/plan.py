@@ -1,6 +1,6 @@
 """`shardvision plan TASK --config FILE`: will this run fit, under which strategy, at which micro-batch?
 
-    shardvision plan classification --config recipes/classification/configs/vit_b16.yaml \\
+    shardvision plan classification --config recipes/classification/configs/imagenet_vit_b16.yaml \\
         --nodes 2 --gpus-per-node 8 --gpu-memory 80GiB [--data.micro_batch_size 64 ...]
 
 Before any launch, for the configured model, input, precision and optimizer, a table of the
@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -48,6 +47,7 @@ from typing import Any
 import torch
 
 from core.config import ConfigError
+from core.shipped import shipped_path
 
 STRATEGIES = ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3 offload", "FSDP2")
 # The pick: the first strategy that fits the configured micro-batch, least communication first.
@@ -201,9 +201,7 @@ def model_facts(model: torch.nn.Module, cfg: Any, persistence_threshold: int) ->
 
 
 def deepspeed_settings(name: str) -> dict[str, Any]:
-    from core.distributed import REPO_ROOT
-
-    with open(os.path.join(REPO_ROOT, "ds_configs", DS_CONFIGS[name])) as f:
+    with open(shipped_path(f"ds_configs/{DS_CONFIGS[name]}")) as f:
         zero = json.load(f).get("zero_optimization", {})
     return {k: zero[k] if isinstance(zero.get(k), (int, float)) else v for k, v in DS_DEFAULTS.items()} | {
         "offload": "offload_optimizer" in zero
@@ -413,11 +411,12 @@ def plan_main(argv: list[str]) -> None:
         prog="shardvision plan",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every other option is a run config key, as for `shardvision train` (e.g. --data.micro_batch_size 64).",
+        epilog="Every other option is a run config key, as for `shardvision train TASK` (its --help lists them), "
+        "e.g. --data.micro_batch_size 64.",
     )
-    parser.add_argument("task", choices=TASKS)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("task", choices=TASKS, metavar="TASK", help=f"the recipe to plan for: {', '.join(TASKS)}")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes of the run (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, one rank each (default 8)")
     parser.add_argument("--gpu-memory", type=parse_memory, default=80 * GiB, help="per GPU, e.g. 80GiB (default)")
     parser.add_argument("--json", metavar="FILE", help="also write the plan as JSON")
     args, rest = parser.parse_known_args(argv)

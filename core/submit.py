@@ -1,7 +1,7 @@
 """`shardvision submit`: a training run as a SLURM job (or a local one) through submitit, one task
 per rank, that checkpoints and requeues itself when preempted or timed out.
 
-    shardvision submit classification --config recipes/classification/configs/imagenet_vit_b16.yaml \
+    shardvision submit classification --config recipes/classification/configs/imagenet_vit_b16.yaml \\
         --nodes 2 --tasks-per-node 8 --timeout-min 1440 --partition gpu --output-dir /shared/runs/vit
 
 Every task is one rank: submitit's JobEnvironment gives its global and local rank and the job's
@@ -126,14 +126,14 @@ def with_resume_auto(argv: list[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardvision submit",
-        description="Submit a training run as a SLURM job (or a local one) through submitit, one task per rank; "
-        "it checkpoints and requeues itself on preemption and at the time limit. Every other flag is a training "
-        "flag, as for `shardvision train`.",
+        description=__doc__,
+        epilog="Every other option is a training option, as for `shardvision train TASK` (its --help lists them).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # a training flag must never be taken for an abbreviated submission option
     )
-    parser.add_argument("task", choices=TASKS)
+    parser.add_argument("task", choices=TASKS, metavar="TASK", help=f"the recipe to train: {', '.join(TASKS)}")
     parser.add_argument("--cluster", choices=("slurm", "local"), default="slurm", help="local: this machine, no SLURM")
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=1, help="nodes for the job (default 1)")
     parser.add_argument("--tasks-per-node", type=int, default=1, help="ranks per node: one per GPU")
     parser.add_argument("--timeout-min", type=int, default=24 * 60, help="the job's time limit, in minutes")
     parser.add_argument("--partition", help="SLURM partition")

@@ -31,8 +31,7 @@ def test_no_unsafe_torch_load():
 def test_console_script(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fly", "classification"])
-    usage = "usage: shardvision {train,eval,check-data,submit,plan}"
-    assert exit_info.value.code == 2 and usage in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "invalid choice: 'fly'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["submit", "classification", "--help"])
     assert exit_info.value.code == 0 and "--tasks-per-node" in capsys.readouterr().out
