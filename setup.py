@@ -7,6 +7,9 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACKERS = ["mlflow-skinny", "sqlalchemy", "alembic", "wandb"]
+# Launch files the commands name from the repository root. A wheel has no root, so each folder
+# becomes a data-only package inside core (core/ds_configs/...), found by core/shipped.py.
+SHIPPED = {"accelerate_configs": ["*.yaml"], "ds_configs": ["*.json"], "launchers": ["*.sbatch"]}
 
 
 def pinned(names: list[str]) -> list[str]:
@@ -26,9 +29,15 @@ setup(
     description="Train and fine-tune vision models at scale on accelerate and DeepSpeed",
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["core", "core.*", "recipes", "recipes.*"]),
-    package_data={"recipes": ["*/configs/*.yaml", "*/configs/*/*.json"]},
+    # CI and the development machines run 3.11; the pinned numpy (2.4) needs at least that.
+    python_requires=">=3.11",
+    classifiers=["Programming Language :: Python :: 3", "Programming Language :: Python :: 3.11"],
+    packages=[*find_packages(include=["core", "core.*", "recipes", "recipes.*"]), *(f"core.{d}" for d in SHIPPED)],
+    package_dir={f"core.{d}": d for d in SHIPPED},
+    package_data={
+        "recipes": ["*/configs/*.yaml", "*/configs/*/*.json"],
+        **{f"core.{d}": p for d, p in SHIPPED.items()},
+    },
     install_requires=pinned(
         [
             "torch",

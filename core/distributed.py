@@ -43,9 +43,9 @@ from accelerate.utils import (
 
 from core.config import ConfigError, TrainConfig
 from core.params import full_numel
+from core.shipped import shipped_path, user_path
 
 STRATEGIES = ("ddp", "deepspeed", "fsdp")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env_true(name: str) -> bool:
@@ -96,8 +96,11 @@ def resolve_precision(cfg: TrainConfig, on_gpu: bool) -> str:
 
 
 def deepspeed_config_path(cfg: TrainConfig) -> str:
-    from_cfg = cfg.distributed.deepspeed_config
-    from_launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    given, launched = cfg.distributed.deepspeed_config, os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    # A relative path (the accelerate configs' own "ds_configs/zero2.json" too) is looked up from
+    # the current directory, then among the shipped files: an installed shardvision finds its own.
+    from_cfg = user_path(given) if given else None
+    from_launcher = user_path(launched) if launched else None
     if from_cfg and from_launcher and os.path.realpath(from_cfg) != os.path.realpath(from_launcher):
         raise ConfigError(
             f"distributed.deepspeed_config={from_cfg!r} contradicts the accelerate config's "
@@ -105,9 +108,7 @@ def deepspeed_config_path(cfg: TrainConfig) -> str:
         )
     path = from_cfg or from_launcher
     if not path:
-        shipped = sorted(
-            os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(REPO_ROOT, "ds_configs", "*.json"))
-        )
+        shipped = sorted(f"ds_configs/{os.path.basename(p)}" for p in glob.glob(shipped_path("ds_configs/*.json")))
         raise ConfigError(
             "DeepSpeed was asked for but no DeepSpeed JSON was given: set "
             f"--distributed.deepspeed_config to one of {', '.join(shipped)}."
