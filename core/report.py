@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from core.config import flat_dict
+from core.exit_codes import ExitCode
 
 TRAIN_SERIES = ("loss", "lr", "grad_norm", "images_per_sec", "tflops_per_device", "mfu", "memory_mb")
 NOT_PLOTTED = {"samples", "images"}  # evaluation counts, not metrics
@@ -76,7 +77,7 @@ def read_run(folder: str, label: str | None = None) -> Run:
 
 def plotted_metrics(runs: list[Run]) -> list[tuple[str, str]]:
     """(split, name) of every plot, in page order: the training series, then each evaluation metric
-    (per-class values, named class/metric, go to the table instead)."""
+    (per-class values, named metric/class, go to the table instead)."""
     train = {n for r in runs for n in r.series.get("train", {})}
     evaluated = {n for r in runs for n in r.series.get("eval", {}) if "/" not in n and n not in NOT_PLOTTED}
     ordered = [("train", n) for n in TRAIN_SERIES if n in train]
@@ -126,6 +127,21 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
+def per_class_table(evaluation: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """An evaluation row's per-class values (`<metric>/<class>`, e.g. IoU/cat, AP50/cat,
+    ema_top1/cat) as a table: a row per class and a column per metric, both in logged order (the
+    data's class order)."""
+    metrics: dict[str, None] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for key, value in evaluation.items():
+        if "/" in key and isinstance(value, (int, float)):
+            metric, name = key.split("/", 1)  # a class name may hold a "/" of its own
+            metrics.setdefault(metric)
+            values.setdefault(name, {})[metric] = value
+    rows = [[name, *(f"{row[m]:.4g}" if m in row else "" for m in metrics)] for name, row in values.items()]
+    return ["class", *metrics], rows
+
+
 def render(runs: list[Run]) -> str:
     """The page, as one HTML string."""
     parts = [
@@ -144,10 +160,10 @@ def render(runs: list[Run]) -> str:
             keys = [k for k in run.launches[-1] if k not in ("split", "epoch")]
             header = ["", *[f"launch {i + 1}" for i in range(len(run.launches))]]
             parts.append(_table(header, [[k, *[launch.get(k, "") for launch in run.launches]] for k in keys]))
-        per_class = {k: v for k, v in run.last_eval.items() if "/" in k}
-        if per_class:
+        header, rows = per_class_table(run.last_eval)
+        if rows:
             parts.append(f"<h3>per-class results at step {run.last_eval['step']}</h3>")
-            parts.append(_table(["class / metric", "value"], [[k, f"{v:.4g}"] for k, v in sorted(per_class.items())]))
+            parts.append(_table(header, rows))
     if len(runs) > 1:
         parts.append("<h2>config keys that differ</h2>")
         differing = differing_config(runs)
@@ -163,8 +179,10 @@ def render(runs: list[Run]) -> str:
 
 
 def report_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="shardvision report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run folders (each with its metrics.jsonl)")
+    parser = argparse.ArgumentParser(
+        prog="shardvision report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with its metrics.jsonl)")
     parser.add_argument("--out", help="the HTML file (default <first run>/report.html)")
     args = parser.parse_args(argv)
     labels = [os.path.basename(os.path.abspath(r)) for r in args.runs]
@@ -174,7 +192,7 @@ def report_main(argv: list[str]) -> None:
         runs = [read_run(folder, label) for folder, label in zip(args.runs, labels, strict=True)]
     except FileNotFoundError as e:
         print(f"shardvision: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ExitCode.USER_ERROR)
     out = args.out or os.path.join(args.runs[0], "report.html")
     with open(out, "w") as f:
         f.write(render(runs))

@@ -38,12 +38,21 @@ class ClassificationTask(Task):
                 label_smoothing=d.label_smoothing,
                 num_classes=cfg.model.num_classes,
             )
+        # The per-class table's names: the data's own (build_datasets), else class_<i>.
+        self.class_names = [f"class_{i}" for i in range(cfg.model.num_classes)]
 
     def build_model(self) -> torch.nn.Module:
         return build_model(self.cfg.model)
 
     def build_datasets(self):
-        return build_datasets(self.cfg.data, self.cfg.model.num_classes, self.cfg.seed)
+        train, val = build_datasets(self.cfg.data, self.cfg.model.num_classes, self.cfg.seed)
+        # The training split's names are the model's labels (ImageFolder folders, a ClassLabel
+        # column's names, the digits), else the evaluation split's; unnamed sets keep class_<i>.
+        named = [getattr(getattr(split, "base", split), "classes", None) for split in (train, val)]
+        names = next((n for n in named if n), None)
+        if names:
+            self.class_names = [str(name) for name in names]
+        return train, val
 
     def training_step(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         images, labels = batch["image"], batch["label"]
@@ -62,4 +71,4 @@ class ClassificationTask(Task):
         }
 
     def build_metrics(self) -> ClassificationMetrics:
-        return ClassificationMetrics()
+        return ClassificationMetrics(self.class_names)

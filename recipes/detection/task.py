@@ -91,4 +91,7 @@ class DetectionTask(Task):
         ]
 
     def build_metrics(self) -> CocoMetrics:
-        return CocoMetrics(self.eval_set.coco, self.eval_set.category_ids, masks=predicts_masks(self.cfg.model))
+        data = self.eval_set  # its category table names the model's labels: the per-class table's rows
+        return CocoMetrics(
+            data.coco, data.category_ids, masks=predicts_masks(self.cfg.model), class_names=data.category_names
+        )

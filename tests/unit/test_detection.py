@@ -522,3 +522,143 @@ def test_every_detector_trains_and_predicts_on_bf16_weights_under_autocast_or_re
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = task.evaluation_step(net.eval(), eval_batch)
     assert [out["image_id"] for out in outputs] == [val[0]["image_id"], val[1]["image_id"]]
+
+
+def pycocotools_one_category(gt_path, results_path, category, iou_type="bbox"):
+    """COCOeval's stats on one category alone (`params.catIds = [category]`), from the results
+    file as written: the independent reference for a per-class AP."""
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    gt = load_gt(gt_path)
+    results = json.loads(open(results_path).read())
+    if iou_type == "segm":
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    with contextlib.redirect_stdout(io.StringIO()):
+        e = COCOeval(gt, gt.loadRes(results), iou_type)
+        e.params.catIds = [category]
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return e.stats
+
+
+def test_per_class_ap_equals_pycocotools_on_that_category_alone(tmp_path):
+    """GT's boxes shifted right by 3 px (category 1 keeps IoU 0.74: matched at IoU 0.5..0.7, so AP
+    0.5, AP50 1), a wrong category-2 box scored above its two right ones (AP50 2/3) and a box of
+    category 3, which has no ground truth (no AP). Each per-class value is COCOeval's on that
+    category alone; the overall values stay the all-categories run's."""
+    import math
+
+    gt_path = write_coco(tmp_path, GT, categories=(1, 2, 3))
+    predictions = predictions_from(GT, shift=3.0)
+    predictions[2] = {  # image 3 has no object
+        "image_id": 3,
+        "boxes": torch.tensor([[5.0, 5.0, 25.0, 25.0]]),
+        "scores": torch.tensor([0.95]),
+        "labels": torch.tensor([2]),
+    }
+    predictions[0]["boxes"] = torch.cat([predictions[0]["boxes"], torch.tensor([[40.0, 30.0, 60.0, 45.0]])])
+    predictions[0]["scores"] = torch.cat([predictions[0]["scores"], torch.tensor([0.5])])
+    predictions[0]["labels"] = torch.cat([predictions[0]["labels"], torch.tensor([3])])
+    metrics = CocoMetrics(load_gt(gt_path), [1, 2, 3])
+    for prediction in predictions:
+        metrics.update([prediction])
+    values = metrics.compute()
+    metrics.write(str(tmp_path / "eval"), values)
+    results = tmp_path / "eval" / "predictions.json"
+    for category in (1, 2):
+        alone = pycocotools_one_category(gt_path, results, category)
+        assert values[f"AP/c{category}"] == pytest.approx(alone[0], abs=1e-12)
+        assert values[f"AP50/c{category}"] == pytest.approx(alone[1], abs=1e-12)
+    assert (values["AP/c1"], values["AP50/c1"]) == pytest.approx((0.5, 1.0))
+    assert values["AP50/c2"] == pytest.approx(2 / 3, abs=1e-3)
+    assert pycocotools_one_category(gt_path, results, 3)[0] == -1  # nothing to find
+    assert math.isnan(values["AP/c3"]) and math.isnan(values["AP50/c3"])
+    direct = pycocotools_direct(gt_path, results)
+    assert [values[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == pytest.approx(list(direct[:6]))
+    lines = metrics.table().splitlines()
+    assert lines[0].split() == ["class", "AP", "AP50", "objects"]
+    assert [line.split()[0] for line in lines[1:]] == ["c1", "c2", "c3"]
+    assert [line.split()[-1] for line in lines[1:]] == ["1", "2", "0"]
+    assert lines[1].split()[1:3] == ["0.5000", "1.0000"] and lines[3].split()[1:3] == ["nan", "nan"]
+
+    nothing = CocoMetrics(load_gt(gt_path), [1, 2, 3], class_names=["one", "two", "three"])
+    nothing.update([{"image_id": 1, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}])
+    values = nothing.compute()  # image 1 only: one object of each of categories 1 and 2
+    assert (values["AP/one"], values["AP50/two"]) == (0.0, 0.0) and math.isnan(values["AP/three"])
+
+
+def test_per_class_mask_ap_equals_pycocotools_on_that_category_alone(tmp_path):
+    from recipes.detection.metrics import mask_rles
+
+    cfg = DetectionDataConfig(source="shapes", root=str(tmp_path), shapes_count=[2, 6], min_size=128, max_size=128)
+    _, val = build_datasets(cfg, 0, masks=True)
+    gt_path = next(tmp_path.glob("shapes-det-*")) / "annotations" / "instances_val.json"
+    metrics = CocoMetrics(val.base.coco, val.base.category_ids, masks=True, class_names=val.base.category_names)
+    for i in range(len(val)):
+        sample = val[i]
+        masks = -torch.nn.functional.max_pool2d(-sample["masks"].float()[:, None], 7, 1, 3)  # eroded by 3 px
+        n = len(sample["labels"])
+        scores = torch.linspace(0.9, 0.5, n) if n else torch.zeros(0)
+        metrics.update(
+            [
+                {
+                    "image_id": sample["image_id"],
+                    "boxes": sample["boxes"],
+                    "labels": sample["labels"],
+                    "scores": scores,
+                    "rles": mask_rles(masks),
+                }
+            ]
+        )
+    values = metrics.compute()
+    metrics.write(str(tmp_path / "eval"), values)
+    results = tmp_path / "eval" / "predictions.json"
+    for category, name in zip(val.base.category_ids, ["square", "circle", "triangle"], strict=True):
+        alone = pycocotools_one_category(gt_path, results, category, "segm")
+        assert values[f"mask_AP/{name}"] == pytest.approx(alone[0], abs=1e-12)
+        assert values[f"mask_AP50/{name}"] == pytest.approx(alone[1], abs=1e-12)
+        assert values[f"AP/{name}"] == pytest.approx(1.0)  # boxes untouched
+    assert metrics.table().splitlines()[0].split() == ["class", "AP", "AP50", "mask_AP", "mask_AP50", "objects"]
+
+
+def test_the_per_class_table_reaches_the_console_metrics_jsonl_and_the_report(tmp_path, capsys, fresh_accelerate_state):
+    """A real (tiny, in-process) evaluation-only run on the shapes demo: its category names name
+    the rows of the table logged after the evaluation, the `AP/<class>`, `AP50/<class>` values of metrics.jsonl's
+    eval row and the report's per-class table, as segmentation's IoU/<class> do."""
+    import importlib
+
+    from safetensors.torch import save_file
+
+    from core.report import per_class_table, read_run, render
+    from tests.builders import QUICK_RUN
+
+    _, task = shapes_task(tmp_path, "shapes.yaml")
+    torch.manual_seed(0)
+    weights = str(tmp_path / "untrained.safetensors")
+    save_file({k: v.contiguous() for k, v in task.build_model().state_dict().items()}, weights)
+    run_dir = tmp_path / "run"
+    args = ["--config", str(REPO / "recipes/detection/configs/shapes.yaml"), "--output-dir", str(run_dir)]
+    args += ["--data.root", str(tmp_path / "data"), "--data.shapes_count", "[4, 3]", "--data.micro_batch_size", "2"]
+    args += ["--data.min_size", "128", "--data.max_size", "128", "--eval-only", "--weights", weights, *QUICK_RUN]
+    values = importlib.import_module("recipes.detection.train").main(args)
+
+    names = ["square", "circle", "triangle"]
+    expected = {f"{metric}/{name}" for metric in ("AP", "AP50") for name in names}
+    assert {k for k in values if "/" in k} == expected
+    console = capsys.readouterr().err
+    table = console.split("per-class results\n", 1)[1].splitlines()
+    assert table[0].split() == ["class", "AP", "AP50", "objects"]
+    assert [row.split()[0] for row in table[1:4]] == names
+
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    evaluation = [row for row in rows if row["split"] == "eval"][-1]
+    logged = {k: v for k, v in evaluation.items() if "/" in k}
+    assert logged == pytest.approx({k: values[k] for k in expected}, nan_ok=True)
+    header, table_rows = per_class_table(read_run(str(run_dir)).last_eval)
+    assert header == ["class", "AP", "AP50"] and [row[0] for row in table_rows] == names
+    assert table_rows[0][1] == f"{values['AP/square']:.4g}"
+    assert "<th>class</th><th>AP</th><th>AP50</th>" in render([read_run(str(run_dir))])
