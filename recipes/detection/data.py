@@ -78,19 +78,30 @@ class DetectionDataConfig(DataConfig):
 class CocoDetection(Dataset):
     """(image, target) pairs from a COCO json; annotations are checked once, when loaded.
 
-    Labels are contiguous 1..K in the json's category order (0 is the detectors' background);
-    `category_ids[label - 1]` maps back for COCO-format results. Crowd annotations are skipped
+    Labels are contiguous 1..K in the order of the training split's category ids (0 is the
+    detectors' background), one table for the run: `category_ids[label - 1]` maps back for
+    COCO-format results. Another split (`categories`: the training set) is held to that table by id
+    and name, so a validation file that lacks a category, or numbers them otherwise, cannot shift
+    every later label and score the model against the wrong classes. Crowd annotations are skipped
     for training, as usual; images without annotations are kept (negatives). A box outside its
     image, of zero area or of an unknown category, and an image file that is missing, stop the
     run naming them (`data.bad_samples: error`) or are left out and listed in `problems` (skip)."""
 
-    def __init__(self, images: str, annotations: str, bad_samples: str, training: bool, masks: bool = False):
+    def __init__(
+        self,
+        images: str,
+        annotations: str,
+        bad_samples: str,
+        training: bool,
+        masks: bool = False,
+        categories: CocoDetection | None = None,
+    ):
         from pycocotools.coco import COCO
 
         self.images_dir, self.masks = images, masks
         with _quiet():
             coco = COCO(annotations)
-        self._index(coco, annotations)
+        self._index(coco, annotations, categories)
         missing = [i for i in self.ids if not os.path.isfile(os.path.join(images, self.coco.imgs[i]["file_name"]))]
         if missing:
             first = os.path.join(images, self.coco.imgs[missing[0]]["file_name"])
@@ -109,13 +120,39 @@ class CocoDetection(Dataset):
             self.ids = [i for i in self.ids if i not in set(missing)]
         self._check(bad_samples, training)
 
-    def _index(self, coco: Any, where: str) -> None:
+    def _index(self, coco: Any, where: str, categories: CocoDetection | None) -> None:
         self.coco, self.annotations_file = coco, where
-        self.category_ids = sorted(self.coco.getCatIds())
+        if categories is None:  # the training split: its categories are the run's labels
+            self.category_ids = sorted(self.coco.getCatIds())
+            self.category_names = [self.coco.cats[c]["name"] for c in self.category_ids]
+        else:
+            self._check_categories(categories)
+            self.category_ids, self.category_names = categories.category_ids, categories.category_names
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.category_ids)}
-        self.category_names = [self.coco.cats[c]["name"] for c in self.category_ids]
         self.ids = sorted(self.coco.getImgIds())
         self.problems: list[str] = []
+
+    def _check_categories(self, training: CocoDetection) -> None:
+        """Every category of this split is the training split's of the same id and name; one this
+        split lacks is only absent from its scores (no ground truth: no AP for it)."""
+        names = dict(zip(training.category_ids, training.category_names, strict=True))
+        for cid in sorted(self.coco.getCatIds()):
+            name = self.coco.cats[cid]["name"]
+            if cid not in names:
+                raise DataError(
+                    f"{self.annotations_file}: category {cid} ({name!r}) is not among the training split's "
+                    f"categories in {training.annotations_file} ({_listed(names)}): the model has no label for it. "
+                    "Use one category list in both files."
+                )
+            if name != names[cid]:
+                raise DataError(
+                    f"{self.annotations_file}: category {cid} is {name!r} here but {names[cid]!r} in "
+                    f"{training.annotations_file}: the two files number their categories differently. "
+                    "Use one category list in both files."
+                )
+        missing = [names[c] for c in training.category_ids if c not in self.coco.cats]
+        if missing:
+            logger.info("%s has no category %s: it is scored without them", self.annotations_file, missing)
 
     def _check(self, bad_samples: str, training: bool) -> None:
         self.targets = {image_id: self._checked(image_id, bad_samples, training) for image_id in self.ids}
@@ -189,7 +226,15 @@ class HFDetection(CocoDetection):
     file's header), categories from the objects' ClassLabel names (else the ids found), boxes in
     `data.box_format`. Checked and scored exactly as a COCO json is."""
 
-    def __init__(self, ds: Any, cfg: DetectionDataConfig, where: str, bad_samples: str, training: bool):
+    def __init__(
+        self,
+        ds: Any,
+        cfg: DetectionDataConfig,
+        where: str,
+        bad_samples: str,
+        training: bool,
+        categories: CocoDetection | None = None,
+    ):
         from pycocotools.coco import COCO
 
         self.masks = False
@@ -205,7 +250,7 @@ class HFDetection(CocoDetection):
         with _quiet():
             coco.createIndex()
         self.row_of = {image["id"]: image["row"] for image in coco.dataset["images"]}
-        self._index(coco, where)
+        self._index(coco, where, categories)
         self._check(bad_samples, training)
 
     def _read(self, image_id: int) -> tuple[Image.Image, str]:
@@ -215,6 +260,11 @@ class HFDetection(CocoDetection):
             return image.convert("RGB"), where
         except Exception as e:  # an undecodable image names its row
             raise DataError(f"{where}: {decode_failure(e)}") from e
+
+
+def _listed(names: dict[int, str]) -> str:
+    shown = ", ".join(f"{cid}: {name!r}" for cid, name in list(names.items())[:10])
+    return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
 def coco_index(ds: Any, cfg: DetectionDataConfig, where: str) -> dict:
@@ -436,7 +486,9 @@ def build_datasets(cfg: DetectionDataConfig, seed: int, masks: bool = False) -> 
                     f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)"
                 )
         train = HFDetection(loaded[cfg.train_split], cfg, f"{cfg.root} [{cfg.train_split}]", cfg.bad_samples, True)
-        val = HFDetection(loaded[cfg.eval_split], cfg, f"{cfg.root} [{cfg.eval_split}]", cfg.bad_samples, False)
+        val = HFDetection(
+            loaded[cfg.eval_split], cfg, f"{cfg.root} [{cfg.eval_split}]", cfg.bad_samples, False, categories=train
+        )
         return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(
             val, DetectionTransform(cfg, False), seed
         )
@@ -450,7 +502,9 @@ def build_datasets(cfg: DetectionDataConfig, seed: int, masks: bool = False) -> 
         root = cfg.root
         paths = (cfg.train_images, cfg.train_annotations, cfg.eval_images, cfg.eval_annotations)
     train = CocoDetection(os.path.join(root, paths[0]), os.path.join(root, paths[1]), cfg.bad_samples, True, masks)
-    val = CocoDetection(os.path.join(root, paths[2]), os.path.join(root, paths[3]), cfg.bad_samples, False, masks)
+    val = CocoDetection(
+        os.path.join(root, paths[2]), os.path.join(root, paths[3]), cfg.bad_samples, False, masks, categories=train
+    )
     return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(
         val, DetectionTransform(cfg, False), seed
     )

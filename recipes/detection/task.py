@@ -52,10 +52,10 @@ class DetectionTask(Task):
 
     def build_datasets(self):
         train, val = build_datasets(self.cfg.data, self.cfg.seed, masks=predicts_masks(self.cfg.model))
-        categories = len(val.base.category_ids)
+        categories = len(train.base.category_ids)  # the run's one table, which the evaluation split follows
         if categories > self.cfg.model.num_classes:
             raise ConfigError(
-                f"{val.base.annotations_file} has {categories} categories but model.num_classes is "
+                f"{train.base.annotations_file} has {categories} categories but model.num_classes is "
                 f"{self.cfg.model.num_classes}"
             )
         self.eval_set = val.base

@@ -4,6 +4,7 @@ box-aware transforms and the model options."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -662,3 +663,76 @@ def test_the_per_class_table_reaches_the_console_metrics_jsonl_and_the_report(tm
     assert header == ["class", "AP", "AP50"] and [row[0] for row in table_rows] == names
     assert table_rows[0][1] == f"{values['AP/square']:.4g}"
     assert "<th>class</th><th>AP</th><th>AP50</th>" in render([read_run(str(run_dir))])
+
+
+def coco_splits(tmp_path, val_categories, val_boxes, names=None):
+    """A training split with categories 1, 2, 3 and a validation split with `val_categories`
+    (names c<id>, or `names`), and the detection config that reads them."""
+    write_coco(
+        tmp_path / "train",
+        [[(1, (4, 4, 20, 16))], [(2, (30, 10, 24, 30))], [(3, (10, 8, 30, 20))]],
+        categories=(1, 2, 3),
+    )
+    val = write_coco(tmp_path / "val", val_boxes, categories=val_categories)
+    if names:
+        content = json.loads(val.read_text())
+        content["categories"] = [{"id": c, "name": names[c]} for c in val_categories]
+        val.write_text(json.dumps(content))
+    return DetectionDataConfig(
+        source="coco",
+        root=str(tmp_path),
+        train_images="train/images",
+        train_annotations="train/instances.json",
+        eval_images="val/images",
+        eval_annotations="val/instances.json",
+    )
+
+
+def test_a_validation_split_lacking_a_category_keeps_the_training_labels(tmp_path):
+    """The validation file has no category 1: its category 3 must still be label 3 (not 2), and
+    the scores map labels back through the training table."""
+    cfg = coco_splits(tmp_path, (2, 3), [[(3, (4, 4, 20, 16))], [(2, (30, 10, 24, 30))]])
+    train, val = build_datasets(cfg, seed=0)
+    assert val.base.category_ids == train.base.category_ids == [1, 2, 3]
+    assert val.base.category_names == ["c1", "c2", "c3"]
+    assert val.base.targets[1]["labels"] == [3] and val.base.targets[2]["labels"] == [2]
+    # A detector that predicts each object's own label scores 1, through the training table.
+    metrics = CocoMetrics(val.base.coco, val.base.category_ids, class_names=val.base.category_names)
+    for image_id, target in val.base.targets.items():
+        xyxy = torch.tensor(target["boxes"], dtype=torch.float32)
+        metrics.update(
+            [
+                {
+                    "image_id": image_id,
+                    "boxes": xyxy,
+                    "scores": torch.ones(len(xyxy)),
+                    "labels": torch.tensor(target["labels"]),
+                }
+            ]
+        )
+    values = metrics.compute()
+    assert values["AP"] == pytest.approx(1.0)
+    assert values["AP/c3"] == pytest.approx(1.0) and math.isnan(values["AP/c1"])
+
+
+@pytest.mark.parametrize(
+    "val_categories, names, message",
+    [
+        (
+            (1, 2, 3, 4),
+            None,
+            r"val/instances\.json: category 4 \('c4'\) is not among the training split's categories in "
+            r".*train/instances\.json",
+        ),
+        (
+            (1, 2, 3),
+            {1: "c1", 2: "cat", 3: "c3"},
+            r"val/instances\.json: category 2 is 'cat' here but 'c2' in .*train/instances\.json",
+        ),
+    ],
+    ids=["unknown-category", "renamed-category"],
+)
+def test_a_validation_split_numbering_categories_otherwise_is_refused(tmp_path, val_categories, names, message):
+    cfg = coco_splits(tmp_path, val_categories, [[(2, (4, 4, 20, 16))]], names)
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, seed=0)
