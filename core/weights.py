@@ -55,6 +55,8 @@ def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ())
     state = {k: v for k, v in state.items() if k not in skipped}
 
     own = _full_shapes(model)
+    dropped = _dropped_on_load(model, [k for k in state if k not in own])
+    state = {k: v for k, v in state.items() if k not in dropped}
     tied = _tied_names(model)
     # A tied name is filled through any of its names.
     loaded = {k for k in own if any(name in state for name in tied[k])}
@@ -83,11 +85,33 @@ def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ())
         model.load_state_dict({k: v.read() for k, v in state.items()}, strict=False)
     fresh = sorted(k for k in own if k not in loaded)
     logger.info(
-        "%s: %d tensors loaded%s",
+        "%s: %d tensors loaded%s%s",
         path,
         len(state),
         f"; {len(fresh)} start fresh (model.weights_exclude): {', '.join(fresh)}" if fresh else "",
+        f"; {len(dropped)} dropped by the modules' own loading, e.g. {min(dropped)}" if dropped else "",
     )
+
+
+def _dropped_on_load(model: torch.nn.Module, names: list[str]) -> set[str]:
+    """Those of `names` (entries the model's state dict lacks) that the module they would belong to
+    discards when it loads a state dict itself: torchvision's FrozenBatchNorm2d drops a BatchNorm
+    checkpoint's `num_batches_tracked`, so an ImageNet backbone file starts a detector with frozen
+    norms as `load_state_dict` would take it. Asked of the module's own `_load_from_state_dict`,
+    with only that entry: it holds no parameter or buffer of that name, so nothing is copied."""
+    dropped = set()
+    for name in names:
+        prefix, _, _ = name.rpartition(".")
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        entry = {name: torch.zeros(())}
+        unexpected: list[str] = []
+        module._load_from_state_dict(entry, prefix + ".", {}, True, [], unexpected, [])
+        if name not in entry and name not in unexpected:
+            dropped.add(name)
+    return dropped
 
 
 @dataclass

@@ -91,3 +91,34 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(WeightsError, match=r"bad\.safetensors: not a readable safetensors file"):
         load_weights(make_model(), str(tmp_path / "bad.safetensors"))
+
+
+def test_a_batchnorm_checkpoint_starts_a_detector_with_frozen_batchnorm(tmp_path):
+    """An ImageNet ResNet file (BatchNorm, with num_batches_tracked) into the frozen-BN backbone of a
+    detector, no exclusion: FrozenBatchNorm2d drops num_batches_tracked on its own load, so must we;
+    every weight and statistic lands, and an entry no module drops is still refused."""
+    import torchvision
+
+    from recipes.detection.models import DetectionModelConfig, build_model
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50()
+    for m in resnet.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    file = {f"backbone.body.{k}": v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    assert any(k.endswith("num_batches_tracked") for k in file)
+    save_file(file, tmp_path / "resnet50.safetensors")
+
+    detector = build_model(DetectionModelConfig(name="fasterrcnn_resnet50_fpn", num_classes=3, frozen_bn=True), 64, 64)
+    backbone_keys = [k for k in detector.state_dict() if k.startswith("backbone.body.")]
+    load_weights(detector, str(tmp_path / "resnet50.safetensors"), exclude=["backbone.fpn.*", "rpn.*", "roi_heads.*"])
+    loaded = detector.state_dict()
+    for k in backbone_keys:
+        torch.testing.assert_close(loaded[k], file[k], rtol=0, atol=0, msg=k)
+
+    file["backbone.body.layer1.0.bn1.not_a_buffer"] = torch.zeros(1)
+    save_file(file, tmp_path / "extra.safetensors")
+    with pytest.raises(WeightsError, match=r"not in the model: backbone\.body\.layer1\.0\.bn1\.not_a_buffer"):
+        load_weights(detector, str(tmp_path / "extra.safetensors"), exclude=["backbone.fpn.*", "rpn.*", "roi_heads.*"])
