@@ -173,13 +173,26 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, str]:
     return type(inner).__name__, "fused" if first.get("fused") else "foreach" if first.get("foreach") else "per-tensor"
 
 
-def describe_param_groups(optimizer: torch.optim.Optimizer) -> list[str]:
+def param_group_facts(optimizer: torch.optim.Optimizer) -> list[dict[str, float]]:
+    """What each parameter group holds (tensors, values at their full size) and its peak lr and
+    weight decay: the run summary's lines and the `run` row's `param_groups`."""
+    return [
+        {
+            "tensors": len(group["params"]),
+            "values": sum(full_numel(p) for p in group["params"]),
+            "lr": group["lr"],
+            "weight_decay": group.get("weight_decay", 0.0),
+        }
+        for group in optimizer.param_groups
+    ]
+
+
+def describe_param_groups(optimizer: torch.optim.Optimizer, facts: list[dict[str, float]]) -> list[str]:
     name, kernel = optimizer_kind(optimizer)
     lines = [f"optimizer {name}, {kernel} update kernel"]
-    for i, group in enumerate(optimizer.param_groups):
-        n = sum(full_numel(p) for p in group["params"])
+    for i, group in enumerate(facts):
         lines.append(
-            f"group {i}: {len(group['params'])} tensors, {n:,} values, lr {group['lr']:.3g}, "
-            f"weight_decay {group.get('weight_decay', 0.0):g}"
+            f"group {i}: {group['tensors']} tensors, {group['values']:,} values, lr {group['lr']:.3g}, "
+            f"weight_decay {group['weight_decay']:g}"
         )
     return lines

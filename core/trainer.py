@@ -51,6 +51,7 @@ from core.optim import (
     build_scheduler,
     describe_param_groups,
     optimizer_kind,
+    param_group_facts,
     set_schedule_step,
     warmup_steps_of,
 )
@@ -169,8 +170,8 @@ class Trainer:
         )
         optimizer = build_optimizer(model, cfg.optim)
         order = optimizer_order(model, optimizer)  # names its state, for a checkpoint of another strategy
-        # Described before DeepSpeed replaces the groups' parameters with its flat partitions.
-        self.param_groups_described = describe_param_groups(optimizer)
+        # Read before DeepSpeed replaces the groups' parameters with its flat partitions.
+        self.param_groups = param_group_facts(optimizer)
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, optimizer, train_loader, eval_loader
         )
@@ -588,6 +589,7 @@ class Trainer:
             "parameters_on_this_rank": on_this_rank,
             "optimizer": optimizer,
             "update_kernel": kernel,
+            "param_groups": self.param_groups,
             "resumed_from": self.resume_plan.path if self.resume_plan is not None else None,
         }
         self.run_logger.log("run", self.state.global_step, self.state.epoch, facts, trackers=False)
@@ -602,7 +604,7 @@ class Trainer:
             f"warmup {warmup_steps_of(cfg.schedule, self.steps_per_epoch)} steps | schedule {cfg.schedule.name}",
             f"model {cfg.model.name}: {parameters:,} parameters"
             + (f", {on_this_rank:,} stored on this rank (its ZeRO-3/FSDP shard)" if sharded else ""),
-            *self.param_groups_described,
+            *describe_param_groups(self.optimizer, self.param_groups),
         ]
         if self.flops_per_sample:
             peak = (

@@ -180,11 +180,11 @@ def test_decay_split_by_name_is_the_same_whatever_built_the_model(family, layer_
 def test_the_run_summary_counts_a_partitioned_models_groups(one_rank_group):
     import deepspeed
 
-    from core.optim import describe_param_groups
+    from core.optim import param_group_facts
 
     with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
         model = timm.create_model("test_vit", num_classes=10)
-    lines = describe_param_groups(build_optimizer(model, OptimConfig(name="adamw", weight_decay=0.05)))
-    total = sum(p.ds_numel for p in model.parameters())
-    counted = [int(line.split(" tensors, ")[1].split(" values")[0].replace(",", "")) for line in lines[1:]]
-    assert len(counted) == 2 and sum(counted) == total and all(counted)
+    groups = param_group_facts(build_optimizer(model, OptimConfig(name="adamw", weight_decay=0.05)))
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.05]
+    assert sum(g["values"] for g in groups) == sum(p.ds_numel for p in model.parameters())
+    assert sum(g["tensors"] for g in groups) == len(list(model.parameters())) and all(g["values"] for g in groups)
