@@ -24,25 +24,12 @@ import torch
 from accelerate import Accelerator
 
 from core.data import BadSamples
+from core.errors import NonFiniteLossError
 
 logger = logging.getLogger("shardvision")
 
 # What SLURM and cloud schedulers send before a kill; SIGUSR2 is submitit's preemption/timeout signal.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class Preempted(Exception):
-    """Raised after a stop signal once the checkpoint of the current step is written. `signal`:
-    the one this rank received (None when another rank's stopped it), so a submitit job requeues
-    on its preemption signal and not on a cancellation's SIGTERM."""
-
-    def __init__(self, message: str, signal: str | None = None):
-        super().__init__(message)
-        self.signal = signal
 
 
 class Agreement(NamedTuple):

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import os
 import types
 import typing
@@ -27,13 +28,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from core.errors import ConfigError
 from core.shipped import user_path
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
-
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message names the key and where it came from."""
 
 
 def option(default: Any, help: str, **metadata: Any) -> Any:
@@ -146,8 +144,6 @@ class OptimConfig:
         if self.layer_decay is not None:
             _check(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "must be in (0, 1]")
         if self.fused:
-            from core.optim import kernel_options
-
             _check(
                 not self.foreach,
                 "optim.foreach",
@@ -161,6 +157,17 @@ class OptimConfig:
                 f"optimizer {self.name!r} has no fused kernel (torch's adam, adamw, sgd, momentum and "
                 "adagrad have one)",
             )
+
+
+def kernel_options(name: str) -> set[str]:
+    """Which of `fused` / `foreach` timm's optimizer `name` takes (apex/bitsandbytes ones are
+    named by a string until imported: timm reports those itself if they are missing)."""
+    from timm.optim import get_optimizer_info
+
+    opt_class = get_optimizer_info(name).opt_class
+    if not isinstance(opt_class, type):
+        return set()
+    return {"fused", "foreach"} & set(inspect.signature(opt_class).parameters)
 
 
 @dataclass

@@ -37,14 +37,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from core.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 # How many following samples may stand in for a bad one before the data set is declared broken.
 MAX_SUBSTITUTES = 16
-
-
-class DataError(ValueError):
-    """A sample that cannot be used; the message names the file (or row) and the offending value."""
 
 
 # What PIL (and `datasets`, which decodes with it) raises for a damaged or unreadable file.

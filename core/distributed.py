@@ -41,7 +41,8 @@ from accelerate.utils import (
     TorchDynamoPlugin,
 )
 
-from core.config import ConfigError, TrainConfig
+from core.config import TrainConfig
+from core.errors import ConfigError
 from core.params import full_numel
 from core.shipped import shipped_path, user_path
 

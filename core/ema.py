@@ -25,14 +25,11 @@ from accelerate.utils import gather
 from safetensors import safe_open
 
 from core.distributed import layout_of
+from core.errors import WeightAverageError
 
 FULL_FILE = "ema.safetensors"  # the whole average, in a checkpoint of a run that holds whole weights
 SHARD_FILE = "ema-rank{rank:05d}-of-{world:05d}.safetensors"  # one rank's partitions, under ZeRO-3
 EXPORT_FILE = "model_ema.safetensors"
-
-
-class WeightAverageError(RuntimeError):
-    """A checkpoint whose average cannot be restored here; the message names the file."""
 
 
 class WeightAverage:
@@ -115,7 +112,7 @@ class WeightAverage:
             tensors = {**self.shards, **{f"buffer:{k}": v for k, v in self.buffer_average.items()}}
             name = SHARD_FILE.format(rank=acc.process_index, world=acc.num_processes)
             shapes = json.dumps({name: list(p.ds_shape) for name, p in self.params.items()})  # for the export
-            # through the module attribute: an asynchronous save captures it (core/background_save.py)
+            # through the module attribute: an asynchronous save captures it (core/checkpoint/background_save.py)
             safetensors.torch.save_file(
                 {k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, name), metadata={"shapes": shapes}
             )

@@ -19,14 +19,13 @@ from the step alone.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import Any
 
 import torch
-from timm.optim import create_optimizer_v2, get_optimizer_info, param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 
-from core.config import OptimConfig, ScheduleConfig
+from core.config import OptimConfig, ScheduleConfig, kernel_options
 from core.params import full_numel, full_shape
 
 
@@ -94,15 +93,6 @@ def step_kernel(cfg: OptimConfig) -> dict[str, bool]:
         return {"fused": True}
     foreach = cfg.foreach if cfg.foreach is not None else ("foreach" in options or None)
     return {} if foreach is None else {"foreach": foreach}
-
-
-def kernel_options(name: str) -> set[str]:
-    """Which of `fused` / `foreach` timm's optimizer `name` takes (apex/bitsandbytes ones are
-    named by a string until imported: timm reports those itself if they are missing)."""
-    opt_class = get_optimizer_info(name).opt_class
-    if not isinstance(opt_class, type):
-        return set()
-    return {"fused", "foreach"} & set(inspect.signature(opt_class).parameters)
 
 
 def lr_factor(

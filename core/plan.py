@@ -46,7 +46,10 @@ from typing import Any
 
 import torch
 
-from core.config import ConfigError
+from core.config import parse_args
+from core.entry import TASKS, known_failures_exit, recipe
+from core.errors import ConfigError
+from core.model_options import HALF_DTYPES, apply_model_options, cast_inputs
 from core.shipped import shipped_path
 
 STRATEGIES = ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3", "ZeRO-3 offload", "FSDP2")
@@ -282,8 +285,6 @@ def measure_activations(
 ) -> Activations:
     """Saved bytes at micro-batches MEASURED_AT in one compute mode, and the line through them.
     In "half" mode the model is cast in place (the last mode measured)."""
-    from core.trainer import HALF_DTYPES, cast_inputs
-
     dtype = HALF_DTYPES.get(precision, torch.float32)
     if mode == "half":
         model.to(dtype)
@@ -304,8 +305,6 @@ def measure_activations(
 
 
 def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
-    from core.trainer import apply_model_options
-
     torch.manual_seed(cfg.seed)
     model = task.build_model()
     apply_model_options(model, cfg)  # gradient checkpointing changes what is saved
@@ -405,8 +404,6 @@ def render(plan: Plan) -> str:
 
 
 def plan_main(argv: list[str]) -> None:
-    from core.cli import TASKS, known_failures_exit
-
     parser = argparse.ArgumentParser(
         prog="shardvision plan",
         description=__doc__,
@@ -423,16 +420,12 @@ def plan_main(argv: list[str]) -> None:
     if args.nodes < 1 or args.gpus_per_node < 1:
         parser.error("--nodes and --gpus-per-node must be at least 1")
 
-    import importlib
-
-    from core.config import parse_args
-
-    recipe = importlib.import_module(f"recipes.{args.task}.train")
+    chosen = recipe(args.task)
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory)
     with known_failures_exit():
-        cfg = parse_args(recipe.CONFIG, rest)
+        cfg = parse_args(chosen.CONFIG, rest)
         cfg.model.weights = None  # the plan needs shapes, not values
-        plan = make_plan(args.task, cfg, recipe.TASK(cfg), cluster)
+        plan = make_plan(args.task, cfg, chosen.TASK(cfg), cluster)
     print(render(plan))
     if args.json:
         with open(args.json, "w") as f:

@@ -20,7 +20,6 @@ still checkpoints, but does not requeue.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import sys
@@ -29,9 +28,9 @@ from typing import Any
 
 import yaml
 
-from core.agreement import Preempted
-from core.cli import TASKS, known_failures_exit, leave, one_of_several_ranks, train
-from core.config import ConfigError, parse_args
+from core.config import parse_args
+from core.entry import TASKS, known_failures_exit, leave, one_of_several_ranks, recipe, train
+from core.errors import ConfigError, Preempted
 from core.exit_codes import ExitCode
 
 SIGNAL_DELAY_S = 180  # how long before the time limit the signal comes: time for a save of a large model
@@ -52,10 +51,10 @@ class SubmittedRun:
         _set_rank_environment(job)
         preemption = job._usr_sig()  # SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
         requeue = signal.getsignal(preemption)  # submitit's handler, replaced by the trainer's while it runs
-        recipe = importlib.import_module(f"recipes.{self.task}.train")
+        chosen = recipe(self.task)
         with known_failures_exit():
             try:
-                metrics = train(recipe.CONFIG, recipe.TASK, self.argv)
+                metrics = train(chosen.CONFIG, chosen.TASK, self.argv)
             except Preempted as stop:
                 if stop.signal == signal.Signals(preemption).name or job.global_rank != 0:
                     _requeue(job.global_rank, stop, requeue, preemption)
@@ -89,7 +88,7 @@ def _requeue(rank: int, stop: Preempted, submitits_handler: Any, preemption: int
         print(f"shardvision: the job was not requeued: {e}", file=sys.stderr, flush=True)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    os._exit(code if isinstance(code, int) else ExitCode.PREEMPTED)  # past the gloo teardown race (core/cli.py)
+    os._exit(code if isinstance(code, int) else ExitCode.PREEMPTED)  # past the gloo teardown race (core/entry.py)
 
 
 def _set_rank_environment(job: Any) -> None:
@@ -151,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def submit_main(argv: list[str]) -> None:
     args, train_argv = build_parser().parse_known_args(argv)
-    recipe = importlib.import_module(f"recipes.{args.task}.train")
+    chosen = recipe(args.task)
     try:  # a bad flag fails here, not in the queue hours later
-        cfg = parse_args(recipe.CONFIG, train_argv)
+        cfg = parse_args(chosen.CONFIG, train_argv)
         job_dir = os.path.abspath(args.job_dir or os.path.join(cfg.output_dir, "submitit"))
         executor = _executor(args, job_dir)
     except (ConfigError, ValueError) as e:

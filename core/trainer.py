@@ -19,9 +19,13 @@ from typing import Any
 import torch
 from accelerate.utils import send_to_device
 
-from core.agreement import Preempted, StepAgreement
-from core.checkpoint import CheckpointManager, TrainerState
-from core.config import ConfigError, TrainConfig, save_config, to_dict
+from core.agreement import StepAgreement
+from core.checkpoint.files import check_shared
+from core.checkpoint.per_parameter import optimizer_order
+from core.checkpoint.resume import CheckpointResumer
+from core.checkpoint.saver import CheckpointSaver
+from core.checkpoint.state import TrainerState
+from core.config import TrainConfig, save_config, to_dict
 from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
 from core.distributed import (
     build_accelerator,
@@ -36,6 +40,7 @@ from core.distributed import (
     zero_stage,
 )
 from core.ema import WeightAverage
+from core.errors import ConfigError, Preempted
 from core.host_memory import freed_memory_returned
 from core.logging import (
     RunLogger,
@@ -46,6 +51,7 @@ from core.logging import (
     peak_tflops,
     training_flops_per_sample,
 )
+from core.model_options import HALF_DTYPES, apply_model_options, cast_inputs
 from core.optim import (
     build_optimizer,
     build_scheduler,
@@ -55,36 +61,11 @@ from core.optim import (
     set_schedule_step,
     warmup_steps_of,
 )
-from core.portable import optimizer_order
 from core.task import Task
 from core.watchdog import HangWatchdog, watched
 from core.weights import load_weights
 
 logger = logging.getLogger("shardvision")
-HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # loop.precision -> DeepSpeed's weight dtype
-
-
-def apply_model_options(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """model.grad_checkpointing and model.channels_last, before the model is wrapped.
-    (model.compile is accelerate's: it compiles after wrapping, see build_dynamo_plugin.)"""
-    if cfg.model.grad_checkpointing:
-        try:
-            timm_switch = getattr(model, "set_grad_checkpointing", None)
-            transformers_switch = getattr(model, "gradient_checkpointing_enable", None)
-            if callable(timm_switch):
-                timm_switch(True)
-            elif callable(transformers_switch):
-                transformers_switch(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                raise ValueError(
-                    "it has neither timm's set_grad_checkpointing() nor transformers' gradient_checkpointing_enable()"
-                )
-        except (ValueError, AssertionError, NotImplementedError) as e:
-            raise ConfigError(
-                f"model.grad_checkpointing: {cfg.model.name} ({type(model).__name__}) cannot recompute activations: {e}"
-            ) from None
-    if cfg.model.channels_last:
-        model.to(memory_format=torch.channels_last)
 
 
 class Trainer:
@@ -110,7 +91,7 @@ class Trainer:
         task.check_strategy(self.strategy, cfg.loop.precision, acc.device)
         if acc.is_main_process:
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-        self.checkpoints = CheckpointManager(
+        self.checkpoints = CheckpointSaver(
             acc,
             os.path.join(cfg.output_dir, "checkpoints"),
             cfg.checkpoint.keep_last,
@@ -123,12 +104,13 @@ class Trainer:
             # not see; DCP's own async_save is the way, not yet wired in (it needs a GPU to verify).
             async_save=cfg.checkpoint.async_save and self.strategy != "fsdp",
         )
-        self.checkpoints.check_shared()  # before any work that a checkpoint could not keep
+        check_shared(acc, self.checkpoints.root)  # before any work that a checkpoint could not keep
         # Before the engine exists: a ZeRO checkpoint of another world size or strategy is loaded in
         # DeepSpeed's universal form, which its config must announce.
-        resumed_from = self.checkpoints.resolve(cfg.checkpoint.resume)
-        self.resume_plan = (
-            None if resumed_from is None else self.checkpoints.plan(resumed_from, cfg.checkpoint.allow_pickle)
+        resumer = CheckpointResumer(acc, self.checkpoints.root, task.higher_is_better)
+        resumed_from = resumer.resolve(cfg.checkpoint.resume)
+        self.resume_source = (
+            None if resumed_from is None else resumer.source_of(resumed_from, cfg.checkpoint.allow_pickle)
         )
 
         # Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
@@ -208,8 +190,9 @@ class Trainer:
             layout=layout_of(acc),
             optimizer=optimizer_kind(self.optimizer)[0],
         )
-        if self.resume_plan is not None:
-            self.checkpoints.load(self.resume_plan, self.state, self.ema, order)
+        if self.resume_source is not None:
+            resumer.load(self.resume_source, self.state, self.model, self.optimizer, self.ema, order)
+            self.checkpoints.resumed_at(self.state.global_step)
             set_schedule_step(self.scheduler, self.state.global_step)
         elif cfg.checkpoint.resume == "auto":
             logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
@@ -237,7 +220,7 @@ class Trainer:
 
     def _shut_down(self) -> None:
         """End the run in order, whatever ended it, rather than leave it to interpreter exit (which
-        a multi-rank process skips, see core/cli.py): hang watch, checkpoint deletions, loader
+        a multi-rank process skips, see core/entry.py): hang watch, checkpoint deletions, loader
         workers, trackers, then the process group."""
         self.checkpoints.close()
         self.watchdog.stop()
@@ -314,7 +297,7 @@ class Trainer:
             )
 
     def _save_if_due(self, epoch: int, *, epoch_end: bool = False, force: bool = False) -> None:
-        """A checkpoint if one is due (CheckpointManager.maybe_save), with what it cost the loop."""
+        """A checkpoint if one is due (CheckpointSaver.maybe_save), with what it cost the loop."""
         saved = self.checkpoints.maybe_save(self.state, self.ema, epoch_end=epoch_end, force=force)
         if saved is not None:
             cost = {"stall_s": saved.stall_s, "held_mb": saved.held_mb, "background": saved.background}
@@ -590,7 +573,7 @@ class Trainer:
             "optimizer": optimizer,
             "update_kernel": kernel,
             "param_groups": self.param_groups,
-            "resumed_from": self.resume_plan.path if self.resume_plan is not None else None,
+            "resumed_from": self.resume_source.path if self.resume_source is not None else None,
         }
         self.run_logger.log("run", self.state.global_step, self.state.epoch, facts, trackers=False)
         strategy = self.strategy + (f" (ZeRO-{stage})" if stage is not None else "")
@@ -621,24 +604,6 @@ class Trainer:
         if self.ema is not None:
             lines.append(f"EMA of weights, decay {cfg.loop.ema_decay}")
         logger.info("run summary\n  %s", "\n  ".join(lines))
-
-
-def cast_inputs(batch: Any, input_keys: tuple[str, ...], dtype: torch.dtype | None, channels_last: bool) -> Any:
-    """The batch's model inputs in the model's dtype (DeepSpeed half precision; None keeps them)
-    and memory format (channels_last), tensors alone or in lists."""
-    if dtype is None and not channels_last:
-        return batch
-
-    def cast(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            if channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            return x if dtype is None else x.to(dtype)
-        if isinstance(x, (list, tuple)):
-            return type(x)(cast(v) for v in x)
-        return x
-
-    return {k: cast(v) if k in input_keys else v for k, v in batch.items()}
 
 
 @contextlib.contextmanager

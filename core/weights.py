@@ -15,13 +15,10 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from core.errors import WeightsError
 from core.params import full_shape
 
 logger = logging.getLogger(__name__)
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be loaded; the message names the file and the keys at fault."""
 
 
 def _read_torch_file(path: str) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 
-from core.cli import run
+from core.entry import run
 from recipes.classification.task import ClassificationConfig, ClassificationTask
 
 

@@ -11,8 +11,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from core.config import ConfigError, DataConfig, option
-from core.data import DECODE_ERRORS, DataError, SeededTransforms, decode_failure, read_image
+from core.config import DataConfig, option
+from core.data import DECODE_ERRORS, SeededTransforms, decode_failure, read_image
+from core.errors import ConfigError, DataError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

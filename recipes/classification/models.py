@@ -10,7 +10,8 @@ from typing import Literal
 
 import torch
 
-from core.config import ConfigError, ModelConfig, option
+from core.config import ModelConfig, option
+from core.errors import ConfigError
 
 
 @dataclass

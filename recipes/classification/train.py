@@ -16,7 +16,7 @@ The same script, unchanged, elsewhere:
 Any config key can be overridden: --optim.lr 3e-4 --loop.epochs 5. `--help` lists them all.
 """
 
-from core.cli import run
+from core.entry import run
 from recipes.classification.task import ClassificationConfig, ClassificationTask
 
 # What `main` runs, and what `shardvision submit classification` runs in each task of a job.

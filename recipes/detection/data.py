@@ -20,8 +20,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from core.config import ConfigError, DataConfig, option
-from core.data import DataError, SeededTransforms, decode_failure, folder_written_once, read_image
+from core.config import DataConfig, option
+from core.data import SeededTransforms, decode_failure, folder_written_once, read_image
+from core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}]

@@ -14,7 +14,8 @@ from typing import Any, Literal
 import torch
 from torchvision.ops import clip_boxes_to_image
 
-from core.config import ConfigError, ModelConfig, option
+from core.config import ModelConfig, option
+from core.errors import ConfigError
 
 DETECTORS = (
     "fasterrcnn_resnet50_fpn_v2",

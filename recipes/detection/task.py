@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from core.config import ConfigError, TrainConfig, section
+from core.config import TrainConfig, section
+from core.errors import ConfigError
 from core.task import Task
 from recipes.detection.data import DetectionDataConfig, build_datasets, collate
 from recipes.detection.metrics import CocoMetrics, mask_rles

@@ -13,7 +13,7 @@ The same script, unchanged, elsewhere:
 Evaluation writes <output_dir>/eval/step-<N>/predictions.json (COCO results format) and metrics.json.
 """
 
-from core.cli import run
+from core.entry import run
 from recipes.detection.task import DetectionConfig, DetectionTask
 
 # What `main` runs, and what `shardvision submit detection` runs in each task of a job.

@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from core.config import ConfigError, DataConfig, option
-from core.data import DECODE_ERRORS, DataError, SeededTransforms, decode_failure, folder_written_once, read_image
+from core.config import DataConfig, option
+from core.data import DECODE_ERRORS, SeededTransforms, decode_failure, folder_written_once, read_image
+from core.errors import ConfigError, DataError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SHAPES_CLASSES = ["background", "square", "circle", "triangle"]

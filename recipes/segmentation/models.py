@@ -11,7 +11,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from core.config import ConfigError, ModelConfig, option
+from core.config import ModelConfig, option
+from core.errors import ConfigError
 
 TORCHVISION_MODELS = (
     "deeplabv3_resnet50",

@@ -15,7 +15,7 @@ The same script, unchanged, elsewhere:
 Any config key can be overridden: --data.image_size 384 --model.num_classes 150. `--help` lists them all.
 """
 
-from core.cli import run
+from core.entry import run
 from recipes.segmentation.task import SegmentationConfig, SegmentationTask
 
 # What `main` runs, and what `shardvision submit segmentation` runs in each task of a job.

@@ -113,7 +113,7 @@ def test_check_data_lists_every_problem_in_one_report(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Every run that finished its work exits 0. Before the fix about one 2-rank run in 12 aborted at
-# interpreter exit (see core/cli.py `leave`); here STRESS_RUNS short runs go two at a time, so each has the
+# interpreter exit (see core/entry.py `leave`); here STRESS_RUNS short runs go two at a time, so each has the
 # other's two ranks competing for the 2 cores, under every strategy, training and eval-only.
 # ---------------------------------------------------------------------------------------------
 

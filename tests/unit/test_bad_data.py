@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.data import MAX_SUBSTITUTES, DataError, GuardedCollate, GuardedSamples, check_samples, read_image
+from core.data import MAX_SUBSTITUTES, GuardedCollate, GuardedSamples, check_samples, read_image
+from core.errors import DataError
 from tests.builders import QUICK_RUN, SOURCES, noise_image, truncate
 
 

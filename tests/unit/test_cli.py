@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from core.cli import COMMANDS, RECIPE_COMMANDS, TASKS, main
+from core.cli import COMMANDS, RECIPE_COMMANDS, main
 from core.config import parse_args
+from core.entry import TASKS
 from recipes.classification.task import ClassificationConfig
 from tests.builders import imagefolder
 from tests.helpers import DIGITS, QUICK, REPO, run_env

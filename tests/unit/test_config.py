@@ -8,7 +8,8 @@ import os
 import pytest
 import yaml
 
-from core.config import ConfigError, load_config, parse_args, save_config
+from core.config import load_config, parse_args, save_config
+from core.errors import ConfigError
 from recipes.classification.task import ClassificationConfig
 from tests.helpers import REPO
 

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from core.config import ConfigError
 from core.data import SeededTransforms, build_loader
+from core.errors import ConfigError
 from recipes.classification.data import ClassificationDataConfig, Digits, build_datasets
 
 

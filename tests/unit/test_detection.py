@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.config import ConfigError
-from core.trainer import cast_inputs
-from recipes.detection.data import DataError, DetectionDataConfig, build_datasets, collate
+from core.errors import ConfigError, DataError
+from core.model_options import cast_inputs
+from recipes.detection.data import DetectionDataConfig, build_datasets, collate
 from recipes.detection.metrics import CocoMetrics
 from recipes.detection.models import DetectionModelConfig, build_model
 from tests.builders import load_gt, pycocotools_direct
@@ -462,7 +462,8 @@ def test_transformers_detector_fine_tunes_with_a_new_number_of_classes(tmp_path,
 
     from safetensors.torch import save_file
 
-    from core.weights import WeightsError, load_weights
+    from core.errors import WeightsError
+    from core.weights import load_weights
 
     _, task3 = hf_task(tmp_path, "detr")
     source = task3.build_model()

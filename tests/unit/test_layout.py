@@ -89,8 +89,8 @@ def test_lint_bans_what_the_layout_forbids(path, source, banned):
 )
 def test_a_rank_knows_whether_rank_0s_launcher_will_stop_it(monkeypatch, env, same_node):
     """A rank on another node waits only briefly for rank 0 to report a shared failure: no launcher
-    of its own node will stop it when rank 0 leaves (core/cli.py leave)."""
-    from core.cli import _on_rank_0s_node
+    of its own node will stop it when rank 0 leaves (core/entry.py leave)."""
+    from core.entry import _on_rank_0s_node
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         monkeypatch.delenv(key, raising=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import ConfigError
+from core.errors import ConfigError
 from recipes.classification.models import ClassificationModelConfig, build_model, logits_of
 from tests.helpers import REPO
 

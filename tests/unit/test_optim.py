@@ -9,7 +9,8 @@ import pytest
 import timm
 import torch
 
-from core.config import ConfigError, OptimConfig, ScheduleConfig
+from core.config import OptimConfig, ScheduleConfig
+from core.errors import ConfigError
 from core.optim import build_optimizer, build_scheduler, set_schedule_step
 
 

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from core.config import ConfigError
 from core.distributed import reset_accelerator_state
+from core.errors import ConfigError
 from core.logging import peak_tflops, training_flops_per_sample
-from core.trainer import Trainer, apply_model_options
+from core.model_options import apply_model_options
+from core.trainer import Trainer
 from tests.builders import TinyTask, tiny_config
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.config import ConfigError
-from recipes.segmentation.data import DataError, SegmentationDataConfig, build_datasets, collate
+from core.errors import ConfigError, DataError
+from recipes.segmentation.data import SegmentationDataConfig, build_datasets, collate
 from recipes.segmentation.metrics import SegmentationMetrics, confusion_matrix
 from recipes.segmentation.models import SegmentationModelConfig, build_model, logits_of
 from tests.helpers import REPO

@@ -12,7 +12,6 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 
-from core.config import ConfigError
 from core.distributed import (
     build_accelerator,
     build_dataloader_config,
@@ -20,6 +19,7 @@ from core.distributed import (
     fill_deepspeed_config,
     resolve_strategy,
 )
+from core.errors import ConfigError
 from recipes.classification.task import ClassificationConfig
 from tests.helpers import REPO
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.agreement import NonFiniteLossError
 from core.config import TrainConfig
 from core.distributed import reset_accelerator_state
+from core.errors import NonFiniteLossError
 from core.trainer import Trainer
 from tests.builders import TinyTask, tiny_config
 
@@ -103,7 +103,7 @@ def test_evaluations_every_n_epochs_and_always_after_the_last(fresh_accelerate_s
 
 
 def test_known_failures_exit_with_their_code_and_one_line(fresh_accelerate_state, tmp_path, capsys):
-    from core.cli import run
+    from core.entry import run
 
     base = [
         "--output-dir",

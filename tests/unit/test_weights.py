@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core.weights import WeightsError, load_weights
+from core.errors import WeightsError
+from core.weights import load_weights
 
 
 def make_model():

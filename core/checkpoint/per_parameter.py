@@ -23,15 +23,12 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from core.distributed import strategy_of
+from core.errors import PerParameterStateError
 from core.optim import innermost_optimizer
 from core.params import full_shape
 
 STEP = "step"
 FP32 = "fp32"
-
-
-class PortableStateError(RuntimeError):
-    """The saved state does not fit this run's model or optimizer; the message says what differs."""
 
 
 def optimizer_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -40,7 +37,7 @@ def optimizer_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-class PortableState:
+class PerParameterState:
     """Per-parameter training state, read lazily: `tensors(name)` gives {"fp32": ..., "exp_avg": ...}."""
 
     def __init__(self, folder: str, order: list[str]) -> None:
@@ -59,7 +56,7 @@ class PortableState:
             return self._ddp[name]
         folder = os.path.join(self._universal, name)
         if not os.path.isdir(folder):
-            raise PortableStateError(f"{self.folder}: no saved state for parameter {name!r}: the model has changed")
+            raise PerParameterStateError(f"{self.folder}: no saved state for parameter {name!r}: the model has changed")
         out = {}
         for file in sorted(os.listdir(folder)):
             kind = file.removesuffix(".pt")
@@ -73,20 +70,20 @@ class PortableState:
         saved = torch.load(os.path.join(self.folder, "optimizer.bin"), map_location="cpu", weights_only=True)  # noqa: TID251
         ids = [i for group in saved["param_groups"] for i in group["params"]]
         if len(ids) != len(self.order):
-            raise PortableStateError(
+            raise PerParameterStateError(
                 f"{self.folder}/optimizer.bin holds {len(ids)} parameters, this run's optimizer {len(self.order)}: "
                 "the model or its parameter groups have changed"
             )
         out, steps = {}, set()
         for i, name in zip(ids, self.order, strict=True):
             if name not in weights:
-                raise PortableStateError(f"{self.folder}/model.safetensors has no {name!r}: the model has changed")
+                raise PerParameterStateError(f"{self.folder}/model.safetensors has no {name!r}: the model has changed")
             state = dict(saved["state"].get(i, {}))
             if STEP in state:
                 steps.add(float(state.pop(STEP)))
             out[name] = {FP32: weights[name].float(), **state}
         if len(steps) > 1:
-            raise PortableStateError(f"{self.folder}/optimizer.bin: parameters at different step counts {steps}")
+            raise PerParameterStateError(f"{self.folder}/optimizer.bin: parameters at different step counts {steps}")
         return out, steps.pop() if steps else 0.0
 
     def _universal_step(self) -> float:
@@ -104,11 +101,14 @@ class PortableState:
         return float(common["optimizer_state_dict"]["state"][0][STEP])
 
     def load_into(self, acc: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Put every parameter's weight, moments and step into this run's model and optimizer."""
+        """Put every parameter's weight, moments and step into this run's model and optimizer
+        (as `accelerator.prepare` returned them: torch.compile's wrapper, which prefixes every
+        parameter name, is looked through)."""
+        bare = acc.unwrap_model(model, keep_torch_compile=False)
         if strategy_of(acc) == "deepspeed":
-            self._into_deepspeed(acc.unwrap_model(model), optimizer)
+            self._into_deepspeed(bare, optimizer)
         else:
-            self._into_torch(acc.unwrap_model(model), optimizer)
+            self._into_torch(bare, optimizer)
 
     def _into_torch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         params = dict(model.named_parameters())
@@ -176,7 +176,7 @@ class PortableState:
         for kind, value in saved.items():
             # ZeRO-3's universal form keeps every tensor flat; the others keep the parameter's shape.
             if value.shape != shape and (value.dim() != 1 or value.numel() != shape.numel()):
-                raise PortableStateError(
+                raise PerParameterStateError(
                     f"{self.folder}: {name} {kind} has {tuple(value.shape)}, this run's parameter {tuple(shape)}: "
                     "the model has changed"
                 )

@@ -5,8 +5,8 @@ and RNG state, DeepSpeed's shards, the EMA) into host memory: `captured_writes` 
 `torch.save` and safetensors `save_file` calls of `accelerator.save_state` into host copies of
 their arguments (`host_copy`). Training then goes on while a thread makes those same calls on the
 copies, writing the very bytes a synchronous save writes; rank 0 publishes the folder (trainer
-state, manifest with every file fsynced, rename; core/checkpoint.py) only once every rank has
-said, by a marker file beside its own, that its part is written. A crash at any moment therefore leaves at
+state, manifest with every file fsynced, rename; saver.py) only once every rank has said, by a
+marker file beside its own, that its part is written. A crash at any moment therefore leaves at
 most an unpublished `.tmp-<step>` folder, as a synchronous save does.
 
 Neither library offers this hook: accelerate writes through its own `save` (safetensors'
