@@ -4,7 +4,7 @@
     python benchmarks/checkpoint_bandwidth.py --model vit_base_patch16_224 --dir /scratch
 
 For DDP and for DeepSpeed ZeRO-3, 2 gloo ranks run the real engine (one AdamW step), then save
-the checkpoint `--repeats` times with `CheckpointManager.save` (accelerate's save_state, fsync,
+the checkpoint `--repeats` times with `CheckpointSaver.save` (accelerate's save_state, fsync,
 xxh3 manifest, atomic publish) and load it back (verify the manifest, load_state), timing rank 0
 from the first barrier to the last. Between saves rank 0 also writes the same number of bytes
 raw into the same folder (16 MB chunks, fsynced): the disk's own speed at that moment. Under DDP
@@ -61,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: one training step, then timed saves and loads of the engine's checkpoints."""
     import torch
 
-    from core.checkpoint import verify
+    from core.checkpoint.files import verify
     from core.config import TrainConfig
     from core.trainer import Trainer
 

@@ -30,7 +30,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from core.config import TrainConfig
-    from core.logging import memory_mb
+    from core.run_log import memory_mb
     from core.trainer import Trainer
 
     cfg = TrainConfig(output_dir=args.out)

@@ -11,7 +11,7 @@ batch (`timm.create_model`, `create_optimizer_v2`, `torch.autocast(bfloat16)`, `
 `optimizer.step()`, `zero_grad(set_to_none=True)`), written out here because timm's train.py
 ships in timm's repository, not in its wheel; (B) the shardvision trainer with the same settings.
 Model FLOPs per image come from torch's FlopCounterMode (3x the forward); MFU is measured against
-the device's dense bf16 peak (core/logging.py knows H100, H200, A100, L40S, L4; else --peak-tflops).
+the device's dense bf16 peak (core/run_log.py knows H100, H200, A100, L40S, L4; else --peak-tflops).
 Last line: the lower shardvision / timm-loop images/s ratio of the models.
 """
 
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from common import SyntheticTask, create_timm_model, synthetic_samples
 from core.distributed import reset_accelerator_state
-from core.logging import peak_tflops, training_flops_per_sample
+from core.run_log import peak_tflops, training_flops_per_sample
 
 
 def timm_loop_images_per_sec(args: argparse.Namespace, name: str, device: torch.device, samples: list) -> float:

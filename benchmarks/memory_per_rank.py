@@ -141,7 +141,7 @@ def worker(args: argparse.Namespace) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from core.config import TrainConfig
-    from core.logging import memory_mb, peak_resident_mb
+    from core.run_log import memory_mb, peak_resident_mb
     from core.trainer import Trainer
 
     cfg = TrainConfig(output_dir=args.out)

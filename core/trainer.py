@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from accelerate.utils import send_to_device
 
-from core.agreement import StepAgreement
 from core.checkpoint.files import check_shared
 from core.checkpoint.per_parameter import optimizer_order
 from core.checkpoint.resume import CheckpointResumer
@@ -42,15 +41,6 @@ from core.distributed import (
 from core.ema import WeightAverage
 from core.errors import ConfigError, Preempted
 from core.host_memory import freed_memory_returned
-from core.logging import (
-    RunLogger,
-    RunProgress,
-    TrainMeter,
-    memory_mb,
-    peak_resident_mb_per_rank,
-    peak_tflops,
-    training_flops_per_sample,
-)
 from core.model_options import HALF_DTYPES, apply_model_options, cast_inputs
 from core.optim import (
     build_optimizer,
@@ -61,6 +51,16 @@ from core.optim import (
     set_schedule_step,
     warmup_steps_of,
 )
+from core.run_log import (
+    RunLogger,
+    RunProgress,
+    TrainMeter,
+    memory_mb,
+    peak_resident_mb_per_rank,
+    peak_tflops,
+    training_flops_per_sample,
+)
+from core.step_agreement import StepAgreement
 from core.task import Task
 from core.watchdog import HangWatchdog, watched
 from core.weights import load_weights

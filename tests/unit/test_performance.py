@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from core.distributed import reset_accelerator_state
 from core.errors import ConfigError
-from core.logging import peak_tflops, training_flops_per_sample
 from core.model_options import apply_model_options
+from core.run_log import peak_tflops, training_flops_per_sample
 from core.trainer import Trainer
 from tests.builders import TinyTask, tiny_config
 
