@@ -78,5 +78,5 @@ setup(
             ]
         ),
     },
-    entry_points={"console_scripts": ["shardvision=core.cli:main"]},
+    entry_points={"console_scripts": ["shardvision=core.commands.cli:main"]},
 )

@@ -16,7 +16,7 @@ low-precision gradient partitions, buffers; DDP's gradients are views of its buc
 resident memory is reported beside it. Then: ZeRO-3's total per rank as a fraction of DDP's
 (target: <= 0.55).
 
-Last, `shardvision plan`'s figures for the same model, micro-batch and ranks (core/plan.py)
+Last, `shardvision plan`'s figures for the same model, micro-batch and ranks (core/commands/plan.py)
 beside the measured ones, with the error per row: the training state, and activations as torch's
 MemTracker files them at the end of the third step's forward (issue #16's targets: 15% and 25%).
     python benchmarks/memory_per_rank.py --model resnet50 --micro-batch 32 --strategies DDP ZeRO-2 ZeRO-3
@@ -271,8 +271,8 @@ def compare_with_plan(args: argparse.Namespace, results: dict[str, list[dict]]) 
     """`shardvision plan`'s figures for the same model, batch and ranks beside the measured ones.
     Activations measured: what torch's MemTracker files as activations when the forward ends (the
     plan's quantity), and the forward/backward peak of activations plus temporaries beside it."""
+    from core.commands.plan import Cluster, make_plan
     from core.config import TrainConfig
-    from core.plan import Cluster, make_plan
 
     cfg = TrainConfig()
     cfg.model.name, cfg.data.micro_batch_size, cfg.loop.precision = args.model, args.micro_batch, args.precision

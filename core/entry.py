@@ -3,7 +3,7 @@ config, build the task, then train, evaluate or check the data; a known failure 
 becomes its exit code and one line instead of a traceback.
 
     recipes/<task>/train.py:  run(CONFIG, TASK)         # python, torchrun, accelerate, deepspeed, srun
-    core/cli.py (train, eval, check-data), core/submit.py (each task of a job), core/plan.py
+    core/commands/cli.py (train, eval, check-data), core/commands/submit.py (each task of a job), core/commands/plan.py
 """
 
 from __future__ import annotations

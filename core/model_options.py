@@ -1,5 +1,5 @@
 """How the model and its inputs are set up for the run's speed and precision options, the same in
-training and in the memory plan (core/plan.py): activation recomputation and channels_last on the
+training and in the memory plan (core/commands/plan.py): activation recomputation and channels_last on the
 model before it is wrapped, and the batch cast to DeepSpeed's half weights."""
 
 from __future__ import annotations

@@ -10,5 +10,5 @@ later save removes. The folder must be on a filesystem all ranks share.
     resume.py           which checkpoint --resume means, how to restore it here, the load (CheckpointResumer)
     universal.py        DeepSpeed's universal form of a ZeRO checkpoint: converted once, loaded repaired
     per_parameter.py    weights and optimizer state by parameter name: resumes across DDP and ZeRO
-    export.py           consolidated safetensors from any checkpoint (`shardvision export`, core/export.py)
+    export.py           consolidated safetensors from any checkpoint (`shardvision export`, core/commands/export.py)
 """

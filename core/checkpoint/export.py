@@ -1,5 +1,5 @@
 """Consolidated safetensors from a checkpoint of any strategy, without the cluster that wrote it:
-`export_checkpoint`, behind `shardvision export` (core/export.py, whose --help says what is
+`export_checkpoint`, behind `shardvision export` (core/commands/export.py, whose --help says what is
 written and why DeepSpeed and FSDP shards need --allow-pickle)."""
 
 from __future__ import annotations

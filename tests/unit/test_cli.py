@@ -1,7 +1,7 @@
-"""The `shardvision` command line (core/cli.py): every command explains itself with --help (exit 0),
+"""The `shardvision` command line (core/commands/cli.py): every command explains itself with --help (exit 0),
 a mistake in the command or task exits 2, and train/eval/check-data reach the recipe with the
 rest of the line. In-process through `main`, as the console script calls it; one real process
-for `python -m core.cli`."""
+for `python -m core.commands.cli`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from core.cli import COMMANDS, RECIPE_COMMANDS, main
+from core.commands.cli import COMMANDS, RECIPE_COMMANDS, main
 from core.config import parse_args
 from core.entry import TASKS
 from recipes.classification.task import ClassificationConfig
@@ -38,7 +38,7 @@ def option_lines(help_text: str) -> list[str]:
 
 def test_python_dash_m_lists_every_command():
     proc = subprocess.run(
-        [sys.executable, "-m", "core.cli", "--help"], cwd=REPO, env=run_env(), capture_output=True, text=True
+        [sys.executable, "-m", "core.commands.cli", "--help"], cwd=REPO, env=run_env(), capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: shardvision ")

@@ -635,7 +635,7 @@ def test_the_per_class_table_reaches_the_console_metrics_jsonl_and_the_report(tm
 
     from safetensors.torch import save_file
 
-    from core.report import per_class_table, read_run, render
+    from core.commands.report import per_class_table, read_run, render
     from tests.builders import QUICK_RUN
 
     _, task = shapes_task(tmp_path, "shapes.yaml")

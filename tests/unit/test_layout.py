@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from core.cli import main
+from core.commands.cli import main
 from tests.helpers import REPO
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import log_loss, top_k_accuracy_score
 
-from core.report import per_class_table, read_run, render
+from core.commands.report import per_class_table, read_run, render
 from recipes.classification.metrics import ClassificationMetrics
 from tests.builders import QUICK_RUN, image_bytes, noise_image
 

@@ -1,4 +1,4 @@
-"""`shardvision plan` (core/plan.py) against independent references: torch's MemTracker for the
+"""`shardvision plan` (core/commands/plan.py) against independent references: torch's MemTracker for the
 activations of a real step, DeepSpeed's own model-state estimator for ZeRO-2, and the plan's
 arithmetic for the largest micro-batch and the pick. Its figures against the memory a 2-rank run
 really holds are benchmarks/memory_per_rank.py's (docs/performance.md)."""
@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from core.cli import main
+from core.commands.cli import main
+from core.commands.plan import Cluster, GiB, compute_mode, make_plan, model_states, optimizer_state_bytes, parse_memory
 from core.config import parse_args
-from core.plan import Cluster, GiB, compute_mode, make_plan, model_states, optimizer_state_bytes, parse_memory
 from recipes.classification.task import ClassificationConfig, ClassificationTask
 from tests.helpers import DIGITS, REPO
 

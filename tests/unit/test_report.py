@@ -12,8 +12,8 @@ import subprocess
 import pytest
 from PIL import Image
 
+from core.commands.report import plotted_metrics, read_run, report_main
 from core.distributed import reset_accelerator_state
-from core.report import plotted_metrics, read_run, report_main
 from core.trainer import Trainer
 from tests.builders import TinyTask, tiny_config
 

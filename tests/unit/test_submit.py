@@ -13,7 +13,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from core.submit import SubmittedRun, submit_main, with_resume_auto
+from core.commands.submit import SubmittedRun, submit_main, with_resume_auto
 from tests.helpers import DIGITS, REPO
 
 

@@ -4,12 +4,12 @@
     shardvision train classification --config recipes/classification/configs/digits.yaml
     shardvision eval classification --config ... --weights runs/digits/final/model.safetensors
     shardvision train classification --help  # every config key with its type, default and help
-    shardvision export CHECKPOINT OUT [--allow-pickle]   # consolidated safetensors (core/export.py)
     shardvision check-data segmentation --config ...   # read every sample once, list every problem
-    shardvision submit classification --config ... --nodes 2 --tasks-per-node 8   # SLURM via submitit (core/submit.py)
-    shardvision plan classification --config ... --nodes 2 --gpu-memory 80GiB   # memory per rank (core/plan.py)
-    shardvision report runs/a [runs/b ...]   # one HTML page: curves, per-class table, config diff (core/report.py)
-    python -m core.cli train classification ...   # the same commands, without the console script
+    shardvision export CHECKPOINT OUT [--allow-pickle]   # consolidated safetensors (export.py)
+    shardvision submit classification --config ... --nodes 2 --tasks-per-node 8   # SLURM via submitit (submit.py)
+    shardvision plan classification --config ... --nodes 2 --gpu-memory 80GiB   # memory per rank (plan.py)
+    shardvision report runs/a [runs/b ...]   # one HTML page: curves, per-class table, config diff (report.py)
+    python -m core.commands.cli train classification ...   # the same commands, without the console script
 
 Exit codes: core/exit_codes.py (and docs/failures.md).
 """
@@ -64,7 +64,7 @@ example:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The `shardvision` console script (setup.py), also `python -m core.cli`."""
+    """The `shardvision` console script (setup.py), also `python -m core.commands.cli`."""
     parser = argparse.ArgumentParser(
         prog="shardvision",
         description="Train and fine-tune vision models at scale on accelerate and DeepSpeed.\n\nexample:\n"
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if args.command in RECIPE_COMMANDS:
         recipe_main(args.command, rest)
-    else:  # export, submit, plan, report: core/<command>.py
-        getattr(importlib.import_module(f"core.{args.command}"), f"{args.command}_main")(rest)
+    else:  # export, submit, plan, report: core/commands/<command>.py
+        getattr(importlib.import_module(f"core.commands.{args.command}"), f"{args.command}_main")(rest)
 
 
 def recipe_main(command: str, argv: list[str]) -> dict[str, float]:
