@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from core.config import parse_args  # noqa: E402
+from core.config_parsing import parse_args  # noqa: E402
 from core.errors import DataError, KnownFailure, Preempted  # noqa: E402
 from core.exit_codes import ExitCode  # noqa: E402
 
@@ -43,7 +43,7 @@ def run(
     """Parse the command line, build the task, then train, evaluate (--eval-only) or read every
     sample once (--check-data). A known failure exits with its ExitCode and one line instead of a
     traceback; every rank meets it together, so rank 0 alone prints it. `prog` and `description`
-    title its --help (core.config.parse_args)."""
+    title its --help (core.config_parsing.parse_args)."""
     with known_failures_exit():
         metrics = train(config_cls, task_cls, argv, prog, description)
     if one_of_several_ranks():

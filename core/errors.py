@@ -50,6 +50,10 @@ class Preempted(KnownFailure):
         super().__init__(message)
         self.signal = signal
 
+    def noted(self, note: str) -> Preempted:
+        """The same stop, its message extended by what became of the run's state."""
+        return Preempted(f"{self}; {note}", self.signal)
+
 
 # Failures inside one mechanism, which its caller turns into a CheckpointError naming the
 # checkpoint (or, for a failed background write, lets stop the run as a crash).

@@ -16,7 +16,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from core.config import LoggingConfig, flat_dict
+from core.config import LoggingConfig
+from core.config_parsing import flat_dict
 from core.distributed import reduce_mean
 
 TRACKER_IDS = "trackers.json"

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from core.data import BadSamples
-from core.errors import NonFiniteLossError
+from core.errors import NonFiniteLossError, Preempted
 
 logger = logging.getLogger("shardvision")
 
@@ -114,6 +114,10 @@ class StepAgreement:
 
     def stop_reason(self) -> str:
         return f"stopped by {self.stop_signal or 'a signal on another rank'}"
+
+    def preempted(self, where: str) -> Preempted:
+        """What every rank raises once the stop is agreed, `where` saying where it stopped."""
+        return Preempted(f"{self.stop_reason()} {where}", self.stop_signal)
 
     def _read(self, window: _Window) -> bool:
         agreement = read_agreement(window.flags)

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from accelerate.utils import send_to_device
@@ -24,19 +24,18 @@ from core.checkpoint.per_parameter import optimizer_order
 from core.checkpoint.resume import CheckpointResumer
 from core.checkpoint.saver import CheckpointSaver
 from core.checkpoint.state import TrainerState
-from core.config import TrainConfig, save_config, to_dict
+from core.config import TrainConfig
+from core.config_parsing import save_config, to_dict
 from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
 from core.distributed import (
     build_accelerator,
     layout_of,
     model_construction,
-    parameter_counts,
     seed_everything,
     seed_rank,
     setup_logging,
     share_buffers,
     strategy_of,
-    zero_stage,
 )
 from core.ema import WeightAverage
 from core.errors import ConfigError, Preempted
@@ -45,21 +44,18 @@ from core.model_options import HALF_DTYPES, apply_model_options, cast_inputs
 from core.optim import (
     build_optimizer,
     build_scheduler,
-    describe_param_groups,
     optimizer_kind,
     param_group_facts,
     set_schedule_step,
-    warmup_steps_of,
 )
 from core.run_log import (
     RunLogger,
     RunProgress,
     TrainMeter,
     memory_mb,
-    peak_resident_mb_per_rank,
     peak_tflops,
-    training_flops_per_sample,
 )
+from core.run_summary import count_flops, log_run_summary, report_startup_memory
 from core.step_agreement import StepAgreement
 from core.task import Task
 from core.watchdog import HangWatchdog, watched
@@ -85,12 +81,43 @@ class Trainer:
             raise
 
     def _build(self, cfg: TrainConfig, task: Task) -> None:
+        """The run's parts in the order each needs the last: processes, checkpoints (a resume is
+        decided before the engine exists), model, data, optimization, then the resumed position."""
         self.accelerator = acc = build_accelerator(cfg)
         setup_logging(acc)
-        self.strategy = strategy_of(acc)
+        self.strategy, self.layout = strategy_of(acc), layout_of(acc)
         task.check_strategy(self.strategy, cfg.loop.precision, acc.device)
         if acc.is_main_process:
             save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        resumer = self._build_checkpointing(cfg, task)
+        model = self._build_model(cfg, task)
+        train_loader, eval_loader = self._build_data(cfg, task)
+        order = self._build_optimization(cfg, model, train_loader, eval_loader)
+        # Counted before a resume restores the random streams, whatever the count draws from them.
+        self.flops_per_sample = self._count_flops() if cfg.logging.count_flops else None
+        self.peak_tflops = peak_tflops(acc.device, cfg.logging.peak_tflops)
+        self.state = TrainerState(
+            world_size=acc.num_processes,
+            micro_batch_size=cfg.data.micro_batch_size,
+            grad_accum_steps=cfg.loop.grad_accum_steps,
+            layout=self.layout,
+            optimizer=optimizer_kind(self.optimizer)[0],
+        )
+        if self.resume_source is not None:
+            resumer.load(self.resume_source, self.state, self.model, self.optimizer, self.ema, order)
+            self.checkpoints.resumed_at(self.state.global_step)
+            set_schedule_step(self.scheduler, self.state.global_step)
+        elif cfg.checkpoint.resume == "auto":
+            logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
+        self.run_logger = RunLogger(acc, cfg.output_dir, to_dict(cfg), cfg.logging)
+        self.startup_reported = False  # each rank's peak memory is reported once, after its first step
+        self.agreement = StepAgreement(acc, cfg.loop.nonfinite_loss, self.bad_samples)
+        self.meter = TrainMeter(acc, cfg.logging.every_steps)
+        self.progress = RunProgress(acc, cfg.logging.progress_bar, self.total_steps, self.state.global_step)
+
+    def _build_checkpointing(self, cfg: TrainConfig, task: Task) -> CheckpointResumer:
+        """Where checkpoints go, and the one this run resumes from (None: starts fresh)."""
+        acc = self.accelerator
         self.checkpoints = CheckpointSaver(
             acc,
             os.path.join(cfg.output_dir, "checkpoints"),
@@ -112,24 +139,30 @@ class Trainer:
         self.resume_source = (
             None if resumed_from is None else resumer.source_of(resumed_from, cfg.checkpoint.allow_pickle)
         )
+        return resumer
 
-        # Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
-        # then a per-rank stream for dropout and mixup. Fine-tuning under ZeRO-3 builds the model
-        # partitioned and streams the weights into it: no rank holds the whole model. (Not from
-        # scratch: timm initialises layers after building them, which a partitioned build skips.)
+    def _build_model(self, cfg: TrainConfig, task: Task) -> torch.nn.Module:
+        """Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
+        then a per-rank stream for dropout and mixup. Fine-tuning under ZeRO-3 builds the model
+        partitioned and streams the weights into it: no rank holds the whole model. (Not from
+        scratch: timm initialises layers after building them, which a partitioned build skips.)"""
         seed_everything(cfg.seed)
-        self.partitioned = layout_of(acc) == "zero3" and bool(cfg.model.weights)
-        with model_construction(acc, self.partitioned):
+        self.partitioned = self.layout == "zero3" and bool(cfg.model.weights)
+        with model_construction(self.accelerator, self.partitioned):
             model = task.build_model()
         if cfg.model.weights:
             load_weights(model, cfg.model.weights, cfg.model.weights_exclude)
         if self.partitioned:
             logger.info("ZeRO-3: model built partitioned (DeepSpeed zero.Init), %s streamed into it", cfg.model.weights)
         apply_model_options(model, cfg)
-        seed_rank(cfg.seed, acc.process_index)
+        seed_rank(cfg.seed, self.accelerator.process_index)
+        return model
 
-        # Generated data sets (the demos) are written once per machine, by its first rank; several
-        # machines on one shared filesystem race safely (core/data.py folder_written_once).
+    def _build_data(self, cfg: TrainConfig, task: Task) -> tuple[Any, Any]:
+        """The data sets behind their bad-sample guard, and their (not yet prepared) loaders.
+        Generated data sets (the demos) are written once per machine, by its first rank; several
+        machines on one shared filesystem race safely (core/data.py folder_written_once)."""
+        acc = self.accelerator
         with acc.local_main_process_first():
             train_set, eval_set = task.build_datasets()
         self.train_set, self.eval_set = GuardedSamples(train_set, "train"), GuardedSamples(eval_set, "eval")
@@ -137,7 +170,6 @@ class Trainer:
         self.bad_samples = BadSamples(acc, cfg.output_dir, cfg.data.bad_samples)
         self.bad_samples.add_found_at_start(self.train_set, self.eval_set)
         self.bad_samples.flush()
-        self.peak_tflops = peak_tflops(acc.device, cfg.logging.peak_tflops)
         loader_args: dict[str, Any] = dict(
             num_workers=cfg.data.num_workers, collate_fn=self.collate, pin_memory=cfg.data.pin_memory
         )
@@ -150,8 +182,17 @@ class Trainer:
             shuffle=False,
             **loader_args,
         )
+        return train_loader, eval_loader
+
+    def _build_optimization(
+        self, cfg: TrainConfig, model: torch.nn.Module, train_loader: Any, eval_loader: Any
+    ) -> list[str]:
+        """Optimizer, the wrapped model and loaders (accelerate's prepare), schedule, weight
+        average and half-precision inputs. Returns the optimizer's parameter names in order,
+        which name its state for a checkpoint of another strategy."""
+        acc = self.accelerator
         optimizer = build_optimizer(model, cfg.optim)
-        order = optimizer_order(model, optimizer)  # names its state, for a checkpoint of another strategy
+        order = optimizer_order(model, optimizer)
         # Read before DeepSpeed replaces the groups' parameters with its flat partitions.
         self.param_groups = param_group_facts(optimizer)
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
@@ -162,19 +203,13 @@ class Trainer:
                 f"data.micro_batch_size={cfg.data.micro_batch_size} x {acc.num_processes} ranks is more than the "
                 f"{len(self.train_set)} training samples: not one batch per epoch"
             )
-
-        accum = cfg.loop.grad_accum_steps
-        self.steps_per_epoch = math.ceil(len(self.train_loader) / accum)
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.loop.grad_accum_steps)
         self.total_steps = cfg.loop.epochs * self.steps_per_epoch
         if cfg.loop.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.loop.max_steps)
         # Built on the raw optimizer, not prepared: stepped once per optimizer step by us (see core/optim.py).
         self.scheduler = build_scheduler(optimizer, cfg.schedule, self.steps_per_epoch, self.total_steps)
-
-        self.ema = None
-        if cfg.loop.ema_decay is not None:
-            self.ema = WeightAverage(acc, self.model, cfg.loop.ema_decay)
-
+        self.ema = None if cfg.loop.ema_decay is None else WeightAverage(acc, self.model, cfg.loop.ema_decay)
         self.input_dtype = self._input_dtype()
         if self.input_dtype is not None:
             # DeepSpeed casts parameters but not buffers to bf16/fp16; norm statistics must follow
@@ -182,25 +217,7 @@ class Trainer:
             for buffer in self.model.buffers():
                 if buffer.is_floating_point():
                     buffer.data = buffer.data.to(self.input_dtype)
-        self.flops_per_sample = self._count_flops() if cfg.logging.count_flops else None
-        self.state = TrainerState(
-            world_size=acc.num_processes,
-            micro_batch_size=cfg.data.micro_batch_size,
-            grad_accum_steps=accum,
-            layout=layout_of(acc),
-            optimizer=optimizer_kind(self.optimizer)[0],
-        )
-        if self.resume_source is not None:
-            resumer.load(self.resume_source, self.state, self.model, self.optimizer, self.ema, order)
-            self.checkpoints.resumed_at(self.state.global_step)
-            set_schedule_step(self.scheduler, self.state.global_step)
-        elif cfg.checkpoint.resume == "auto":
-            logger.info("--resume auto: no complete checkpoint in %s, starting fresh", self.checkpoints.root)
-        self.run_logger = RunLogger(acc, cfg.output_dir, to_dict(cfg), cfg.logging)
-        self.startup_reported = False  # each rank's peak memory is reported once, after its first step
-        self.agreement = StepAgreement(acc, cfg.loop.nonfinite_loss, self.bad_samples)
-        self.meter = TrainMeter(acc, cfg.logging.every_steps)
-        self.progress = RunProgress(acc, cfg.logging.progress_bar, self.total_steps, self.state.global_step)
+        return order
 
     # ------------------------------------------------------------------------------------------
 
@@ -232,7 +249,7 @@ class Trainer:
         self.run_logger.close()
 
     def _run(self) -> dict[str, float]:
-        self._log_summary()
+        log_run_summary(self)
         if self.cfg.eval_only:
             return self.evaluate_and_log()
 
@@ -262,7 +279,7 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int) -> None:
         """One pass over the training set (what is left of it after a mid-epoch resume)."""
-        state, agreement = self.state, self.agreement
+        acc, state, agreement = self.accelerator, self.state, self.agreement
         self.model.train()
         self.meter.restart()
         with self._epoch_batches(epoch) as batches:
@@ -273,28 +290,27 @@ class Trainer:
                 self.progress.step_taken()
                 self.watchdog.started()
                 if not self.startup_reported:
-                    self._report_startup_memory(epoch)
+                    self.startup_reported = report_startup_memory(acc, self.run_logger, state.global_step, epoch)
                 logging_due = self.meter.due(state.global_step)
                 if logging_due or self.checkpoints.due(state.global_step) or self._reached_max_steps():
                     agreement.settle()  # nothing is logged or saved before every rank's flags are read
                 if logging_due:
                     self._log_train(epoch)
-                self._save_if_due(epoch, force=agreement.stop_requested)
                 if agreement.stop_requested:
-                    raise Preempted(
-                        f"{agreement.stop_reason()} at step {state.global_step}; {self._saved_note()}",
-                        agreement.stop_signal,
-                    )
+                    self._stop(epoch, f"at step {state.global_step}")
+                self._save_if_due(epoch)
                 if self._reached_max_steps():
                     return
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         agreement.settle()  # a stop requested during the epoch's last step
         if agreement.stop_requested:
             state.evaluation_due = self._evaluates_after(epoch)  # the resumed run evaluates the epoch
-            self._save_if_due(epoch, force=True)
-            raise Preempted(
-                f"{agreement.stop_reason()} at the end of epoch {epoch}; {self._saved_note()}", agreement.stop_signal
-            )
+            self._stop(epoch, f"at the end of epoch {epoch}")
+
+    def _stop(self, epoch: int, where: str) -> NoReturn:
+        """Every rank agreed to stop (a signal): the checkpoint of this step, then Preempted."""
+        self._save_if_due(epoch, force=True)
+        raise self.agreement.preempted(where).noted(self._saved_note())
 
     def _save_if_due(self, epoch: int, *, epoch_end: bool = False, force: bool = False) -> None:
         """A checkpoint if one is due (CheckpointSaver.maybe_save), with what it cost the loop."""
@@ -309,9 +325,9 @@ class Trainer:
         schedules; the others only add to .grad (and under DDP skip the all-reduce). True when an
         optimizer step was taken."""
         acc, meter = self.accelerator, self.meter
-        batch = self._cast_inputs(batch)
+        batch = self.cast_inputs(batch)
         with acc.accumulate(self.model):
-            with self._half_weights_autocast():
+            with self.half_weights_autocast():
                 loss = self.task.training_step(self.model, batch)
             meter.add(loss, self.task.batch_size(batch))
             closing = acc.sync_gradients
@@ -339,10 +355,9 @@ class Trainer:
             batches = watched(self.eval_loader, self.watchdog, "evaluation", lambda: self.state.global_step)
             for done, (batch, report) in enumerate(batches):
                 if self.agreement.stop_agreed():  # at the next batch, not after the whole evaluation
-                    raise Preempted(
-                        f"{self.agreement.stop_reason()} during the evaluation at step {self.state.global_step}, "
-                        f"after {done} of its {len(self.eval_loader)} batches",
-                        self.agreement.stop_signal,
+                    raise self.agreement.preempted(
+                        f"during the evaluation at step {self.state.global_step}, "
+                        f"after {done} of its {len(self.eval_loader)} batches"
                     )
                 self._evaluate_batch(model, metrics, batch, report)
         model.train(was_training)
@@ -358,8 +373,8 @@ class Trainer:
     def _evaluate_batch(self, model: torch.nn.Module, metrics: Any, batch: Any, report: Any) -> None:
         """One evaluation batch: every rank's outputs gathered into `metrics`, bad samples left out."""
         self.bad_samples.take(report)
-        batch = self._cast_inputs(batch)
-        with self.accelerator.autocast(), self._half_weights_autocast():
+        batch = self.cast_inputs(batch)
+        with self.accelerator.autocast(), self.half_weights_autocast():
             outputs = self.task.evaluation_step(model, batch)
         outputs = self.accelerator.gather_for_metrics(outputs)
         # Every rank sees every rank's flags, so all stop (or drop) together.
@@ -380,11 +395,9 @@ class Trainer:
                     metrics.update({f"ema_{k}": v for k, v in self.evaluate(averaged, tag="-ema").items()})
         except Preempted as stop:
             if self.cfg.eval_only:
-                raise Preempted(
-                    f"{stop}; nothing to save in an evaluation-only run, run it again", stop.signal
-                ) from None
+                raise stop.noted("nothing to save in an evaluation-only run, run it again") from None
             self._save_if_due(state.epoch, force=True)  # no-op when the epoch's checkpoint is already written
-            raise Preempted(f"{stop}; {self._saved_note()} (the resumed run evaluates again)", stop.signal) from None
+            raise stop.noted(f"{self._saved_note()} (the resumed run evaluates again)") from None
         primary = metrics.get(self.task.primary_metric)
         if self.cfg.eval_only:
             state.eval_metric = primary
@@ -406,7 +419,7 @@ class Trainer:
         acc.wait_for_everyone()
         # DeepSpeed gathers ZeRO-3 shards through its engine; elsewhere the module itself is
         # saved, without torch.compile's wrapper (which prefixes every name with '_orig_mod.').
-        model = self.model if self.strategy == "deepspeed" else self._bare_model()
+        model = self.model if self.strategy == "deepspeed" else self.bare_model()
         acc.save_model(model, final_dir, max_shard_size="10000GB", safe_serialization=True)
         if self.ema is not None:
             self.ema.export(final_dir)
@@ -429,7 +442,7 @@ class Trainer:
             grad_norm = self._clip_gradients()
             self.optimizer.step()
             if self.strategy == "deepspeed":
-                share_buffers(self._bare_model())
+                share_buffers(self.bare_model())
             if self.ema is not None:
                 self.ema.update(self.model, step=self.state.global_step)
         else:
@@ -480,7 +493,7 @@ class Trainer:
             return None
         return HALF_DTYPES.get(self.cfg.loop.precision)
 
-    def _half_weights_autocast(self) -> contextlib.AbstractContextManager:
+    def half_weights_autocast(self) -> contextlib.AbstractContextManager:
         """DeepSpeed holds bf16/fp16 weights and does not autocast: a task whose model needs it
         (Task.autocast_half_weights) runs its steps under autocast there. Elsewhere nothing: DDP
         and FSDP autocast through accelerate."""
@@ -488,40 +501,17 @@ class Trainer:
             return torch.autocast(self.accelerator.device.type, dtype=self.input_dtype)
         return contextlib.nullcontext()
 
-    def _cast_inputs(self, batch: Any) -> Any:
+    def cast_inputs(self, batch: Any) -> Any:
         return cast_inputs(batch, self.task.input_keys, self.input_dtype, self.cfg.model.channels_last)
 
     def _count_flops(self) -> float | None:
-        """Counted on one evaluation sample, through the prepared model's own module: under ZeRO-3
-        and FSDP2 each layer is gathered as in training, so no rank needs a whole copy, and
-        data-dependent models (detectors) run as they will in training."""
         if len(self.eval_set) == 0:
             return None
         batch, _ = self.collate([self.eval_set[0]])
         if batch is None:
             return None
-        model, batch = self._bare_model(), self._cast_inputs(send_to_device(batch, self.accelerator.device))
-        try:
-            with self._half_weights_autocast():
-                return training_flops_per_sample(model, lambda: self.task.evaluation_step(model, batch), samples=1)
-        except (AssertionError, RuntimeError) as e:
-            # The count is a diagnostic and must not stop a run: torch's module tracker fails on
-            # some models (Deformable DETR passes a slice of a parameter to a submodule).
-            logger.warning(
-                "model FLOPs not counted, TFLOP/s and MFU will not be logged: torch's FlopCounterMode failed on "
-                "this model (%s: %s). --logging.count_flops false skips the count.",
-                type(e).__name__,
-                e,
-            )
-            return None
-
-    def _report_startup_memory(self, epoch: int) -> None:
-        self.startup_reported = True
-        peaks = peak_resident_mb_per_rank(self.accelerator)
-        self.run_logger.log(
-            "startup", self.state.global_step, epoch, {"peak_resident_mb_per_rank": peaks}, trackers=False
-        )
-        logger.info("peak resident memory per rank after the first step: %s MB", ", ".join(f"{p:,.0f}" for p in peaks))
+        batch = self.cast_inputs(send_to_device(batch, self.accelerator.device))
+        return count_flops(self.bare_model(), self.task, batch, self.half_weights_autocast())
 
     def _clip_gradients(self) -> torch.Tensor | None:
         # DeepSpeed clips inside its own step, from "gradient_clipping" in its filled-in config.
@@ -535,7 +525,7 @@ class Trainer:
             f"micro-batch {self.state.batches_in_epoch})"
         )
 
-    def _bare_model(self) -> torch.nn.Module:
+    def bare_model(self) -> torch.nn.Module:
         """The model without DDP's or torch.compile's wrappers (FSDP2 shards stay in place)."""
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
@@ -551,59 +541,6 @@ class Trainer:
 
     def _reached_max_steps(self) -> bool:
         return self.cfg.loop.max_steps is not None and self.state.global_step >= self.cfg.loop.max_steps
-
-    def _log_summary(self) -> None:
-        """The run's shape, on the console and as a `run` row of metrics.jsonl (one per launch)."""
-        cfg, acc = self.cfg, self.accelerator
-        stage = zero_stage(acc.state.deepspeed_plugin.deepspeed_config) if self.strategy == "deepspeed" else None
-        optimizer, kernel = optimizer_kind(self.optimizer)
-        micro, accum = cfg.data.micro_batch_size, cfg.loop.grad_accum_steps
-        parameters, on_this_rank = parameter_counts(self._bare_model())
-        facts = {
-            "world_size": acc.num_processes,
-            "strategy": self.strategy,
-            "zero_stage": stage,
-            "precision": cfg.loop.precision,
-            "device": str(acc.device),
-            "global_batch": micro * accum * acc.num_processes,
-            "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps,
-            "parameters": parameters,
-            "parameters_on_this_rank": on_this_rank,
-            "optimizer": optimizer,
-            "update_kernel": kernel,
-            "param_groups": self.param_groups,
-            "resumed_from": self.resume_source.path if self.resume_source is not None else None,
-        }
-        self.run_logger.log("run", self.state.global_step, self.state.epoch, facts, trackers=False)
-        strategy = self.strategy + (f" (ZeRO-{stage})" if stage is not None else "")
-        sharded = stage == 3 or self.strategy == "fsdp"
-        lines = [
-            f"world size {acc.num_processes} | strategy {strategy} | precision {cfg.loop.precision} | "
-            f"device {acc.device}",
-            f"micro batch {micro} per rank | accumulation {accum} | global batch {facts['global_batch']}",
-            f"train samples {len(self.train_set)} | eval samples {len(self.eval_set)}",
-            f"optimizer steps: {self.steps_per_epoch} per epoch, {self.total_steps} in total | "
-            f"warmup {warmup_steps_of(cfg.schedule, self.steps_per_epoch)} steps | schedule {cfg.schedule.name}",
-            f"model {cfg.model.name}: {parameters:,} parameters"
-            + (f", {on_this_rank:,} stored on this rank (its ZeRO-3/FSDP shard)" if sharded else ""),
-            *describe_param_groups(self.optimizer, self.param_groups),
-        ]
-        if self.flops_per_sample:
-            peak = (
-                f"MFU against {self.peak_tflops:g} TFLOP/s per device"
-                if self.peak_tflops
-                else "no MFU: set logging.peak_tflops"
-            )
-            lines.append(
-                f"model FLOPs per training sample: {self.flops_per_sample / 1e9:.3g} GFLOP (3x forward) | {peak}"
-            )
-        speed = [k for k in ("compile", "channels_last", "grad_checkpointing") if getattr(cfg.model, k)]
-        if speed:
-            lines.append("model options: " + ", ".join(speed))
-        if self.ema is not None:
-            lines.append(f"EMA of weights, decay {cfg.loop.ema_decay}")
-        logger.info("run summary\n  %s", "\n  ".join(lines))
 
 
 @contextlib.contextmanager

@@ -209,7 +209,7 @@ def assert_export_is_whole(path: Path, config_cls: type, task_cls: type, argv: l
     import torch
     from safetensors.torch import load_file
 
-    from core.config import parse_args
+    from core.config_parsing import parse_args
     from core.weights import load_weights
 
     cfg = parse_args(config_cls, argv)

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from core.config import parse_args
+from core.config_parsing import parse_args
 from core.entry import TASKS, known_failures_exit, recipe
 from core.errors import ConfigError
 from core.model_options import HALF_DTYPES, apply_model_options, cast_inputs

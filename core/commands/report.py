@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from core.config import flat_dict
+from core.config_parsing import flat_dict
 from core.exit_codes import ExitCode
 
 TRAIN_SERIES = ("loss", "lr", "grad_norm", "images_per_sec", "tflops_per_device", "mfu", "memory_mb")

@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from core.config import parse_args
+from core.config_parsing import parse_args
 from core.entry import TASKS, known_failures_exit, leave, one_of_several_ranks, recipe, train
 from core.errors import ConfigError, Preempted
 from core.exit_codes import ExitCode

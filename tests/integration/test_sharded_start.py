@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.config import parse_args
+from core.config_parsing import parse_args
 from tests.helpers import QUICK, REPO, TINY_VIT, last_launch, launch, read_metrics
 
 ZERO3 = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"))

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from core.commands.cli import COMMANDS, RECIPE_COMMANDS, main
-from core.config import parse_args
+from core.config_parsing import parse_args
 from core.entry import TASKS
 from recipes.classification.task import ClassificationConfig
 from tests.builders import imagefolder

@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from core.config import load_config, parse_args, save_config
+from core.config_parsing import load_config, parse_args, save_config
 from core.errors import ConfigError
 from recipes.classification.task import ClassificationConfig
 from tests.helpers import REPO
@@ -129,7 +129,7 @@ def test_every_shipped_recipe_config_parses(path, monkeypatch):
 
 @pytest.mark.parametrize("recipe", ["classification", "detection", "segmentation"])
 def test_configuration_reference_names_every_key(recipe):
-    from core.config import all_keys
+    from core.config_parsing import all_keys
 
     text = (REPO / "docs" / "configuration.md").read_text()
     missing = [k for k in all_keys(config_class(recipe)) if f"`{k}`" not in text]

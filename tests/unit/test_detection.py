@@ -398,7 +398,7 @@ TINY_HF = {name: f"recipes/detection/configs/{name}_tiny" for name in TRANSFORME
 
 def shapes_task(tmp_path, config: str, *overrides: str):
     """A demo config's task on 8 + 4 shapes images of its own."""
-    from core.config import parse_args
+    from core.config_parsing import parse_args
     from recipes.detection.task import DetectionConfig, DetectionTask
 
     argv = ["--config", str(REPO / "recipes/detection/configs" / config), "--output-dir", str(tmp_path)]

@@ -74,7 +74,7 @@ def test_class_names_come_from_the_data(tmp_path):
     """The digits' names, a ClassLabel column's names, class_<i> for plain integer labels."""
     import datasets
 
-    from core.config import parse_args
+    from core.config_parsing import parse_args
     from recipes.classification.task import ClassificationConfig, ClassificationTask
 
     def task(*args):

@@ -88,7 +88,7 @@ def test_channels_last_changes_the_layout_not_the_result(fresh_accelerate_state,
     apply_model_options(nhwc, cfg)
     assert nhwc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     trainer = Trainer(cfg, TinyTask(cfg))
-    batch = trainer._cast_inputs({"image": images, "label": torch.zeros(4)})
+    batch = trainer.cast_inputs({"image": images, "label": torch.zeros(4)})
     assert batch["image"].is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous(
         memory_format=torch.channels_last
     )
@@ -116,7 +116,7 @@ def test_compiled_run_checkpoints_resumes_and_exports_plain_names(fresh_accelera
     resumed = Trainer(cfg, TinyTask(cfg))
     assert resumed.state.global_step == trainer.state.global_step
     saved = load_file(tmp_path / "checkpoints" / str(trainer.state.global_step) / "model.safetensors")
-    current = resumed._bare_model().state_dict()
+    current = resumed.bare_model().state_dict()
     assert all(torch.equal(current[k], v) for k, v in saved.items())
     resumed.fit()  # trains on from the checkpoint, compiled again
     assert resumed.state.global_step > trainer.state.global_step

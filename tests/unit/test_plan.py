@@ -12,7 +12,7 @@ import torch
 
 from core.commands.cli import main
 from core.commands.plan import Cluster, GiB, compute_mode, make_plan, model_states, optimizer_state_bytes, parse_memory
-from core.config import parse_args
+from core.config_parsing import parse_args
 from recipes.classification.task import ClassificationConfig, ClassificationTask
 from tests.helpers import DIGITS, REPO
 
