@@ -33,6 +33,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the folder or file at fault."""
 
 
+class RunFolderError(UserError, FileNotFoundError):
+    """A folder named as a run that holds none (no metrics.jsonl)."""
+
+
 class NonFiniteLossError(KnownFailure, RuntimeError):
     """The loss became NaN or inf (loop.nonfinite_loss: error); the checkpoints before it are intact."""
 

@@ -223,7 +223,7 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to the end (or evaluate only), export the weights, return the last eval metrics.
-        SIGTERM/SIGUSR1 end the run after the current optimizer step with a checkpoint (Preempted).
+        SIGTERM, SIGUSR1 and SIGUSR2 end the run after the current optimizer step with a checkpoint (Preempted).
         However it ends, the trackers are closed and the process group is torn down here, not
         left to interpreter exit."""
         self.agreement.listen_for_stop_signals()
@@ -237,7 +237,7 @@ class Trainer:
 
     def _shut_down(self) -> None:
         """End the run in order, whatever ended it, rather than leave it to interpreter exit (which
-        a multi-rank process skips, see core/entry.py): hang watch, checkpoint deletions, loader
+        a multi-rank process skips, see core/entry.py): checkpoint deletions, hang watch, loader
         workers, trackers, then the process group."""
         self.checkpoints.close()
         self.watchdog.stop()

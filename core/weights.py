@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 def _read_torch_file(path: str) -> dict[str, torch.Tensor]:
     """A .pt/.pth/.bin state dict, read whole with torch.load(weights_only=True)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # noqa: TID251 (the one reader, never unpickling)
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # noqa: TID251 (weights_only: never unpickling)
     except Exception as e:
         raise WeightsError(
             f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: {e}). "

@@ -15,11 +15,9 @@ them into the same model. The EMA of the weights, when the run kept one, is writ
 from __future__ import annotations
 
 import argparse
-import sys
 
 from core.checkpoint.export import export_checkpoint
-from core.errors import CheckpointError
-from core.exit_codes import ExitCode
+from core.entry import known_failures_exit
 
 
 def export_main(argv: list[str]) -> None:
@@ -33,8 +31,5 @@ def export_main(argv: list[str]) -> None:
         "--allow-pickle", action="store_true", help="allow reading DeepSpeed/FSDP shards, which are Python pickles"
     )
     args = parser.parse_args(argv)
-    try:
+    with known_failures_exit():
         print(export_checkpoint(args.checkpoint, args.out, args.allow_pickle))
-    except CheckpointError as e:
-        print(f"shardvision: error: {e}", file=sys.stderr)
-        sys.exit(ExitCode.USER_ERROR)

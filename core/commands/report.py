@@ -20,14 +20,14 @@ import html
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from core.config_parsing import flat_dict
-from core.exit_codes import ExitCode
+from core.entry import known_failures_exit
+from core.errors import RunFolderError
 
 TRAIN_SERIES = ("loss", "lr", "grad_norm", "images_per_sec", "tflops_per_device", "mfu", "memory_mb")
 NOT_PLOTTED = {"samples", "images"}  # evaluation counts, not metrics
@@ -48,7 +48,7 @@ class Run:
 def read_run(folder: str, label: str | None = None) -> Run:
     path = os.path.join(folder, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder}: no metrics.jsonl (is it a shardvision run folder?)")
+        raise RunFolderError(f"{folder}: no metrics.jsonl (is it a shardvision run folder?)")
     run = Run(folder, label or os.path.basename(os.path.abspath(folder)))
     with open(path) as f:
         for line in f:
@@ -188,11 +188,8 @@ def report_main(argv: list[str]) -> None:
     labels = [os.path.basename(os.path.abspath(r)) for r in args.runs]
     if len(set(labels)) < len(labels):  # runs/a/x and runs/b/x: tell them apart by their paths
         labels = list(args.runs)
-    try:
+    with known_failures_exit():
         runs = [read_run(folder, label) for folder, label in zip(args.runs, labels, strict=True)]
-    except FileNotFoundError as e:
-        print(f"shardvision: error: {e}", file=sys.stderr)
-        sys.exit(ExitCode.USER_ERROR)
     out = args.out or os.path.join(args.runs[0], "report.html")
     with open(out, "w") as f:
         f.write(render(runs))

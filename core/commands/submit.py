@@ -151,13 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 def submit_main(argv: list[str]) -> None:
     args, train_argv = build_parser().parse_known_args(argv)
     chosen = recipe(args.task)
-    try:  # a bad flag fails here, not in the queue hours later
+    with known_failures_exit():  # a bad flag fails here, not in the queue hours later
         cfg = parse_args(chosen.CONFIG, train_argv)
         job_dir = os.path.abspath(args.job_dir or os.path.join(cfg.output_dir, "submitit"))
         executor = _executor(args, job_dir)
-    except (ConfigError, ValueError) as e:
-        print(f"shardvision: error: {e}", file=sys.stderr)
-        sys.exit(ExitCode.USER_ERROR)
     # The job may start elsewhere (another working directory, another node): absolute paths.
     output_dir = os.path.abspath(cfg.output_dir)
     train_argv = _absolute_config(train_argv) + ["--output-dir", output_dir]
@@ -174,9 +171,9 @@ def _executor(args: argparse.Namespace, job_dir: str) -> Any:
 
     if args.cluster == "local":
         if args.nodes != 1:
-            raise ValueError(f"--nodes {args.nodes}: --cluster local runs on this machine only (--nodes 1)")
+            raise ConfigError(f"--nodes {args.nodes}: --cluster local runs on this machine only (--nodes 1)")
         if args.slurm or args.partition:
-            raise ValueError("--slurm and --partition are for --cluster slurm")
+            raise ConfigError("--slurm and --partition are for --cluster slurm")
         local = submitit.LocalExecutor(job_dir, max_num_timeout=MAX_TIMEOUTS)
         local.update_parameters(
             timeout_min=args.timeout_min, tasks_per_node=args.tasks_per_node, signal_delay_s=SIGNAL_DELAY_S
@@ -195,16 +192,16 @@ def _executor(args: argparse.Namespace, job_dir: str) -> Any:
     for pair in args.slurm:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--slurm {pair}: expected KEY=VALUE, e.g. --slurm constraint=volta32gb")
+            raise ConfigError(f"--slurm {pair}: expected KEY=VALUE, e.g. --slurm constraint=volta32gb")
         params[key] = yaml.safe_load(value)  # 0 -> int, true -> bool, anything else a string
     try:
         executor = submitit.SlurmExecutor(job_dir, max_num_timeout=MAX_TIMEOUTS)
     except RuntimeError as e:  # no srun here
-        raise ValueError(f"--cluster slurm: {e} (--cluster local runs the job on this machine)") from None
+        raise ConfigError(f"--cluster slurm: {e} (--cluster local runs the job on this machine)") from None
     try:
         executor.update_parameters(**params)
     except (TypeError, ValueError, NameError) as e:
-        raise ValueError(f"--slurm: {e}") from None
+        raise ConfigError(f"--slurm: {e}") from None
     return executor
 
 
