@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import torch
 from accelerate.utils import send_to_device
 
+from core.checkpoint.export import save_whole_weights
 from core.checkpoint.files import check_shared
 from core.checkpoint.per_parameter import optimizer_order
 from core.checkpoint.resume import CheckpointResumer
@@ -419,8 +420,10 @@ class Trainer:
         acc.wait_for_everyone()
         # DeepSpeed gathers ZeRO-3 shards through its engine; elsewhere the module itself is
         # saved, without torch.compile's wrapper (which prefixes every name with '_orig_mod.').
-        model = self.model if self.strategy == "deepspeed" else self.bare_model()
-        acc.save_model(model, final_dir, max_shard_size="10000GB", safe_serialization=True)
+        whole = acc.get_state_dict(self.model if self.strategy == "deepspeed" else self.bare_model())
+        if acc.is_main_process:
+            os.makedirs(final_dir, exist_ok=True)
+            save_whole_weights(whole, os.path.join(final_dir, "model.safetensors"))
         if self.ema is not None:
             self.ema.export(final_dir)
         if acc.is_main_process:

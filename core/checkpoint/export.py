@@ -19,11 +19,21 @@ from core.ema import saved_average
 from core.errors import CheckpointError
 
 
-def _save(state_dict: dict[str, torch.Tensor], path: str) -> None:
-    # clone: tied weights share storage, which safetensors refuses to write twice
-    save_file(
-        {k: v.detach().to("cpu").clone().contiguous() for k, v in state_dict.items()}, path, metadata={"format": "pt"}
-    )
+def save_whole_weights(state_dict: dict[str, torch.Tensor], path: str) -> None:
+    """Every entry of `state_dict` under its own name, tied weights included (a loader may ask for
+    any of their names). safetensors writes each storage once, so an entry whose storage another
+    already holds is copied: a tie, or, under ZeRO-3 on one CPU rank, the gathered parameters,
+    which are views of one flat buffer (accelerate's save_model kept one of them and dropped the
+    rest as "shared tensors": an export holding only cls_token)."""
+    taken: set[int] = set()
+    tensors = {}
+    for name, value in state_dict.items():
+        tensor = value.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().data_ptr() in taken:
+            tensor = tensor.clone()
+        taken.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, allow_pickle: bool = False) -> str:
@@ -41,13 +51,13 @@ def export_checkpoint(checkpoint: str, out_dir: str, allow_pickle: bool = False)
     if fmt == "DeepSpeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        _save(get_fp32_state_dict_from_zero_checkpoint(checkpoint), target)
+        save_whole_weights(get_fp32_state_dict_from_zero_checkpoint(checkpoint), target)
     elif fmt == "FSDP":
         from accelerate.utils import merge_fsdp_weights
 
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             merge_fsdp_weights(os.path.join(checkpoint, "pytorch_model_fsdp_0"), tmp, safe_serialization=True)
-            _save(load_file(os.path.join(tmp, "model.safetensors")), target)
+            save_whole_weights(load_file(os.path.join(tmp, "model.safetensors")), target)
     else:
         source = os.path.join(checkpoint, "model.safetensors")
         if not os.path.isfile(source):
@@ -56,7 +66,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, allow_pickle: bool = False)
 
     average = saved_average(checkpoint)
     if average is not None:
-        _save(average, os.path.join(out_dir, EMA_EXPORT))
+        save_whole_weights(average, os.path.join(out_dir, EMA_EXPORT))
 
     run_config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config.yaml")
     if os.path.isfile(run_config):
