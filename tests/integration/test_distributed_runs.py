@@ -67,13 +67,14 @@ def test_two_rank_evaluation_equals_one_process(ddp_reference, tmp_path):
     batch, and each sample must still count exactly once."""
     weights = str(ddp_reference / "final" / "model.safetensors")
     common = ["--config", DIGITS, *QUICK, "--eval-only", "--weights", weights, "--data.eval_micro_batch_size", "7"]
-    two = launch(
+    launch(
         [*common, "--output-dir", str(tmp_path / "two")],
         launcher="accelerate",
         accelerate_config=accelerate_config("multi_gpu_ddp.yaml"),
     )
-    assert "world size 2 | strategy ddp" in two.stderr
     launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python")
+    two, one = last_launch(tmp_path / "two"), last_launch(tmp_path / "one")
+    assert (two["world_size"], two["strategy"], one["world_size"]) == (2, "ddp", 1)
     m2, m1 = eval_row(tmp_path / "two"), eval_row(tmp_path / "one")
     assert m1["samples"] == m2["samples"] == 360
     assert m1["top1"] == m2["top1"] and m1["top5"] == m2["top5"]
@@ -147,13 +148,15 @@ def test_demo_reaches_95_percent(tmp_path):
 
 def test_deepspeed_launcher_and_python_module_in_bf16(tmp_path):
     common = ["--config", DIGITS, *QUICK, "--loop.max_steps", "2", "--loop.precision", "bf16"]
-    ds = launch(
+    launch(
         [*common, "--output-dir", str(tmp_path / "ds"), "--distributed.deepspeed_config", "ds_configs/zero2.json"],
         launcher="deepspeed",
     )
-    assert "world size 2 | strategy deepspeed (ZeRO-2) | precision bf16" in ds.stdout + ds.stderr
-    single = launch([*common, "--output-dir", str(tmp_path / "py")], launcher="module")  # CPU autocast
-    assert "world size 1 | strategy single | precision bf16" in single.stderr
+    ds = last_launch(tmp_path / "ds")
+    assert (ds["world_size"], ds["strategy"], ds["zero_stage"], ds["precision"]) == (2, "deepspeed", 2, "bf16")
+    launch([*common, "--output-dir", str(tmp_path / "py")], launcher="module")  # CPU autocast
+    single = last_launch(tmp_path / "py")
+    assert (single["world_size"], single["strategy"], single["precision"]) == (1, "single", "bf16")
     assert (tmp_path / "py" / "final" / "model.safetensors").is_file()
 
 
@@ -169,6 +172,29 @@ def test_bad_config_exits_2_with_the_message(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def rows_of_the_last_launch(run_dir: Path, split: str) -> list[dict]:
+    """The `split` rows metrics.jsonl holds from its last `run` row on: the latest launch's."""
+    with open(run_dir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    start = max(i for i, row in enumerate(rows) if row["split"] == "run")
+    return [row for row in rows[start:] if row["split"] == split]
+
+
+def assert_resumed_exactly(run_dir: Path, reference: Path, checkpoint: int) -> None:
+    """The last launch resumed from `checkpoint` (a launch that started afresh by mistake would also
+    end on the reference: the same seed) and trained each later step once, with the reference's
+    loss; every row the launches before logged is the reference's too; the final weights are the
+    reference's, bit for bit."""
+    assert last_launch(run_dir)["resumed_from"] == str(run_dir / "checkpoints" / str(checkpoint))
+    expected = train_losses(reference)
+    resumed = [(row["step"], row["loss"]) for row in rows_of_the_last_launch(run_dir, "train")]
+    assert resumed == [(step, expected[step][0]) for step in range(checkpoint + 1, max(expected) + 1)], resumed
+    got = train_losses(run_dir)
+    assert sorted(got) == sorted(expected)
+    assert all(loss == expected[step][0] for step, losses in got.items() for loss in losses), got
+    assert final_weights_equal(reference, run_dir)
+
+
 def test_sigkill_while_a_background_save_is_writing_resumes_from_the_previous_checkpoint(ddp_reference, tmp_path):
     """Rank 0 writes the model and optimizer and publishes; it is killed once its background write
     of step 14 has begun (the capture is over and training has moved on). The run resumes from
@@ -178,11 +204,8 @@ def test_sigkill_while_a_background_save_is_writing_resumes_from_the_previous_ch
     run_killed_when(args, writing, rank=0, launcher="torchrun")
     assert not (tmp_path / "checkpoints" / "14").exists()  # the kill came before the publish
     launch([*args, "--resume", "auto"], launcher="torchrun")
-    assert last_launch(tmp_path)["resumed_from"] == str(tmp_path / "checkpoints" / "7")
     assert not (tmp_path / "checkpoints" / ".tmp-14").exists()  # cleaned up by the next save
-    expected = train_losses(ddp_reference)
-    assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
-    assert final_weights_equal(ddp_reference, tmp_path)
+    assert_resumed_exactly(tmp_path, ddp_reference, 7)
 
 
 def test_background_and_synchronous_zero3_saves_write_the_same_checkpoint(tmp_path):
@@ -246,13 +269,14 @@ def test_sigterm_mid_epoch_checkpoints_exits_75_and_resumes_exactly(ddp_referenc
         worker.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert "exitcode  : 75" in stderr, stderr[-3000:]
-    assert re.search(r"checkpoint of step \d+ saved, rerun with --resume auto", stderr), stderr[-3000:]
-    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    # What the user reads (the step saved is in the checkpoint rows).
+    assert "stopped by SIGTERM" in stderr and "rerun with --resume auto" in stderr, stderr[-3000:]
+    saved = [row["step"] for row in read_metrics(tmp_path, "checkpoint")]
     assert len(saved) == 1 and 4 <= saved[0] < 11, saved  # mid-epoch 0
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()] == [str(saved[0])]
     launch([*args, "--resume", "auto"], launcher="torchrun")
-    expected = train_losses(ddp_reference)
-    assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
-    assert final_weights_equal(ddp_reference, tmp_path)
+    assert_resumed_exactly(tmp_path, ddp_reference, saved[0])
+    assert train_losses(tmp_path) == train_losses(ddp_reference)  # each step once: the stop saved the step it ended
 
 
 def test_sigterm_during_an_evaluation_exits_75_at_the_next_batch_and_resumes_exactly(ddp_reference, tmp_path):
@@ -272,14 +296,16 @@ def test_sigterm_during_an_evaluation_exits_75_at_the_next_batch_and_resumes_exa
         worker.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=300)[1].decode()
     assert "exitcode  : 75" in stderr, stderr[-3000:]
-    stopped = re.search(r"evaluation at step 11, after (\d+) of its 180 batches; checkpoint of step 11 saved", stderr)
+    stopped = re.search(r"evaluation at step 11, after (\d+) of its 180 batches", stderr)  # only said there
     assert stopped and int(stopped.group(1)) < 180, stderr[-3000:]
+    assert {row["step"] for row in read_metrics(tmp_path, "checkpoint")} == {11}
     assert not (tmp_path / "eval" / "step-11").exists()  # the evaluation did not finish
     state = json.loads((tmp_path / "checkpoints" / "11" / "trainer_state.json").read_text())
     assert (state["epoch"], state["evaluation_due"]) == (1, True)
     assert not (tmp_path / "checkpoints" / "11" / "evaluation.json").exists()
 
     launch([*args, "--resume", "auto"], launcher="torchrun")
+    assert last_launch(tmp_path)["resumed_from"] == str(tmp_path / "checkpoints" / "11")
     assert (tmp_path / "checkpoints" / "11" / "evaluation.json").is_file()
     evaluated = {row["step"]: row["top1"] for row in read_metrics(tmp_path, "eval")}
     assert evaluated == {row["step"]: row["top1"] for row in read_metrics(ddp_reference, "eval")}
@@ -335,9 +361,7 @@ def test_a_frozen_rank_is_reported_by_the_other_within_the_limit_and_the_run_res
     assert published and published[-1] <= int(error.group(2)), published  # nothing newer than the last complete save
 
     launch([*args, "--resume", "auto"], launcher="torchrun")
-    expected = train_losses(ddp_reference)
-    assert all(losses[-1] == expected[step][0] for step, losses in train_losses(tmp_path).items())
-    assert final_weights_equal(ddp_reference, tmp_path)
+    assert_resumed_exactly(tmp_path, ddp_reference, published[-1])
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])

@@ -170,11 +170,17 @@ def test_zero_two_nodes_killed_and_resumed_equal_the_single_host_run(
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
 
-    # Same model, data and optimizer as DDP: the first steps agree before fp32 reduction-order
-    # noise compounds (Adam amplifies it in near-zero gradients).
+    # Held to the uninterrupted DDP run too (ddp_reference, no extra launch): the same seed, samples
+    # and global batch, so every loss the killed launch logged, steps 1 to 7, is DDP's to fp32
+    # reduction-order noise (2.2e-7 relative apart, measured 2026-12-05). Not the steps after the
+    # resume: from step 8 on, this trajectory amplifies that noise (ZeRO-2 and ZeRO-3 uninterrupted
+    # are 1e-7 apart at step 7, 8e-6 at step 8 and 7e-3 at step 13; either against DDP 1.3e-4 at
+    # step 8 and 1.4e-2 at step 13), so no DDP run, this one or one of ZERO_TRAJECTORY's, could hold
+    # them or the final weights to noise. test_elastic_resume.py holds ZeRO resumes to DDP on a
+    # model that does not amplify it.
     ddp = train_losses(ddp_reference)
-    for step in range(1, 6):
-        assert expected[step][0] == pytest.approx(ddp[step][0], rel=1e-3), step
+    for step in range(1, 8):
+        assert all(loss == pytest.approx(ddp[step][0], rel=1e-5) for loss in got[step]), (step, got[step], ddp[step])
 
 
 def test_a_checkpoint_folder_another_node_cannot_see_stops_the_run_at_once_naming_it(tmp_path):
