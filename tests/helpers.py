@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -154,48 +156,121 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
+def logged_step(run_dir: Path) -> int:
+    """The latest train step `run_dir`'s metrics.jsonl holds (0 before the first)."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return 0
+    return max((row["step"] for row in read_metrics(run_dir, "train")), default=0)
+
+
+def wait_until(
+    done: Callable[[], bool],
+    what: str,
+    processes: Sequence[subprocess.Popen] = (),
+    output: Callable[[], str] = str,
+    timeout: float = 400,
+    poll: float = 0.05,
+) -> None:
+    """Poll `done` (a file, a logged step, a process state) every `poll` seconds until it holds.
+    Fails, with `output()` (the runs' stderr or logs), as soon as one of `processes` has ended
+    first, or after `timeout` seconds, killing them: a wait never outlives its run, nor hangs the
+    suite. (A file to act on the moment it appears, a kill at a checkpoint: poll=0.005; a check
+    that parses metrics.jsonl keeps the default, not to take the runs' CPU.)"""
+    deadline = time.monotonic() + timeout
+    while not done():
+        ended = [p for p in processes if p.poll() is not None]
+        if ended or time.monotonic() > deadline:
+            for p in processes:
+                kill_tree(p.pid)
+            why = f"a run ended (exit {ended[0].returncode})" if ended else f"{timeout:.0f} s passed"
+            raise AssertionError(f"{why} before {what}\n{output()[-4000:]}")
+        time.sleep(poll)
+
+
+class BackgroundRun:
+    """A launch running while the test acts on it (kills, signals, freezes). Its stderr goes to a
+    file, never a pipe that could fill and block it, and is in every failure message."""
+
+    def __init__(self, cmd: list[str], **popen_kwargs) -> None:
+        fd, name = tempfile.mkstemp(prefix="shardvision-stderr-", suffix=".log")
+        os.close(fd)
+        self.stderr_path = Path(name)
+        with open(self.stderr_path, "ab") as err:  # append mode: the ranks' writes never overlap
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=err, **popen_kwargs
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_until(self, done: Callable[[], bool], what: str, timeout: float = 400, poll: float = 0.05) -> None:
+        wait_until(done, what, [self.proc], self.stderr, timeout, poll)
+
+    def wait_for_file(self, path: Path, timeout: float = 400) -> None:
+        self.wait_until(path.exists, str(path), timeout, poll=0.005)
+
+    def wait_for_step(self, run_dir: Path, step: int, timeout: float = 300) -> None:
+        self.wait_until(lambda: logged_step(run_dir) >= step, f"train step {step} in {run_dir}", timeout)
+
+    def wait_for_exit(self, timeout: float = 300) -> str:
+        """The run's exit, within `timeout` seconds; returns its stderr."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(self.proc.pid)
+            raise AssertionError(f"the run did not end within {timeout:.0f} s\n{self.stderr()[-4000:]}") from None
+        return self.stderr()
+
+    def __enter__(self) -> BackgroundRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        kill_tree(self.proc.pid)  # whatever the test left running, as when it failed half-way
+        self.proc.wait()
+        self.stderr_path.unlink(missing_ok=True)
+
+
+def start(args: list[str], launcher: str = "torchrun", nproc: int = 2, **kwargs) -> BackgroundRun:
+    """`launch`, in the background: use it as a context manager, which ends every process it left."""
+    return BackgroundRun(launch_command(args, launcher, nproc, **kwargs))
+
+
 def rank_processes(launcher_pid: int) -> dict[int, psutil.Process]:
     """The launched ranks by their RANK, once both have started."""
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        ranks = {}
+    ranks: dict[int, psutil.Process] = {}
+
+    def both_started() -> bool:
+        ranks.clear()
         for p in psutil.Process(launcher_pid).children(recursive=True):
             try:
                 if "train.py" in " ".join(p.cmdline()) and "RANK" in p.environ():
                     ranks[int(p.environ()["RANK"])] = p
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        if len(ranks) == 2:
-            return ranks
-        time.sleep(0.1)
-    raise AssertionError("the two ranks never started")
+        return len(ranks) == 2
+
+    wait_until(both_started, "the two ranks started", timeout=120)
+    return ranks
 
 
 def run_killed_when(args: list[str], marker: Path, rank: int | None = None, **launch_kwargs) -> None:
     """Start a run and SIGKILL all its processes as soon as `marker` exists, or with `rank` only
     that rank, leaving it to the launcher to notice and stop the others."""
-    cmd = launch_command(args, **launch_kwargs)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 400
-    while not marker.exists():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"run ended (exit {proc.returncode}) before {marker} appeared:\n{proc.stderr.read().decode()[-4000:]}"
-            )
-        if time.time() > deadline:
-            kill_tree(proc.pid)
-            raise AssertionError(f"no {marker} within the time limit")
-        time.sleep(0.005)
-    if rank is not None:
-        rank_processes(proc.pid)[rank].kill()
-        try:
-            proc.wait(timeout=120)
-        finally:
-            kill_tree(proc.pid)
-        assert proc.returncode != 0
-        return
-    kill_tree(proc.pid)
-    proc.wait()
+    with start(args, **launch_kwargs) as run:
+        run.wait_for_file(marker)
+        if rank is None:
+            return  # leaving the block kills every process
+        rank_processes(run.pid)[rank].kill()
+        run.wait_for_exit(timeout=120)
+        assert run.returncode != 0
 
 
 def run_killed_after_checkpoint(args: list[str], run_dir: Path, step: int, **launch_kwargs) -> None:

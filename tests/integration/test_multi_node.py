@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from tests.helpers import (
     read_metrics,
     run_env,
     train_losses,
+    wait_until,
 )
 
 NODES = 2
@@ -85,13 +85,7 @@ def run_killing_node_1_after(commands: list[list[str]], folder: Path, marker: Pa
     """Both nodes started; node 1's launcher and rank SIGKILLed once `marker` exists, as when a host
     dies. Node 0 must notice and end by itself (its rank's collective fails), not hang."""
     nodes = start_nodes(commands, folder, "killed")
-    deadline = time.time() + 400
-    while not marker.exists():
-        if any(node.poll() is not None for node in nodes) or time.time() > deadline:
-            for node in nodes:
-                kill_tree(node.pid)
-            raise AssertionError(f"no {marker}\n{node_logs(folder, 'killed')}")
-        time.sleep(0.005)
+    wait_until(marker.exists, str(marker), nodes, lambda: node_logs(folder, "killed"), poll=0.005)
     kill_tree(nodes[1].pid)
     survivor = wait_for_nodes(nodes[:1], folder, "killed", timeout=180)
     assert survivor != [0], node_logs(folder, "killed")

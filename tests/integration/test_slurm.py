@@ -18,7 +18,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -31,26 +30,14 @@ from tests.helpers import (
     free_port,
     kill_tree,
     last_launch,
+    logged_step,
     read_metrics,
     run_env,
     train_losses,
+    wait_until,
 )
 
 SHARDVISION = str(Path(sys.executable).parent / "shardvision")
-
-
-def wait_until(condition, what: str, timeout: float = 400) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def logged_step(run_dir: Path) -> int:
-    if not (run_dir / "metrics.jsonl").exists():
-        return 0
-    return max((row["step"] for row in read_metrics(run_dir, "train")), default=0)
 
 
 def saved_before_the_requeue(run_dir: Path) -> list[int]:
