@@ -1,7 +1,7 @@
 """The detection recipe end to end: 2 gloo ranks on the synthetic shapes (real JPEG files and a
-COCO json through the real loader), killed and resumed, against an untrained baseline; the
-written predictions re-scored by pycocotools; 2-rank evaluation against 1 process; ZeRO-3 in
-bf16; Mask R-CNN's mask mAP under ZeRO-2; a transformers detector (D-FINE) learning."""
+COCO json through the real loader), killed and resumed as if never stopped, against an untrained
+baseline; the written predictions re-scored by pycocotools; 2-rank evaluation against 1 process;
+ZeRO-3 in bf16; Mask R-CNN's mask mAP under ZeRO-2; a transformers detector (D-FINE) learning."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ import pytest
 
 from recipes.detection.task import DetectionConfig, DetectionTask
 from tests.builders import pycocotools_direct
-from tests.helpers import REPO, assert_export_is_whole, last_launch, launch, read_metrics, run_killed_after_checkpoint
+from tests.helpers import (
+    REPO,
+    assert_export_is_whole,
+    last_launch,
+    launch,
+    read_metrics,
+    run_killed_after_checkpoint,
+    start,
+    train_losses,
+)
 
 DETECT = "recipes/detection/train.py"
 SHAPES = [
@@ -33,7 +42,7 @@ VAL_JSON = Path.home() / ".cache" / "shardvision" / "shapes-det-v2-240-60" / "an
 
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory) -> Path:
-    """8 epochs of the demo, killed after a mid-epoch checkpoint, then resumed to the end."""
+    """8 epochs of the demo, killed 5 steps after a mid-epoch checkpoint, then resumed to the end."""
     run_dir = tmp_path_factory.mktemp("shapes_det")
     args = [
         *SHAPES,
@@ -50,15 +59,30 @@ def shapes_run(tmp_path_factory) -> Path:
         "0",
         "--checkpoint.at_epoch_end",
         "false",
+        "--logging.every_steps",
+        "1",
+        # its last evaluation is test_two_rank_evaluation_equals_one_process's 2-rank side
+        "--data.eval_micro_batch_size",
+        "7",
     ]
-    run_killed_after_checkpoint(args, run_dir, step=50, launcher="torchrun", script=DETECT)
+    with start(args, launcher="torchrun", script=DETECT) as killed:  # leaving the block kills it
+        killed.wait_for_file(run_dir / "checkpoints" / "50" / "manifest.json")
+        killed.wait_for_step(run_dir, 55)  # past its checkpoint: steps the resumed launch takes again
     launch([*args, "--resume", "auto"], launcher="torchrun", script=DETECT)
     run = last_launch(run_dir)
     assert (run["world_size"], run["strategy"]) == (2, "ddp") and run["resumed_from"].endswith("checkpoints/50")
     return run_dir
 
 
-def test_trains_resumes_and_beats_the_untrained_model(shapes_run):
+def test_trains_resumes_as_if_never_stopped_and_beats_the_untrained_model(shapes_run):
+    """Up to its kill the first launch is an uninterrupted run of the same arguments: the resumed
+    launch takes the steps it took after checkpoint 50 again, to the bit (the same weights, optimizer
+    state, learning rate, batches and random draws: augmentations, sampled anchors and RoIs; one
+    world size and batch, so BatchNorm sees the same batches), then trains on well past the
+    untrained model."""
+    replayed = {step: losses for step, losses in train_losses(shapes_run).items() if len(losses) == 2}
+    assert sorted(replayed)[:5] == [51, 52, 53, 54, 55], sorted(replayed)
+    assert all(killed == resumed for killed, resumed in replayed.values()), replayed
     rows = read_metrics(shapes_run, "eval")
     untrained, final = rows[0], rows[-1]
     assert untrained["step"] == 0 and final["step"] == 120
@@ -76,22 +100,18 @@ def test_written_predictions_rescore_to_the_reported_metrics(shapes_run):
 
 
 def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
-    common = [
-        *SHAPES,
-        "--eval-only",
-        "--weights",
-        str(shapes_run / "final" / "model.safetensors"),
-        "--data.eval_micro_batch_size",
-        "7",
-    ]
-    launch([*common, "--output-dir", str(tmp_path / "two")], launcher="torchrun", script=DETECT)
-    launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python", script=DETECT)
-    two, one = read_metrics(tmp_path / "two", "eval")[-1], read_metrics(tmp_path / "one", "eval")[-1]
+    """The run's last evaluation, on 2 ranks with eval batch 7 (the 60 images in 9 batches, each as
+    one process forms it; the ranks' uneven share padded), equals one process evaluating the
+    weights it exported."""
+    weights = str(shapes_run / "final" / "model.safetensors")
+    common = [*SHAPES, "--eval-only", "--weights", weights, "--data.eval_micro_batch_size", "7"]
+    launch([*common, "--output-dir", str(tmp_path)], launcher="python", script=DETECT)
+    two, one = read_metrics(shapes_run, "eval")[-1], read_metrics(tmp_path, "eval")[-1]
     assert two["images"] == one["images"] == 60
     for key in ("AP", "AP50", "AP75"):
         assert two[key] == pytest.approx(one[key], abs=1e-6), key
-    p2 = json.load(open(tmp_path / "two" / "eval" / "step-0" / "predictions.json"))
-    p1 = json.load(open(tmp_path / "one" / "eval" / "step-0" / "predictions.json"))
+    p2 = json.load(open(shapes_run / "eval" / "step-120" / "predictions.json"))
+    p1 = json.load(open(tmp_path / "eval" / "step-0" / "predictions.json"))
     assert len(p2) == len(p1)
 
 
@@ -102,16 +122,22 @@ def test_zero3_in_bf16_trains_checkpoints_resumes_and_exports(tmp_path):
     kwargs = dict(
         launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs/deepspeed_zero3.yaml"), script=DETECT
     )
-    args = [*SHAPES, "--output-dir", str(tmp_path), "--loop.max_steps", "8", "--checkpoint.every_steps", "5"]
-    args += ["--loop.precision", "bf16"]
-    run_killed_after_checkpoint(args, tmp_path, step=5, **kwargs)
-    assert (tmp_path / "checkpoints" / "5" / "pytorch_model").is_dir()
+    # A mechanism check: 2 steps, a checkpoint mid-epoch, a kill, 2 more steps resumed (each launch's
+    # start costs more than its steps), then one evaluation, of 8 images: that it runs and writes
+    # its predictions under ZeRO-3 in bf16 is what is proven.
+    args = [*SHAPES, "--output-dir", str(tmp_path), "--loop.max_steps", "4", "--checkpoint.every_steps", "2"]
+    args += ["--loop.precision", "bf16", "--data.shapes_count", "[48, 8]"]
+    args += ["--loop.eval_every_epochs", "0", "--checkpoint.at_epoch_end", "false"]
+    run_killed_after_checkpoint(args, tmp_path, step=2, **kwargs)
+    assert (tmp_path / "checkpoints" / "2" / "pytorch_model").is_dir()
     launch([*args, "--resume", "auto"], **kwargs)
     run = last_launch(tmp_path)
     assert (run["strategy"], run["zero_stage"], run["precision"]) == ("deepspeed", 3, "bf16")
-    assert run["resumed_from"].endswith("checkpoints/5")
+    assert run["resumed_from"].endswith("checkpoints/2")
     total = run["total_steps"]
-    assert read_metrics(tmp_path, "eval")[-1]["step"] == total
+    assert (total, run["steps_per_epoch"]) == (4, 3)  # the checkpoint at step 2 is mid-epoch
+    evaluation = read_metrics(tmp_path, "eval")[-1]
+    assert (evaluation["step"], evaluation["images"]) == (total, 8)
     assert (tmp_path / "eval" / f"step-{total}" / "predictions.json").is_file()
     assert_export_is_whole(tmp_path / "final" / "model.safetensors", DetectionConfig, DetectionTask, SHAPES)
 

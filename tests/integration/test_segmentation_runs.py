@@ -1,6 +1,6 @@
 """The segmentation recipe end to end: 2 gloo ranks on the synthetic shapes (real JPEG/PNG files
-through the VOC loader), killed and resumed, against an untrained baseline; 2-rank evaluation
-against 1 process; ZeRO-3."""
+through the VOC loader), killed and resumed as if never stopped, against an untrained baseline;
+2-rank evaluation against 1 process; ZeRO-3."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from recipes.segmentation.task import SegmentationConfig, SegmentationTask
-from tests.helpers import REPO, assert_export_is_whole, last_launch, launch, read_metrics, run_killed_after_checkpoint
+from tests.helpers import (
+    REPO,
+    assert_export_is_whole,
+    last_launch,
+    launch,
+    read_metrics,
+    run_killed_after_checkpoint,
+    start,
+    train_losses,
+)
 
 SEGMENT = "recipes/segmentation/train.py"
 SHAPES = [
@@ -24,12 +33,15 @@ SHAPES = [
 
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory) -> Path:
-    """The demo config, killed after a mid-run checkpoint, then resumed to the end."""
+    """The demo config, killed 5 steps after a mid-run checkpoint, then resumed to the end."""
     run_dir = tmp_path_factory.mktemp("shapes")
     args = [*SHAPES, "--output-dir", str(run_dir), "--loop.eval_at_start", "true", "--checkpoint.every_steps", "150"]
     # a metric run: evaluated untrained and at the end only, checkpointed for the kill only
-    args += ["--loop.eval_every_epochs", "0", "--checkpoint.at_epoch_end", "false"]
-    run_killed_after_checkpoint(args, run_dir, step=150, launcher="torchrun", script=SEGMENT)
+    args += ["--loop.eval_every_epochs", "0", "--checkpoint.at_epoch_end", "false", "--logging.every_steps", "1"]
+    args += ["--data.eval_micro_batch_size", "3"]  # its last evaluation: the 2-rank side of the test below
+    with start(args, launcher="torchrun", script=SEGMENT) as killed:  # leaving the block kills it
+        killed.wait_for_file(run_dir / "checkpoints" / "150" / "manifest.json")
+        killed.wait_for_step(run_dir, 155)  # past its checkpoint: steps the resumed launch takes again
     launch([*args, "--resume", "auto"], launcher="torchrun", script=SEGMENT)
     run = last_launch(run_dir)
     assert (run["world_size"], run["strategy"]) == (2, "ddp") and run["resumed_from"].endswith("checkpoints/150")
@@ -37,34 +49,33 @@ def shapes_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_trains_resumes_and_beats_the_untrained_model(shapes_run):
+def test_trains_resumes_as_if_never_stopped_and_beats_the_untrained_model(shapes_run):
+    """Up to its kill the first launch is an uninterrupted run of the same arguments: the resumed
+    launch takes the steps it took after checkpoint 150 again, to the bit (the same weights,
+    optimizer state, learning rate, batches and augmentations; one world size and batch, so the
+    decoder's BatchNorm sees the same batches), then trains on well past the untrained model."""
+    losses = train_losses(shapes_run)
+    replayed = {step: twice for step, twice in losses.items() if len(twice) == 2}
+    assert sorted(replayed)[:5] == [151, 152, 153, 154, 155], sorted(replayed)
+    assert all(killed == resumed for killed, resumed in replayed.values()), replayed
     rows = read_metrics(shapes_run, "eval")
     untrained = [r for r in rows if r["step"] == 0][0]
     final = rows[-1]
     assert final["images"] == untrained["images"] == 50  # every val image once over 2 ranks
     assert final["mIoU"] >= untrained["mIoU"] + 30, (untrained["mIoU"], final["mIoU"])
     assert final["mIoU"] >= 60, final
-    steps = sorted({r["step"] for r in read_metrics(shapes_run, "train")})
-    assert steps[0] == 5 and steps[-1] == final["step"]
+    assert sorted(losses) == list(range(1, final["step"] + 1))  # every step logged, by one launch or both
     assert (shapes_run / "final" / "model.safetensors").is_file()
 
 
 def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
-    """Eval batch 3: both runs form the same batches (accelerate shards whole batches), and the
-    last one is padded on 2 ranks; per-image confusion matrices must add up identically. (That an
-    eval-only run, which ends right after a gather, exits 0 is test_failure_runs.py's stress test.)"""
-    common = [
-        *SHAPES,
-        "--eval-only",
-        "--weights",
-        str(shapes_run / "final" / "model.safetensors"),
-        "--data.eval_micro_batch_size",
-        "3",
-    ]
-    launch([*common, "--output-dir", str(tmp_path / "one")], launcher="python", script=SEGMENT)
-    one = read_metrics(tmp_path / "one", "eval")[-1]
-    launch([*common, "--output-dir", str(tmp_path / "two")], launcher="torchrun", script=SEGMENT)
-    two = read_metrics(tmp_path / "two", "eval")[-1]
+    """The run's last evaluation (2 ranks, eval batch 3) equals one process evaluating the weights
+    it exported: both form the same batches (accelerate shards whole batches), and the last one is
+    padded on 2 ranks; per-image confusion matrices must add up identically."""
+    weights = str(shapes_run / "final" / "model.safetensors")
+    common = [*SHAPES, "--eval-only", "--weights", weights, "--data.eval_micro_batch_size", "3"]
+    launch([*common, "--output-dir", str(tmp_path)], launcher="python", script=SEGMENT)
+    two, one = read_metrics(shapes_run, "eval")[-1], read_metrics(tmp_path, "eval")[-1]
     assert two["images"] == one["images"] == 50
     for key in ("mIoU", "pixel_acc", "mean_acc", "IoU/background", "IoU/square", "IoU/circle", "IoU/triangle"):
         assert two[key] == one[key], key
@@ -81,10 +92,18 @@ def test_zero3_trains_checkpoints_resumes_and_exports(tmp_path):
         *SHAPES,
         "--output-dir",
         str(tmp_path),
+        # a mechanism check: 3 steps, a checkpoint mid-epoch, a kill, 3 more steps resumed, then
+        # one evaluation (of 8 images: what is proven is that it runs under ZeRO-3 in bf16)
+        "--data.shapes_count",
+        "[64, 8]",
         "--loop.max_steps",
-        "16",
+        "6",
         "--checkpoint.every_steps",
-        "10",
+        "3",
+        "--loop.eval_every_epochs",
+        "0",
+        "--checkpoint.at_epoch_end",
+        "false",
         "--loop.precision",
         "bf16",
         # torchvision's DeepLabV3 with its auxiliary head, BatchNorm buffers cast to bf16 with the weights
@@ -93,14 +112,16 @@ def test_zero3_trains_checkpoints_resumes_and_exports(tmp_path):
         "--model.name",
         "deeplabv3_mobilenet_v3_large",
     ]
-    run_killed_after_checkpoint(args, tmp_path, step=10, **kwargs)
-    assert (tmp_path / "checkpoints" / "10" / "pytorch_model").is_dir()
+    run_killed_after_checkpoint(args, tmp_path, step=3, **kwargs)
+    assert (tmp_path / "checkpoints" / "3" / "pytorch_model").is_dir()
     launch([*args, "--resume", "auto"], **kwargs)
     run = last_launch(tmp_path)
     assert (run["strategy"], run["zero_stage"], run["precision"]) == ("deepspeed", 3, "bf16")
-    assert run["resumed_from"].endswith("checkpoints/10")
+    assert run["resumed_from"].endswith("checkpoints/3")
     total = run["total_steps"]
-    assert read_metrics(tmp_path, "eval")[-1]["step"] == total
+    assert (total, run["steps_per_epoch"]) == (6, 4)  # the checkpoint at step 3 is mid-epoch
+    evaluation = read_metrics(tmp_path, "eval")[-1]
+    assert (evaluation["step"], evaluation["images"]) == (total, 8)
     model = args[args.index("--model.source") :]
     assert_export_is_whole(
         tmp_path / "final" / "model.safetensors", SegmentationConfig, SegmentationTask, SHAPES + model
