@@ -209,16 +209,19 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
             )
         plugins["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
     elif strategy == "fsdp":
-        if not on_gpu:
+        # Under an FSDP accelerate config its fsdp_config is used as is (the plugin reads it from
+        # the environment the launcher set); otherwise the run config's distributed.fsdp_* keys.
+        plugins["fsdp_plugin"] = (
+            FullyShardedDataParallelPlugin() if launcher_strategy() == "fsdp" else build_fsdp_plugin(cfg)
+        )
+        if plugins["fsdp_plugin"].fsdp_version != 2:
             raise ConfigError(
-                "distributed.strategy='fsdp' needs GPUs: accelerate enables FSDP only on accelerator "
-                "devices. On CPU use 'ddp' or 'deepspeed' (ZeRO-3 shards like FSDP)."
+                "the accelerate config asks for FSDP1 (fsdp_version: 1); shardvision trains, checkpoints and "
+                "resumes with FSDP2 only: set fsdp_version: 2 (accelerate_configs/fsdp.yaml)."
             )
-        if launcher_strategy() != "fsdp":  # under an FSDP accelerate config, its fsdp_config is used as is
-            plugins["fsdp_plugin"] = build_fsdp_plugin(cfg)
 
-    return Accelerator(
-        cpu=not on_gpu and strategy == "ddp",
+    accelerator = Accelerator(
+        cpu=not on_gpu and strategy in ("ddp", "fsdp"),
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.loop.grad_accum_steps,
         kwargs_handlers=handlers,
@@ -230,6 +233,41 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         dynamo_plugin=build_dynamo_plugin(cfg),
         **plugins,
     )
+    if strategy == "fsdp" and not on_gpu:
+        enable_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"], precision)
+    return accelerator
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin, precision: str) -> None:
+    """Lift accelerate's one gate against FSDP on CPU ranks, the only place shardvision does.
+
+    accelerate 1.15 decides the distributed type once, in `AcceleratorState.__init__` (state.py),
+    and sets `DistributedType.FSDP` only for accelerator devices (MULTI_GPU, MULTI_XPU, ...): on
+    CPU ranks it leaves MULTI_CPU and its FSDP2 code never runs. Everything after that decision
+    works on CPU over gloo (prepare's `fully_shard`, save_state/load_state through DCP,
+    get_state_dict), so the decision is made again here, in the state both AcceleratorState and
+    PartialState read, with what accelerate would have done after it: the mixed precision policy,
+    and an explicit CPU mesh (given no mesh, `fully_shard` on a host that also has GPUs moves the
+    model to CUDA, pytorch#132471). tests/unit/test_strategies.py fails when accelerate changes
+    this gate (opens it, or moves it), so an upgrade cannot silently change what runs.
+    """
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise ConfigError(
+            "distributed.strategy='fsdp' on CPU needs a gloo process group, which accelerate builds for a "
+            "launched run: start it with torchrun, accelerate launch or srun (one process is "
+            "`torchrun --nproc_per_node 1`)."
+        )
+    state = accelerator.state
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    if precision != "no":
+        plugin.set_mixed_precision(precision)
+    state.parallelism_config = ParallelismConfig(dp_shard_size=accelerator.num_processes)
+    state.device_mesh = state.parallelism_config.get_device_mesh("cpu")
 
 
 def build_dataloader_config(cfg: TrainConfig, on_gpu: bool) -> DataLoaderConfiguration:
@@ -278,6 +316,84 @@ def build_fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
             auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=list(d.fsdp_auto_wrap_classes)
         )
     return FullyShardedDataParallelPlugin(**kwargs)
+
+
+def choose_fsdp_units(
+    plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module, configured: list[str]
+) -> list[str]:
+    """The module classes FSDP2 shards as units of their own (each gathered for its forward and
+    freed after), set on the run's FSDP plugin before `prepare`: distributed.fsdp_auto_wrap_classes
+    or an FSDP accelerate config's class list when given, else the layer the model repeats. A
+    transformers model names its own (`_no_split_modules`: ViTLayer, ...); otherwise each module
+    class that a container holds more than once and that has layers of its own (timm ViT's Block,
+    ConvNeXt's stages and blocks, ResNet's blocks, MobileNet's InvertedResidual, torchvision's
+    FPN blocks). The root module is always a unit, so a model with no repeated layer is one unit."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    names = list(configured) or list(plugin.transformer_cls_names_to_wrap or [])
+    if not names:
+        names = list(getattr(model, "_no_split_modules", None) or []) or repeated_layers(model)
+    # accelerate makes the input embeddings a unit of their own after wrapping the configured
+    # classes; a unit around them (transformers ViT's ViTEmbeddings) would already hold their
+    # parameters sharded, and sharding them again fails (overlapping meshes).
+    embeddings = input_embeddings(model)
+    if embeddings is None and hasattr(model, "get_input_embeddings"):
+        # accelerate's FSDP2 preparation asks every model for its input embeddings; transformers
+        # vision models without any (Segformer) raise instead of answering None.
+        model.get_input_embeddings = lambda: None  # type: ignore[assignment]
+    if embeddings is not None:
+        around = {type(m).__name__ for m in model.modules() if any(c is embeddings for c in m.modules())}
+        names = [n for n in names if n not in around or type(embeddings).__name__ == n]
+    present = {type(m).__name__ for m in model.modules()}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ConfigError(
+            f"FSDP units {missing} are not module classes of this model; set distributed.fsdp_auto_wrap_classes to "
+            f"some of: {', '.join(repeated_layers(model)) or '(none repeat)'}"
+        )
+    plugin.auto_wrap_policy = transformer_auto_wrap_policy if names else None
+    plugin.transformer_cls_names_to_wrap = names
+    return names
+
+
+def input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    """A transformers model's input embeddings; None for models without (timm, torchvision) and
+    for the vision models whose `get_input_embeddings` raises NotImplementedError (Segformer)."""
+    try:
+        return getattr(model, "get_input_embeddings", lambda: None)()
+    except NotImplementedError:
+        return None
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Back to every FSDP2 parameter's shard. FSDP2 frees gathered weights after the backward, and
+    after the forward only in the units that reshard after forward (never the root): a forward
+    with no backward (evaluation, the FLOP count) leaves the root's parameters whole, as plain
+    tensors, where code that works on shards (the weight average, a per-parameter load) expects
+    them sharded. Elsewhere a no-op."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def repeated_layers(model: torch.nn.Module) -> list[str]:
+    """Class names of the modules made of layers that a container (Sequential, ModuleList,
+    ModuleDict: torchvision's backbone getter is one) holds more than once; plain containers are
+    not units themselves."""
+    containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
+    names: dict[str, None] = {}
+    for container in model.modules():
+        if not isinstance(container, containers):
+            continue
+        kinds = [
+            type(c).__name__
+            for c in container.children()
+            if type(c) not in containers and any(True for _ in c.children())
+        ]
+        names.update((k, None) for k in kinds if kinds.count(k) > 1)
+    return list(names)
 
 
 def strategy_of(accelerator: Accelerator) -> str:

@@ -30,8 +30,10 @@ from core.config_parsing import save_config, to_dict
 from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
 from core.distributed import (
     build_accelerator,
+    choose_fsdp_units,
     layout_of,
     model_construction,
+    reshard,
     seed_everything,
     seed_rank,
     setup_logging,
@@ -196,6 +198,9 @@ class Trainer:
         order = optimizer_order(model, optimizer)
         # Read before DeepSpeed replaces the groups' parameters with its flat partitions.
         self.param_groups = param_group_facts(optimizer)
+        if self.strategy == "fsdp":
+            units = choose_fsdp_units(acc.state.fsdp_plugin, model, cfg.distributed.fsdp_auto_wrap_classes)
+            logger.info("FSDP2 units: %s and the whole model", ", ".join(units) or "only")
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, optimizer, train_loader, eval_loader
         )
@@ -362,6 +367,7 @@ class Trainer:
                     )
                 self._evaluate_batch(model, metrics, batch, report)
         model.train(was_training)
+        reshard(model)
         self.bad_samples.flush()
         values = metrics.compute()
         table = metrics.table()
@@ -444,7 +450,7 @@ class Trainer:
         if window_ok:
             grad_norm = self._clip_gradients()
             self.optimizer.step()
-            if self.strategy == "deepspeed":
+            if self.strategy in ("deepspeed", "fsdp"):  # neither keeps buffers in step across ranks as DDP does
                 share_buffers(self.bare_model())
             if self.ema is not None:
                 self.ema.update(self.model, step=self.state.global_step)
@@ -514,7 +520,10 @@ class Trainer:
         if batch is None:
             return None
         batch = self.cast_inputs(send_to_device(batch, self.accelerator.device))
-        return count_flops(self.bare_model(), self.task, batch, self.half_weights_autocast())
+        try:
+            return count_flops(self.bare_model(), self.task, batch, self.half_weights_autocast())
+        finally:
+            reshard(self.bare_model())
 
     def _clip_gradients(self) -> torch.Tensor | None:
         # DeepSpeed clips inside its own step, from "gradient_clipping" in its filled-in config.

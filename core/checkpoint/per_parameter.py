@@ -1,13 +1,17 @@
 """Training state that crosses strategies: every parameter's fp32 weight and optimizer moments, by
 parameter name, plus the optimizer's step count.
 
-Read from a DDP checkpoint (accelerate's `model.safetensors` and `optimizer.bin`) or from the
-universal form of a DeepSpeed checkpoint (DeepSpeed's layout of one file per parameter and state,
-whatever the ZeRO stage or world size it was saved at), and written into the live model and
-optimizer of whichever strategy this run uses: torch's own `load_state_dict` under DDP, DeepSpeed's
+Read from a DDP checkpoint (accelerate's `model.safetensors` and `optimizer.bin`), from an FSDP2
+one (accelerate's torch.distributed.checkpoint folders `pytorch_model_fsdp_0` and `optimizer_0`,
+already keyed by parameter name, read whole in this one process), or from the universal form of a
+DeepSpeed checkpoint (DeepSpeed's layout of one file per parameter and state, whatever the ZeRO
+stage or world size it was saved at), and written into the live model and optimizer of whichever
+strategy this run uses: torch's own `load_state_dict` under DDP, torch's `set_model_state_dict` /
+`set_optimizer_state_dict` from full tensors under FSDP2 (each rank keeps its shard), DeepSpeed's
 tensor-fragment API (`safe_set_full_fp32_param`, `safe_set_full_optimizer_state`) under ZeRO-1/2/3,
 which copies from each full tensor the slice this rank owns. One parameter is read at a time from a
-universal folder; a DDP checkpoint is one file and is read whole (its model fits on one rank).
+universal folder; a DDP or FSDP checkpoint is read whole (a DCP folder is a pickle container for
+its metadata: the caller has checked that it may be read, see resume.py).
 
 The parameter order of the optimizer (`optimizer_order`) ties DDP's numbered optimizer state to
 names; it is taken from the optimizer as built, before accelerate or DeepSpeed wrap it.
@@ -29,6 +33,7 @@ from core.params import full_shape
 
 STEP = "step"
 FP32 = "fp32"
+FSDP_MODEL, FSDP_OPTIMIZER = "pytorch_model_fsdp_0", "optimizer_0"  # accelerate's names for the first model's
 
 
 def optimizer_order(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -43,17 +48,23 @@ class PerParameterState:
     def __init__(self, folder: str, order: list[str]) -> None:
         self.folder, self.order = folder, order
         universal = os.path.join(folder, "zero")
+        self._universal: str | None = None
+        self._whole: dict[str, dict[str, torch.Tensor]] = {}
         if os.path.isdir(universal):
-            self._universal: str | None = universal
-            self._ddp: dict[str, dict[str, torch.Tensor]] = {}
+            self._universal = universal
             self.step = self._universal_step()
+        elif os.path.isdir(os.path.join(folder, FSDP_MODEL)):
+            self._whole, self.step = self._read_fsdp()
         else:
-            self._universal = None
-            self._ddp, self.step = self._read_ddp()
+            self._whole, self.step = self._read_ddp()
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         if self._universal is None:
-            return self._ddp[name]
+            if name not in self._whole:
+                raise PerParameterStateError(
+                    f"{self.folder}: no saved state for parameter {name!r}: the model has changed"
+                )
+            return self._whole[name]
         folder = os.path.join(self._universal, name)
         if not os.path.isdir(folder):
             raise PerParameterStateError(f"{self.folder}: no saved state for parameter {name!r}: the model has changed")
@@ -86,6 +97,23 @@ class PerParameterState:
             raise PerParameterStateError(f"{self.folder}/optimizer.bin: parameters at different step counts {steps}")
         return out, steps.pop() if steps else 0.0
 
+    def _read_fsdp(self) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+        """accelerate's FSDP2 folders: {"model": {name: weight}} and {"optimizer": {"state": {name:
+        {"step", "exp_avg", ...}}, "param_groups": ...}}, each tensor whole whatever the saving world size."""
+        model = _read_dcp(os.path.join(self.folder, FSDP_MODEL))["model"]
+        state = _read_dcp(os.path.join(self.folder, FSDP_OPTIMIZER))["optimizer"]["state"]
+        out, steps = {}, set()
+        for name in self.order:
+            if name not in model:
+                raise PerParameterStateError(f"{self.folder}/{FSDP_MODEL} has no {name!r}: the model has changed")
+            moments = dict(state.get(name, {}))
+            if STEP in moments:
+                steps.add(float(moments.pop(STEP)))
+            out[name] = {FP32: model[name].float(), **moments}
+        if len(steps) > 1:
+            raise PerParameterStateError(f"{self.folder}/{FSDP_OPTIMIZER}: parameters at different step counts {steps}")
+        return out, steps.pop() if steps else 0.0
+
     def _universal_step(self) -> float:
         """ZeRO-1/2 universal folders keep a step per parameter; ZeRO-3's only in the optimizer's
         common state (a pickle of DeepSpeed's: read with its data classes allowed, nothing else)."""
@@ -105,8 +133,11 @@ class PerParameterState:
         (as `accelerator.prepare` returned them: torch.compile's wrapper, which prefixes every
         parameter name, is looked through)."""
         bare = acc.unwrap_model(model, keep_torch_compile=False)
-        if strategy_of(acc) == "deepspeed":
+        strategy = strategy_of(acc)
+        if strategy == "deepspeed":
             self._into_deepspeed(bare, optimizer)
+        elif strategy == "fsdp":
+            self._into_fsdp(bare, optimizer)
         else:
             self._into_torch(bare, optimizer)
 
@@ -121,6 +152,38 @@ class PerParameterState:
                 params[name].copy_(saved.pop(FP32))
                 state[i] = {STEP: torch.tensor(self.step), **saved}
         optimizer.load_state_dict({"state": state, "param_groups": live["param_groups"]})
+
+    def _into_fsdp(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Each full tensor cut to this rank's shard (`distribute_tensor` without a source rank:
+        every rank holds the whole and keeps its part, no communication), then torch's own
+        state-dict setters, which also create the optimizer's state."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+        from torch.distributed.tensor import distribute_tensor
+
+        params: dict[str, Any] = dict(model.named_parameters())  # DTensors
+        weights: dict[str, Any] = {}
+        moments: dict[str, Any] = {}
+        for name in self.order:
+            p = params[name]
+            saved = {
+                kind: distribute_tensor(value.detach().to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+                for kind, value in self._checked(name, p).items()
+            }
+            weights[name] = saved.pop(FP32)
+            moments[name] = {STEP: torch.tensor(self.step), **saved}
+        inner = innermost_optimizer(optimizer)
+        names = iter(self.order)
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [next(names) for _ in group["params"]]}
+            for group in inner.param_groups
+        ]
+        partial = StateDictOptions(strict=False)  # frozen parameters are not in `order`, and keep their value
+        set_model_state_dict(model, weights, options=partial)
+        set_optimizer_state_dict(model, inner, {"state": moments, "param_groups": groups}, options=partial)
 
     def _into_deepspeed(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         import deepspeed
@@ -182,3 +245,15 @@ class PerParameterState:
                 )
             saved[kind] = value.reshape(shape)
         return saved
+
+
+def _read_dcp(folder: str) -> dict[str, Any]:
+    """A torch.distributed.checkpoint folder read whole into this process, at any saving world size."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    # torch's own format conversion (format_utils.dcp_to_torch_save) reads a folder this way.
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return state

@@ -86,25 +86,23 @@ class CheckpointResumer:
     def source_of(self, path: str, allow_pickle: bool) -> ResumeSource:
         """How this run restores `path` (verified by `resolve`), which may differ from the run that saved it:
 
-        - the same layout (DDP at any world size, ZeRO or FSDP at the same one): `path` itself;
+        - the same layout (DDP or FSDP at any world size, ZeRO at the same one): `path` itself
+          (FSDP's DCP files are resharded by torch.distributed.checkpoint on load);
         - ZeRO at another world size, same stage: its universal form (universal.py), loaded by
           DeepSpeed itself (`load_universal`, set here in the config before the engine exists);
-        - across DDP and ZeRO, or to another ZeRO stage: the DDP folder, or the universal form of the
-          ZeRO one, read by `load` as per-parameter state (per_parameter.py)."""
+        - across DDP, FSDP and ZeRO, or to another ZeRO stage: the DDP or FSDP folder, or the
+          universal form of the ZeRO one, read by `load` as per-parameter state (per_parameter.py)."""
         saved = read_trainer_state(path)
         self._check_pickle_source(path, pickled_format(path), allow_pickle)
         saved_layout, layout = self._saved_layout(path, saved), layout_of(self.accelerator)
         world, saved_world = self.accelerator.num_processes, saved["world_size"]
-        if saved_layout == layout and (layout == "ddp" or saved_world == world):
+        # DDP keeps whole tensors and FSDP's DCP files reshard on load: both resume at any world size.
+        if saved_layout == layout and (layout in ("ddp", "fsdp") or saved_world == world):
             return ResumeSource(path, saved, saved_layout, state_folder=path, how="native")
-        if "fsdp" in (saved_layout, layout):
-            raise CheckpointError(
-                f"{path} was saved under {saved_layout} on {saved_world} ranks and this run is {layout} on {world}: "
-                f"FSDP checkpoints resume only as they were saved here. Resume under {saved_layout} on {saved_world} "
-                f"ranks, {_or_restart_from_weights(path)}"
+        if saved_layout in ("ddp", "fsdp"):
+            logger.info(
+                "%s was saved under %s: loading its state into %s by parameter name", path, saved_layout, layout
             )
-        if saved_layout == "ddp":
-            logger.info("%s was saved under DDP: loading its state into %s by parameter name", path, layout)
             return ResumeSource(path, saved, saved_layout, state_folder=path, how="per_parameter")
         universal = universal_folder(path)
         _decided_on_main(self.accelerator, lambda: publish_universal(path, universal, saved_world, world))
@@ -177,7 +175,7 @@ class CheckpointResumer:
             with universal_load_repaired(optimizer):
                 acc.load_state(source.state_folder)
             return
-        # DDP <-> ZeRO, or another ZeRO stage
+        # across DDP, FSDP and ZeRO, or another ZeRO stage
         if optimizer_order is None:
             raise ValueError("a checkpoint of another strategy needs the optimizer's parameter order")
         try:

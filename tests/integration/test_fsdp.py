@@ -1,0 +1,137 @@
+"""FSDP2 on two gloo CPU ranks, launched with the repo's accelerate_configs/fsdp.yaml as a user
+would: it trains like DDP (losses, weights and their average held to the uninterrupted 2-rank DDP
+run of the same seed and global batch), a SIGKILLed run resumes bit for bit, its checkpoints
+resume on another number of ranks (DCP reshards) and under DDP or ZeRO-3 and back, with the
+optimizer state kept, and `shardvision export` consolidates them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import (
+    ELASTIC,
+    accelerate_config,
+    assert_follows_ddp,
+    assert_resumed_exactly,
+    elastic_launch,
+    last_launch,
+    launch,
+    run_killed_after_checkpoint,
+)
+
+
+@pytest.fixture(scope="session")
+def configs(zero_configs) -> dict[str, str]:
+    return {**zero_configs, "fsdp": accelerate_config("fsdp.yaml")}
+
+
+@pytest.fixture(scope="session")
+def fsdp_reference(uninterrupted, configs) -> Path:
+    """The uninterrupted 2-rank FSDP2 run of ELASTIC."""
+    run_dir = uninterrupted(**elastic_launch(ELASTIC, "fsdp", 2, configs))
+    run = last_launch(run_dir)
+    assert (run["world_size"], run["strategy"]) == (2, "fsdp")
+    return run_dir
+
+
+def stopped_at_step_4(run_dir: Path, layout: str, nproc: int, configs: dict[str, str], reference: Path | None) -> Path:
+    """A run of `layout` on `nproc` ranks that stopped after its checkpoint at step 4: the
+    reference's own checkpoint when there is one, else a run SIGKILLed once it is written."""
+    if reference is not None:
+        shutil.copytree(reference / "checkpoints" / "4", run_dir / "checkpoints" / "4")
+    else:
+        first = elastic_launch([*ELASTIC, "--output-dir", str(run_dir)], layout, nproc, configs)
+        run_killed_after_checkpoint(first.pop("args"), run_dir, step=4, **first)
+    return run_dir / "checkpoints" / "4"
+
+
+def resumed(run_dir: Path, layout: str, nproc: int, configs: dict[str, str]) -> str:
+    go_on = elastic_launch([*ELASTIC, "--output-dir", str(run_dir), "--resume", "auto"], layout, nproc, configs)
+    return launch(go_on.pop("args"), **go_on).stderr
+
+
+def test_fsdp_trains_like_ddp_and_exports_whole_weights_and_average(elastic_reference, fsdp_reference, tmp_path):
+    """Every loss, the final weights and their average (kept on each rank's shards) equal DDP's to
+    float noise; `shardvision export` of the last sharded checkpoint gives the run's own export."""
+    assert_follows_ddp(elastic_reference("ddp"), fsdp_reference)
+    out = tmp_path / "exported"
+    checkpoint = fsdp_reference / "checkpoints" / "8"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # sharded, one DCP file per rank
+    launch(["export", str(checkpoint), str(out), "--allow-pickle"], launcher="module", script="core/commands/cli.py")
+    for file in ("model.safetensors", "model_ema.safetensors"):
+        exported, final = load_file(out / file), load_file(fsdp_reference / "final" / file)
+        assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final), file
+
+
+def test_fsdp_run_killed_resumes_bit_for_bit(fsdp_reference, configs, tmp_path):
+    run_dir = tmp_path / "run"
+    stopped_at_step_4(run_dir, "fsdp", 2, configs, reference=None)
+    resumed(run_dir, "fsdp", 2, configs)
+    assert_resumed_exactly(run_dir, fsdp_reference, checkpoint=4)
+    ema, expected = (load_file(run / "final" / "model_ema.safetensors") for run in (run_dir, fsdp_reference))
+    assert all(torch.equal(ema[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2-to-1-ranks", "1-to-2-ranks"])
+def test_fsdp_checkpoint_resumes_on_another_number_of_ranks(
+    elastic_reference, fsdp_reference, configs, tmp_path, before, after
+):
+    run_dir = tmp_path / "run"
+    original = stopped_at_step_4(run_dir, "fsdp", before, configs, fsdp_reference if before == 2 else None)
+    resumed(run_dir, "fsdp", after, configs)
+    run = last_launch(run_dir)
+    assert (run["world_size"], run["strategy"], run["resumed_from"]) == (after, "fsdp", str(original))
+    assert_follows_ddp(elastic_reference("ddp"), run_dir)
+
+
+@pytest.mark.parametrize(
+    "saved, resumed_under", [("fsdp", "ddp"), ("zero3", "fsdp")], ids=["fsdp-to-ddp", "zero3-to-fsdp"]
+)
+def test_checkpoint_crosses_between_fsdp_and_other_strategies_with_its_optimizer_state(
+    elastic_reference, fsdp_reference, configs, tmp_path, saved, resumed_under
+):
+    """Held to DDP at every later step: a reset optimizer (Adam's moments and step from zero) moves
+    the loss by far more than the tolerance within one step."""
+    run_dir = tmp_path / "run"
+    reference = fsdp_reference if saved == "fsdp" else elastic_reference(saved)
+    original = stopped_at_step_4(run_dir, saved, 2, configs, reference)
+    log = resumed(run_dir, resumed_under, 2, configs)
+    assert f"loaded the {saved} state of {original} into {resumed_under}, parameter by parameter" in log
+    assert last_launch(run_dir)["resumed_from"] == str(original)
+    assert_follows_ddp(elastic_reference("ddp"), run_dir)
+
+
+def test_segmentation_recipe_with_batchnorm_trains_under_fsdp_like_ddp(tmp_path):
+    """The segmentation recipe (transformers SegFormer: LayerNorm, and BatchNorm in its decode head;
+    its get_input_embeddings raises, which accelerate's FSDP2 preparation calls) under
+    accelerate's FSDP2 on CPU, against DDP for the same seed: BatchNorm's statistics are not
+    sharded, and every rank takes rank 0's after each step, as DDP's broadcast does before each
+    forward, so the losses, weights and statistics agree. Its export loads into the recipe's model."""
+    from recipes.segmentation.task import SegmentationConfig, SegmentationTask
+    from tests.helpers import QUICK, assert_export_is_whole, train_losses
+
+    config = ["--config", "recipes/segmentation/configs/shapes.yaml"]
+    args = [*config, *QUICK, "--loop.max_steps", "3", "--logging.every_steps", "1", "--logging.count_flops", "false"]
+    seg = "recipes/segmentation/train.py"
+    launch([*args, "--output-dir", str(tmp_path / "ddp")], script=seg)
+    launch(
+        [*args, "--output-dir", str(tmp_path / "fsdp")],
+        launcher="accelerate",
+        accelerate_config=accelerate_config("fsdp.yaml"),
+        script=seg,
+    )
+    assert last_launch(tmp_path / "fsdp")["strategy"] == "fsdp"
+    ddp, fsdp = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "fsdp")
+    assert sorted(fsdp) == [1, 2, 3] and all(fsdp[s] == pytest.approx(ddp[s], rel=1e-5) for s in fsdp), (ddp, fsdp)
+    expected, got = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("ddp", "fsdp"))
+    assert expected.keys() == got.keys() and any("running_mean" in k for k in got)
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert_export_is_whole(
+        tmp_path / "fsdp" / "final" / "model.safetensors", SegmentationConfig, SegmentationTask, config
+    )
