@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import time
 from collections.abc import Callable
@@ -12,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TRAJECTORY, ZERO_TRAJECTORY, accelerate_config, last_launch, launch
+from tests.helpers import (
+    ELASTIC,
+    REPO,
+    SHORT_ZERO3,
+    TRAJECTORY,
+    accelerate_config,
+    elastic_launch,
+    last_launch,
+    launch,
+    read_metrics,
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -51,28 +62,68 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="session")
-def ddp_reference(tmp_path_factory) -> Path:
+def uninterrupted(tmp_path_factory) -> Callable[..., Path]:
+    """uninterrupted(args, **launch_kwargs): the folder of an uninterrupted launch of `args` (given
+    no --output-dir), the reference that killed, resumed, stopped and otherwise laid out runs of the
+    same arguments must reproduce. Launched when a test first asks for it, wherever that test comes
+    in the session, and shared by every later test asking for the same arguments and launch."""
+    made: dict[tuple, Path] = {}
+
+    def reference(args: list[str], **launch_kwargs) -> Path:
+        key = (tuple(args), tuple(sorted(launch_kwargs.items())))
+        if key not in made:
+            run_dir = tmp_path_factory.mktemp("uninterrupted")
+            launch([*args, "--output-dir", str(run_dir)], **launch_kwargs)
+            made[key] = run_dir
+        return made[key]
+
+    return reference
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(uninterrupted) -> Path:
     """An uninterrupted 2-rank DDP run (torchrun) of TRAJECTORY: what killed, resumed, stopped and
     multi-node runs of it must reproduce bit for bit."""
-    run_dir = tmp_path_factory.mktemp("ddp_reference")
-    launch([*TRAJECTORY, "--output-dir", str(run_dir)], launcher="torchrun")
+    run_dir = uninterrupted(TRAJECTORY, launcher="torchrun")
     run = last_launch(run_dir)
     assert (run["world_size"], run["strategy"], run["optimizer"], run["update_kernel"]) == (2, "ddp", "AdamW", "fused")
     return run_dir
 
 
 @pytest.fixture(scope="session")
-def zero_reference(tmp_path_factory) -> Callable[[int], Path]:
-    """zero_reference(stage): an uninterrupted single-host 2-rank ZeRO run of ZERO_TRAJECTORY
-    (accelerate launch with the repo's config), made once per stage."""
-    made: dict[int, Path] = {}
+def zero_configs(tmp_path_factory) -> dict[str, str]:
+    """The repo's accelerate config per ZeRO stage; ZeRO-3's with a parameter persistence threshold
+    of 1000 values instead of 100000, so that the tiny ViT has both kinds of ZeRO-3 parameters, as a
+    large model does: weights partitioned between steps, biases and norms kept whole."""
+    folder = tmp_path_factory.mktemp("configs")
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
+    (folder / "zero3.json").write_text(json.dumps(ds))
+    zero3 = (REPO / "accelerate_configs" / "deepspeed_zero3.yaml").read_text()
+    assert "ds_configs/zero3.json" in zero3
+    (folder / "zero3.yaml").write_text(zero3.replace("ds_configs/zero3.json", str(folder / "zero3.json")))
+    return {"zero2": accelerate_config("deepspeed_zero2.yaml"), "zero3": str(folder / "zero3.yaml")}
 
-    def reference(stage: int) -> Path:
-        if stage not in made:
-            run_dir = tmp_path_factory.mktemp(f"zero{stage}_reference")
-            config = accelerate_config(f"deepspeed_zero{stage}.yaml")
-            launch([*ZERO_TRAJECTORY, "--output-dir", str(run_dir)], launcher="accelerate", accelerate_config=config)
-            made[stage] = run_dir
-        return made[stage]
+
+@pytest.fixture(scope="session")
+def elastic_reference(uninterrupted, zero_configs) -> Callable[[str], Path]:
+    """elastic_reference(layout): the uninterrupted 2-rank run of ELASTIC under `layout` (ddp,
+    zero2, zero3 with zero_configs' ZeRO-3): the trajectory and final state that resumed runs on
+    other ranks, under other strategies or on two nodes must reproduce."""
+
+    def reference(layout: str) -> Path:
+        return uninterrupted(**elastic_launch(ELASTIC, layout, 2, zero_configs))
 
     return reference
+
+
+@pytest.fixture(scope="session")
+def short_zero3_run(uninterrupted, zero_configs) -> Path:
+    """SHORT_ZERO3 on 2 ranks under zero_configs' ZeRO-3 (the tiny ViT's weights partitioned), its
+    checkpoints written in the background (the default): the background side of the byte-for-byte
+    comparison with a synchronous save, and a checkpoint to export."""
+    run_dir = uninterrupted(SHORT_ZERO3, launcher="accelerate", accelerate_config=zero_configs["zero3"])
+    run = last_launch(run_dir)
+    assert run["zero_stage"] == 3 and run["parameters_on_this_rank"] < 0.6 * run["parameters"], run  # partitioned
+    assert {row["background"] for row in read_metrics(run_dir, "checkpoint")} == {True}
+    return run_dir

@@ -39,11 +39,57 @@ TRAJECTORY = [
     "--checkpoint.at_epoch_end",
     "false",
 ]
-ZERO_TRAJECTORY = [*TRAJECTORY, "--loop.max_steps", "13"]  # into the second epoch, shorter than DDP's
+
+# Two steps of the tiny ViT with an EMA of its weights: under ZeRO-3 (conftest's short_zero3_run)
+# its last checkpoint holds DeepSpeed's shards and the EMA's per-rank files.
+SHORT_ZERO3 = [*TINY_VIT, "--loop.max_steps", "2", "--loop.ema_decay", "0.9", "--logging.count_flops", "false"]
+
+# The tiny ViT without dropout, AdamW with an EMA of the weights, 8 steps, a checkpoint at step 4:
+# the moments and the average are what a resume must keep. No batch statistics (which would differ
+# between 1x64 and 2x32 samples per rank), so ZeRO and DDP runs of any world size follow one
+# trajectory, to float noise (measured below), and are held to the uninterrupted 2-rank DDP run.
+ELASTIC = [
+    *TINY_VIT,
+    "--optim.name",
+    "adamw",
+    "--optim.lr",
+    "0.003",
+    "--loop.max_steps",
+    "8",
+    "--logging.every_steps",
+    "1",
+    "--checkpoint.every_steps",
+    "4",
+    "--checkpoint.at_epoch_end",
+    "false",
+    "--loop.ema_decay",
+    "0.9",
+    "--logging.count_flops",
+    "false",  # a forward at start-up, in every launch, that no test reads
+]
+ELASTIC_MICRO = {1: "64", 2: "32", 4: "16"}  # a global batch of 64 at any world size
+# ZeRO against DDP, both fp32: the same seed, samples and global batch, the gradients reduced in
+# another order. Measured on ELASTIC's ZeRO runs, the references and the resumed ones
+# (2026-12-05): losses 2.2e-7 relative apart at most; every weight and averaged weight 1.4e-7 apart
+# (2e-6 relative), but the attention key bias, moved by normalised noise (it has no gradient in
+# exact arithmetic, so Adam moves it by normalised rounding): up to 8.9e-6 apart in the weights,
+# 2e-6 in their average.
+DDP_LOSS_TOLERANCE = 1e-5  # relative
+DDP_WEIGHT_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+DDP_KEY_BIAS_TOLERANCE = dict(rtol=0.0, atol=1e-4)
 
 
 def accelerate_config(name: str) -> str:
     return str(REPO / "accelerate_configs" / name)
+
+
+def elastic_launch(args: list[str], layout: str, nproc: int, configs: dict[str, str]) -> dict:
+    """`launch` arguments for `args` under `layout` (ddp: torchrun; zero2/zero3: accelerate with
+    `configs`) on `nproc` ranks, with the micro-batch that keeps ELASTIC's global batch at 64."""
+    args = [*args, "--data.micro_batch_size", ELASTIC_MICRO[nproc]]
+    if layout == "ddp":
+        return dict(args=args, launcher="torchrun", nproc=nproc)
+    return dict(args=args, launcher="accelerate", accelerate_config=configs[layout], nproc=nproc)
 
 
 def free_port() -> int:
@@ -276,6 +322,56 @@ def run_killed_when(args: list[str], marker: Path, rank: int | None = None, **la
 def run_killed_after_checkpoint(args: list[str], run_dir: Path, step: int, **launch_kwargs) -> None:
     """Start a run, SIGKILL all its processes once checkpoint `step` is complete."""
     run_killed_when(args, run_dir / "checkpoints" / str(step) / "manifest.json", **launch_kwargs)
+
+
+def rows_of_the_last_launch(run_dir: Path, split: str) -> list[dict]:
+    """The `split` rows metrics.jsonl holds from its last `run` row on: the latest launch's."""
+    with open(run_dir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    start = max(i for i, row in enumerate(rows) if row["split"] == "run")
+    return [row for row in rows[start:] if row["split"] == split]
+
+
+def assert_resumed_exactly(run_dir: Path, reference: Path, checkpoint: int) -> None:
+    """The last launch resumed from `checkpoint` (a launch that started afresh by mistake would also
+    end on the reference: the same seed) and trained each later step once, with the reference's
+    loss; every row the launches before logged is the reference's too; the final weights are the
+    reference's, bit for bit."""
+    assert last_launch(run_dir)["resumed_from"] == str(run_dir / "checkpoints" / str(checkpoint))
+    expected = train_losses(reference)
+    resumed = [(row["step"], row["loss"]) for row in rows_of_the_last_launch(run_dir, "train")]
+    assert resumed == [(step, expected[step][0]) for step in range(checkpoint + 1, max(expected) + 1)], resumed
+    got = train_losses(run_dir)
+    assert sorted(got) == sorted(expected)
+    assert all(loss == expected[step][0] for step, losses in got.items() for loss in losses), got
+    assert final_weights_equal(reference, run_dir)
+
+
+def assert_follows_ddp(ddp_run: Path, run_dir: Path) -> None:
+    """A run of ELASTIC that ends under ZeRO (resumed on other ranks, from another strategy, or on
+    two nodes), held to the uninterrupted 2-rank DDP run: every loss it logged, by any of its
+    launches, its final weights and their average, to the measured float noise. The Adam moments
+    are held to DDP's through these: a moment lost or misplaced changes every later update of its
+    weight, and a reset optimizer moves the loss by far more than the tolerance within one step."""
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    expected, got = train_losses(ddp_run), train_losses(run_dir)
+    assert set(range(5, 9)) <= set(got) <= set(expected)
+    for step, losses in got.items():
+        assert losses == pytest.approx([expected[step][0]] * len(losses), rel=DDP_LOSS_TOLERANCE), (step, expected)
+    for file in ("model.safetensors", "model_ema.safetensors"):
+        ddp, zero = (load_file(run / "final" / file) for run in (ddp_run, run_dir))
+        assert ddp.keys() == zero.keys(), file
+        for name, value in ddp.items():
+            resumed, what = zero[name], f"{file} {name}, against DDP"
+            if name.endswith("attn.qkv.bias"):  # [query | key | value]: the key third on its own
+                third = value.numel() // 3
+                key = slice(third, 2 * third)
+                torch.testing.assert_close(resumed[key], value[key], **DDP_KEY_BIAS_TOLERANCE, msg=f"{what} (key)")
+                resumed, value = (torch.cat([t[:third], t[2 * third :]]) for t in (resumed, value))
+            torch.testing.assert_close(resumed, value, **DDP_WEIGHT_TOLERANCE, msg=what)
 
 
 def assert_export_is_whole(path: Path, config_cls: type, task_cls: type, argv: list[str]) -> None:

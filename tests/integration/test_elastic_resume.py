@@ -20,8 +20,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import (
+    ELASTIC,
     REPO,
-    TINY_VIT,
+    assert_follows_ddp,
+    elastic_launch,
     last_launch,
     launch,
     read_metrics,
@@ -30,62 +32,7 @@ from tests.helpers import (
     run_killed_when,
 )
 
-# LayerNorm ViT (no batch statistics, which would differ between 1x64 and 2x32 samples per rank),
-# no dropout, AdamW: the moments are what a resume must keep; and an EMA of the weights, which
-# ZeRO-3 keeps sharded like them.
-ELASTIC = [
-    *TINY_VIT,
-    "--optim.name",
-    "adamw",
-    "--optim.lr",
-    "0.003",
-    "--loop.max_steps",
-    "8",
-    "--logging.every_steps",
-    "1",
-    "--checkpoint.every_steps",
-    "4",
-    "--checkpoint.at_epoch_end",
-    "false",
-    "--loop.ema_decay",
-    "0.9",
-    "--logging.count_flops",
-    "false",  # a forward at start-up, in every launch, that no test reads
-]
-MICRO = {1: "64", 2: "32", 4: "16"}  # a global batch of 64 at any world size
-TOLERANCE = 1e-3  # relative, on the losses after the resume: float sums in another order, no more
-# ZeRO against DDP, both fp32: the same seed, samples and global batch, the gradients reduced in
-# another order. Measured on this module's ZeRO runs, the references and the resumed ones
-# (2026-12-05): losses 2.2e-7 relative apart at most; every weight and averaged weight 1.4e-7 apart
-# (2e-6 relative), but the attention key bias, moved by normalised noise (see assert_continues_like):
-# up to 8.9e-6 apart in the weights, 2e-6 in their average.
-DDP_LOSS_TOLERANCE = 1e-5  # relative
-DDP_WEIGHT_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
-DDP_KEY_BIAS_TOLERANCE = dict(rtol=0.0, atol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def configs(tmp_path_factory) -> dict[str, str]:
-    """The repo's accelerate config per layout; ZeRO-3's with a parameter persistence threshold of
-    1000 values instead of 100000, so that this small model has both kinds of ZeRO-3 parameters,
-    as a large one does: weights partitioned between steps, biases and norms kept whole."""
-    folder = tmp_path_factory.mktemp("configs")
-    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
-    (folder / "zero3.json").write_text(json.dumps(ds))
-    zero3 = (REPO / "accelerate_configs" / "deepspeed_zero3.yaml").read_text()
-    assert "ds_configs/zero3.json" in zero3
-    (folder / "zero3.yaml").write_text(zero3.replace("ds_configs/zero3.json", str(folder / "zero3.json")))
-    return {"zero2": str(REPO / "accelerate_configs" / "deepspeed_zero2.yaml"), "zero3": str(folder / "zero3.yaml")}
-
-
-def layout_launch(args: list[str], layout: str, nproc: int, configs: dict[str, str]) -> dict:
-    """Launch arguments for a run under `layout` (ddp: torchrun; zero2/zero3: accelerate) on
-    `nproc` ranks, with the micro-batch that keeps the global batch at 64."""
-    args = [*args, "--data.micro_batch_size", MICRO[nproc]]
-    if layout == "ddp":
-        return dict(args=args, launcher="torchrun", nproc=nproc)
-    return dict(args=args, launcher="accelerate", accelerate_config=configs[layout], nproc=nproc)
+TOLERANCE = 1e-3  # relative, on the losses after the resume against the same layout: float sums in another order
 
 
 def final_state(checkpoint: Path, out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -120,30 +67,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_metrics(run_dir, "train")}  # the last row of each step
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, configs):
-    """The uninterrupted 2-rank run of a layout (ddp, zero2, zero3), run once when first asked for:
-    the trajectory and final state a resumed run must reproduce. Its checkpoint at step 4 is what a
-    2-rank run stopped after step 4 leaves behind, so the tests start their resumes from a copy."""
-    runs: dict[str, Path] = {}
-
-    def get(layout: str) -> Path:
-        if layout not in runs:
-            run_dir = tmp_path_factory.mktemp(f"{layout}_reference")
-            kwargs = layout_launch([*ELASTIC, "--output-dir", str(run_dir)], layout, 2, configs)
-            launch(kwargs.pop("args"), **kwargs)
-            runs[layout] = run_dir
-        return runs[layout]
-
-    return get
-
-
 def stopped_at_step_4(run_dir: Path, layout: str, nproc: int, reference, configs) -> Path:
     """A run of `layout` on `nproc` ranks that stopped after its checkpoint at step 4."""
     if nproc == 2:
         shutil.copytree(reference(layout) / "checkpoints" / "4", run_dir / "checkpoints" / "4")
     else:
-        first = layout_launch([*ELASTIC, "--output-dir", str(run_dir)], layout, nproc, configs)
+        first = elastic_launch([*ELASTIC, "--output-dir", str(run_dir)], layout, nproc, configs)
         run_killed_after_checkpoint(first.pop("args"), run_dir, step=4, **first)
     return run_dir / "checkpoints" / "4"
 
@@ -176,29 +105,6 @@ def assert_continues_like(reference, layout: str, run_dir: Path, tmp_path: Path)
         assert_follows_ddp(reference("ddp"), run_dir)
 
 
-def assert_follows_ddp(ddp_run: Path, run_dir: Path) -> None:
-    """A run that ends under ZeRO, held to the uninterrupted DDP run: every loss it logged (those
-    after the resume, and a first launch's on another number of ranks), its final weights and their
-    average. The Adam moments are held to DDP's only through these: DDP's optimizer.bin indexes them
-    by position in the optimizer's groups, and naming them would take a second copy of the order
-    core/portable.py derives; a moment lost or misplaced changes every later update of its weight."""
-    expected, got = losses(ddp_run), losses(run_dir)
-    assert set(range(5, 9)) <= set(got) <= set(expected)
-    for step, loss in got.items():
-        assert loss == pytest.approx(expected[step], rel=DDP_LOSS_TOLERANCE), (step, loss, expected)
-    for file in ("model.safetensors", "model_ema.safetensors"):
-        ddp, zero = (load_file(run / "final" / file) for run in (ddp_run, run_dir))
-        assert ddp.keys() == zero.keys(), file
-        for name, value in ddp.items():
-            resumed, what = zero[name], f"{file} {name}, against DDP"
-            if name.endswith("attn.qkv.bias"):  # [query | key | value]: the key third on its own
-                third = value.numel() // 3
-                key = slice(third, 2 * third)
-                torch.testing.assert_close(resumed[key], value[key], **DDP_KEY_BIAS_TOLERANCE, msg=f"{what} (key)")
-                resumed, value = (torch.cat([t[:third], t[2 * third :]]) for t in (resumed, value))
-            torch.testing.assert_close(resumed, value, **DDP_WEIGHT_TOLERANCE, msg=what)
-
-
 # ZeRO-3 2 -> 4 ranks (micro-batch 16) and ZeRO-2 1 -> 2 ranks passed as cases of this test on
 # 2026-11-30; they are left out of the suite for its time (four ranks on two cores cost a minute;
 # ZeRO-2 1 -> 2 takes the paths of ZeRO-2 2 -> 1 and ZeRO-3 1 -> 2).
@@ -208,18 +114,18 @@ def assert_follows_ddp(ddp_run: Path, run_dir: Path) -> None:
     ids=["zero2-2-to-1-ranks", "zero3-2-to-1-ranks", "zero3-1-to-2-ranks"],
 )
 def test_zero_checkpoint_resumes_at_another_world_size_with_its_optimizer_state(
-    reference, configs, tmp_path, stage, before, after
+    elastic_reference, zero_configs, tmp_path, stage, before, after
 ):
     layout, run_dir = f"zero{stage}", tmp_path / "run"
     resume = [*ELASTIC, "--output-dir", str(run_dir), "--resume", "auto"]
-    original = stopped_at_step_4(run_dir, layout, before, reference, configs)
+    original = stopped_at_step_4(run_dir, layout, before, elastic_reference, zero_configs)
     manifest_before = (original / "manifest.json").read_text()
     if (stage, after) == (2, 1):  # a conversion SIGKILLed half-way leaves nothing published, and nothing broken
-        converting = layout_launch(resume, layout, after, configs)
+        converting = elastic_launch(resume, layout, after, zero_configs)
         run_killed_when(converting.pop("args"), run_dir / "checkpoints" / ".tmp-universal-4", **converting)
         assert not (run_dir / "checkpoints" / "universal-4").exists()
 
-    second = layout_launch(resume, layout, after, configs)
+    second = elastic_launch(resume, layout, after, zero_configs)
     launch(second.pop("args"), **second)
 
     run = last_launch(run_dir)
@@ -227,7 +133,7 @@ def test_zero_checkpoint_resumes_at_another_world_size_with_its_optimizer_state(
     universal = run_dir / "checkpoints" / "universal-4"
     assert json.loads((universal / "manifest.json").read_text())["files"]  # published with a manifest
     assert (original / "manifest.json").read_text() == manifest_before  # the original untouched
-    assert_continues_like(reference, layout, run_dir, tmp_path)
+    assert_continues_like(elastic_reference, layout, run_dir, tmp_path)
 
 
 # A change of ZeRO stage (ZeRO-2 -> ZeRO-3 here) takes the same path through the per-parameter state;
@@ -238,22 +144,22 @@ def test_zero_checkpoint_resumes_at_another_world_size_with_its_optimizer_state(
     ids=["ddp-to-zero2", "zero2-to-ddp", "ddp-to-zero3", "zero3-to-ddp"],
 )
 def test_checkpoint_resumes_under_another_strategy_with_its_optimizer_state(
-    reference, configs, tmp_path, saved, resumed
+    elastic_reference, zero_configs, tmp_path, saved, resumed
 ):
     run_dir = tmp_path / "run"
-    original = stopped_at_step_4(run_dir, saved, 2, reference, configs)
-    go_on = layout_launch([*ELASTIC, "--output-dir", str(run_dir), "--resume", "auto"], resumed, 2, configs)
+    original = stopped_at_step_4(run_dir, saved, 2, elastic_reference, zero_configs)
+    go_on = elastic_launch([*ELASTIC, "--output-dir", str(run_dir), "--resume", "auto"], resumed, 2, zero_configs)
     proc = launch(go_on.pop("args"), **go_on)
     assert f"loaded the {saved} state of {original} into {resumed}, parameter by parameter" in proc.stderr
     assert last_launch(run_dir)["resumed_from"] == str(original)
-    assert_continues_like(reference, resumed, run_dir, tmp_path)
+    assert_continues_like(elastic_reference, resumed, run_dir, tmp_path)
 
 
-def test_zero3_keeps_the_weight_average_sharded_and_it_equals_ddps(reference, tmp_path):
+def test_zero3_keeps_the_weight_average_sharded_and_it_equals_ddps(elastic_reference, tmp_path):
     """The same seed and batches under DDP and ZeRO-3 (2 ranks each): ZeRO-3 averages each rank's
     own partition, never the whole model, yet the exported average, and the evaluation with it,
     are DDP's (to float noise: the gradients are reduced in another order)."""
-    ddp, zero3 = reference("ddp"), reference("zero3")
+    ddp, zero3 = elastic_reference("ddp"), elastic_reference("zero3")
     shards = sorted((zero3 / "checkpoints" / "8").glob("ema-rank*-of-00002.safetensors"))
     assert [s.name for s in shards] == ["ema-rank00000-of-00002.safetensors", "ema-rank00001-of-00002.safetensors"]
     exported = load_file(zero3 / "final" / "model_ema.safetensors")
