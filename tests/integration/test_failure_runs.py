@@ -1,6 +1,7 @@
 """Failures as a user meets them, through the real launchers on 2 gloo ranks: bad data in error
 and skip mode, the check-data pre-flight, and a stress run proving that every run that finished
-its work exits 0 (tests/integration/test_distributed_runs.py covers hangs, crashes and preemption)."""
+its work exits 0 (test_hangs_and_crashes.py covers hangs and crashes, test_stop_signals.py
+preemption)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.builders import coco, imagefolder, voc
-from tests.helpers import DIGITS, QUICK, REPO, TINY_VIT, launch, launch_command, read_metrics, run_env, start
+from tests.helpers import DIGITS, QUICK, REPO, TINY_VIT, launch, launch_command, read_metrics, run_env
 
 SHARDVISION = str(Path(sys.executable).parent / "shardvision")
 WATCHED = [
@@ -163,48 +164,3 @@ def test_every_finished_run_exits_0_on_a_busy_machine(tmp_path, digits_weights):
     failed = [(kind, code, stderr[-1500:]) for kind, code, stderr in results if code != 0]
     assert not failed, f"{len(failed)} of {STRESS_RUNS} finished runs exited non-zero:\n" + "\n".join(map(str, failed))
     print(f"{STRESS_RUNS} runs, 0 failed exits, {time.time() - started:.0f} s")
-
-
-def test_a_stalled_data_loader_is_reported_with_its_phase(tmp_path):
-    """A loader worker that stops answering (frozen here with SIGSTOP) leaves the main process
-    waiting for a batch: the watchdog names that phase."""
-    import psutil
-
-    args = [
-        "--config",
-        DIGITS,
-        *QUICK,
-        "--data.num_workers",
-        "1",
-        "--output-dir",
-        str(tmp_path),
-        "--logging.every_steps",
-        "1",
-        "--distributed.hang_timeout_minutes",
-        "0.2",
-    ]
-    with start(args, "python") as run:
-        run.wait_for_step(tmp_path, 1)
-        workers = psutil.Process(run.pid).children()
-        assert workers, "no loader worker"
-        for worker in workers:
-            worker.suspend()
-        stderr = run.wait_for_exit(timeout=120)
-    assert run.returncode == 124, stderr[-3000:]
-    assert re.search(
-        r"shardvision: error: rank 0 made no progress for [\d.]+ min in phase 'waiting for the data "
-        r"loader' at optimizer step \d+",
-        stderr,
-    )
-    assert "_get_data" in (tmp_path / "hang-0.txt").read_text()  # the DataLoader's wait, in the stacks
-
-
-def test_startup_has_its_own_limit(tmp_path):
-    args = ["--config", DIGITS, *QUICK, "--output-dir", str(tmp_path), "--distributed.startup_timeout_minutes", "0.01"]
-    proc = launch(args, launcher="python", check=False)
-    assert proc.returncode == 124, proc.stderr[-3000:]
-    assert (
-        "in phase 'startup' at optimizer step 0" in proc.stderr
-        and "raise distributed.startup_timeout_minutes" in proc.stderr
-    )
-    assert (tmp_path / "hang-0.txt").is_file()
