@@ -253,7 +253,9 @@ class DistributedConfig:
         None, 'DeepSpeed JSON (ds_configs/*.json); its "auto" values are filled from this config.'
     )
     fsdp_reshard_after_forward: bool = option(True, "FSDP2: free gathered params after forward (ZeRO-3-like).")
-    fsdp_auto_wrap_classes: list[str] = option([], "FSDP2: module class names to shard as units (e.g. Block).")
+    fsdp_auto_wrap_classes: list[str] = option(
+        [], "FSDP2: module class names to shard as units (e.g. Block); [] takes the layer the model repeats."
+    )
     fsdp_activation_checkpointing: bool = option(False, "FSDP2: recompute activations of wrapped blocks.")
     find_unused_parameters: bool = option(False, "DDP: tolerate parameters that get no gradient.")
     timeout_minutes: int = option(

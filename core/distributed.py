@@ -321,26 +321,33 @@ def build_fsdp_plugin(cfg: TrainConfig) -> FullyShardedDataParallelPlugin:
 def choose_fsdp_units(
     plugin: FullyShardedDataParallelPlugin, model: torch.nn.Module, configured: list[str]
 ) -> list[str]:
-    """The module classes FSDP2 shards as units of their own (each gathered for its forward and
-    freed after), set on the run's FSDP plugin before `prepare`: distributed.fsdp_auto_wrap_classes
-    or an FSDP accelerate config's class list when given, else the layer the model repeats. A
-    transformers model names its own (`_no_split_modules`: ViTLayer, ...); otherwise each module
-    class that a container holds more than once and that has layers of its own (timm ViT's Block,
-    ConvNeXt's stages and blocks, ResNet's blocks, MobileNet's InvertedResidual, torchvision's
-    FPN blocks). The root module is always a unit, so a model with no repeated layer is one unit."""
+    """Set the run's FSDP plugin, before `prepare`, to shard `model` by `fsdp_unit_classes`
+    (distributed.fsdp_auto_wrap_classes, else an FSDP accelerate config's class list, else the
+    model's own choice). Returns the class names."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    names = list(configured) or list(plugin.transformer_cls_names_to_wrap or [])
-    if not names:
-        names = list(getattr(model, "_no_split_modules", None) or []) or repeated_layers(model)
-    # accelerate makes the input embeddings a unit of their own after wrapping the configured
-    # classes; a unit around them (transformers ViT's ViTEmbeddings) would already hold their
-    # parameters sharded, and sharding them again fails (overlapping meshes).
-    embeddings = input_embeddings(model)
-    if embeddings is None and hasattr(model, "get_input_embeddings"):
+    names = fsdp_unit_classes(model, list(configured) or list(plugin.transformer_cls_names_to_wrap or []))
+    if input_embeddings(model) is None and hasattr(model, "get_input_embeddings"):
         # accelerate's FSDP2 preparation asks every model for its input embeddings; transformers
         # vision models without any (Segformer) raise instead of answering None.
         model.get_input_embeddings = lambda: None  # type: ignore[assignment]
+    plugin.auto_wrap_policy = transformer_auto_wrap_policy if names else None
+    plugin.transformer_cls_names_to_wrap = names
+    return names
+
+
+def fsdp_unit_classes(model: torch.nn.Module, configured: list[str]) -> list[str]:
+    """The module classes FSDP2 shards as units of their own (each gathered for its forward and
+    freed after): `configured` when given, else the layer the model repeats. A transformers model
+    names its own (`_no_split_modules`: ViTLayer, ...); otherwise each module class that a
+    container holds more than once and that has layers of its own (timm ViT's Block, ConvNeXt's
+    stages and blocks, ResNet's blocks, MobileNet's InvertedResidual, torchvision's FPN blocks).
+    The root module is always a unit, so a model with no repeated layer is one unit."""
+    names = list(configured) or list(getattr(model, "_no_split_modules", None) or []) or repeated_layers(model)
+    # accelerate makes the input embeddings a unit of their own after wrapping these classes; a
+    # unit around them (transformers ViT's ViTEmbeddings) would already hold their parameters
+    # sharded, and sharding them again fails (overlapping meshes).
+    embeddings = input_embeddings(model)
     if embeddings is not None:
         around = {type(m).__name__ for m in model.modules() if any(c is embeddings for c in m.modules())}
         names = [n for n in names if n not in around or type(embeddings).__name__ == n]
@@ -351,8 +358,6 @@ def choose_fsdp_units(
             f"FSDP units {missing} are not module classes of this model; set distributed.fsdp_auto_wrap_classes to "
             f"some of: {', '.join(repeated_layers(model)) or '(none repeat)'}"
         )
-    plugin.auto_wrap_policy = transformer_auto_wrap_policy if names else None
-    plugin.transformer_cls_names_to_wrap = names
     return names
 
 

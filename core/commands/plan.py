@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from core.config_parsing import parse_args
+from core.distributed import fsdp_unit_classes
 from core.entry import TASKS, known_failures_exit, recipe
 from core.errors import ConfigError
 from core.model_options import HALF_DTYPES, apply_model_options, cast_inputs
@@ -191,8 +192,8 @@ def optimizer_state_bytes(optim_cfg: Any) -> float:
 def model_facts(model: torch.nn.Module, cfg: Any, persistence_threshold: int) -> ModelFacts:
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    units = cfg.distributed.fsdp_auto_wrap_classes
-    sizes = [sum(p.numel() for p in m.parameters()) for m in model.modules() if units and type(m).__name__ in units]
+    units = fsdp_unit_classes(model, cfg.distributed.fsdp_auto_wrap_classes)  # the trainer's own choice
+    sizes = [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in units]
     return ModelFacts(
         trainable=trainable,
         frozen=sum(p.numel() for p in params) - trainable,
@@ -340,8 +341,10 @@ def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
         room = cluster.usable - row.states - row.in_flight - act.fixed
         row.max_micro_batch = max(0, room // act.per_sample) if act.per_sample else 0
         notes = []
-        if strategy == "FSDP2" and not cfg.distributed.fsdp_auto_wrap_classes:
-            notes.append("no distributed.fsdp_auto_wrap_classes: the whole model is one unit")
+        if strategy == "FSDP2" and not fsdp_unit_classes(model, cfg.distributed.fsdp_auto_wrap_classes):
+            notes.append(
+                "no repeated layer to shard by (distributed.fsdp_auto_wrap_classes): the whole model is one unit"
+            )
         row.note = "; ".join(notes)
         plan.rows.append(row)
     fitting = {r.strategy for r in plan.rows if r.fits}
