@@ -63,7 +63,8 @@ def test_a_frozen_rank_is_reported_by_the_other_within_the_limit_and_the_run_res
 
 @pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
 def test_a_crashed_rank_brings_the_other_down_within_seconds(tmp_path, launcher):
-    """torchrun's own case is the kill during a save above; these launchers must do the same."""
+    """torchrun's own case is test_background_saves.py's kill during a save; these launchers must do the
+    same."""
     args = [
         "--config",
         DIGITS,

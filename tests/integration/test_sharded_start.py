@@ -21,25 +21,31 @@ HF_VIT = ["--config", "recipes/classification/configs/digits_hf_vit.yaml", *QUIC
 MODELS = {"timm": (TINY_VIT, "head."), "transformers": (HF_VIT, "classifier.")}
 
 
-def pretrained(source: str, folder: Path) -> Path:
+def pretrained(source: str, folder: Path, **launch_kwargs) -> Path:
     """Trained weights of `source`'s small ViT: what a fine-tune starts from. A few steps from
-    scratch under ZeRO-3, where the model is built whole, then partitioned (transformers would
-    partition it at construction on its own, see core/distributed.py model_construction)."""
-    launch([*MODELS[source][0], "--loop.max_steps", "3", "--output-dir", str(folder)], **ZERO3)
+    scratch, by default under ZeRO-3, where the model is built whole, then partitioned
+    (transformers would partition it at construction on its own, see core/distributed.py
+    model_construction)."""
+    launch([*MODELS[source][0], "--loop.max_steps", "3", "--output-dir", str(folder)], **(launch_kwargs or ZERO3))
     return folder / "final" / "model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    return pretrained("timm", tmp_path_factory.mktemp("pretrained"))
+    """The timm ViT after 3 steps on 2 DDP ranks: its run's last evaluation is DDP evaluating them."""
+    return pretrained("timm", tmp_path_factory.mktemp("pretrained"), launcher="torchrun")
 
 
 def test_zero3_evaluates_streamed_weights_as_ddp_does(weights, tmp_path):
+    """The weights evaluated by ZeRO-3, built partitioned and streamed into, give the figures of the
+    DDP run that trained them, evaluating them at its end (2 ranks, the same eval batches)."""
     args = [*TINY_VIT, "--eval-only", "--weights", str(weights)]
     zero3 = launch([*args, "--output-dir", str(tmp_path / "zero3")], **ZERO3)
     assert f"ZeRO-3: model built partitioned (DeepSpeed zero.Init), {weights} streamed into it" in zero3.stderr
-    launch([*args, "--output-dir", str(tmp_path / "ddp")], launcher="torchrun")
-    got, expected = read_metrics(tmp_path / "zero3", "eval")[-1], read_metrics(tmp_path / "ddp", "eval")[-1]
+    ddp_run = weights.parents[1]
+    assert (last_launch(ddp_run)["strategy"], last_launch(ddp_run)["world_size"]) == ("ddp", 2)
+    got, expected = read_metrics(tmp_path / "zero3", "eval")[-1], read_metrics(ddp_run, "eval")[-1]
+    assert expected["step"] == 3 and got["samples"] == expected["samples"] == 360
     for metric in ("loss", "top1", "top5"):
         assert got[metric] == pytest.approx(expected[metric], rel=1e-5), metric
 
@@ -124,6 +130,8 @@ def test_zero3_builds_the_recipes_detectors_and_segmenters_partitioned(model, tm
 
     run = tmp_path / "run"
     args += ["--weights", str(tmp_path / "weights.safetensors"), "--optim.lr", "1e-30", "--loop.max_steps", "1"]
+    # one step on a data set of its own, evaluated on 2 images: the build and the load are what is proven
+    args += ["--data.shapes_count", "[16, 2]", "--logging.count_flops", "false"]
     proc = launch([*args, "--output-dir", str(run)], script=f"recipes/{task_name}/train.py", **ZERO3)
     assert "ZeRO-3: model built partitioned (DeepSpeed zero.Init)" in proc.stderr
     exported = load_file(run / "final" / "model.safetensors")

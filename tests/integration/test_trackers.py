@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 
-from tests.helpers import DIGITS, QUICK, launch
+from tests.helpers import TINY_VIT, launch
 
 
 def test_tensorboard_mlflow_and_wandb_get_one_run_across_a_resume(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["--config", DIGITS, *QUICK, "--output-dir", str(run_dir), "--logging.every_steps", "1"]
+    args = [*TINY_VIT, "--logging.count_flops", "false", "--output-dir", str(run_dir), "--logging.every_steps", "1"]
     args += ["--logging.trackers", "[tensorboard, mlflow, wandb]", "--checkpoint.every_steps", "2"]
     launch([*args, "--loop.max_steps", "2"], launcher="torchrun")
     launch([*args, "--loop.max_steps", "4", "--resume", "auto"], launcher="torchrun")
@@ -21,7 +21,7 @@ def test_tensorboard_mlflow_and_wandb_get_one_run_across_a_resume(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("shardvision").experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == json.loads((run_dir / "trackers.json").read_text())["mlflow"]
     run = runs[0]
-    assert run.data.params["optim.lr"] == "0.002" and run.data.params["model.name"] == "resnet18"
+    assert run.data.params["optim.lr"] == "0.002" and run.data.params["model.name"] == "test_vit"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/top1")] == [2, 4]
     final = json.loads((run_dir / "final" / "metrics.json").read_text())
