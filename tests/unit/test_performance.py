@@ -4,6 +4,8 @@ throughput accounting (FLOPs per sample, TFLOP/s and MFU in the training log).""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -17,6 +19,7 @@ from core.model_options import apply_model_options
 from core.run_log import peak_tflops, training_flops_per_sample
 from core.trainer import Trainer
 from tests.builders import TinyTask, tiny_config
+from tests.helpers import REPO, run_env
 
 
 def test_flops_per_sample_match_the_closed_form():
@@ -120,3 +123,20 @@ def test_compiled_run_checkpoints_resumes_and_exports_plain_names(fresh_accelera
     assert all(torch.equal(current[k], v) for k, v in saved.items())
     resumed.fit()  # trains on from the checkpoint, compiled again
     assert resumed.state.global_step > trainer.state.global_step
+
+
+def test_the_classification_entry_imports_neither_deepspeed_nor_transformers():
+    """What a DDP launch of the classification recipe imports before it builds anything (its
+    script, the trainer, the CLI) holds neither library: importing deepspeed costs about 2 s of
+    every launch (it imports mlflow for its autotuner), transformers more. core/ruff.toml bans
+    them at module level in core/; this also catches them arriving through a recipe or a
+    dependency's module level."""
+    code = (
+        "import sys, recipes.classification.train, core.trainer, core.commands.cli\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'transformers'}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
