@@ -235,7 +235,7 @@ class CheckpointConfig:
     async_save: bool = option(
         True,
         "Save in the background: the state is copied to host memory at the step boundary and training goes on "
-        "while it is written and published (DDP and DeepSpeed; FSDP saves stay synchronous).",
+        "while it is written and published (every strategy; FSDP2's DCP shards too).",
     )
 
     def validate(self) -> None:

@@ -130,9 +130,7 @@ class Trainer:
             cfg.checkpoint.every_steps,
             cfg.checkpoint.at_epoch_end,
             self.watchdog,
-            # FSDP's sharded saves go through torch.distributed.checkpoint, which the capture does
-            # not see; DCP's own async_save is the way, not yet wired in (it needs a GPU to verify).
-            async_save=cfg.checkpoint.async_save and self.strategy != "fsdp",
+            async_save=cfg.checkpoint.async_save,
         )
         check_shared(acc, self.checkpoints.root)  # before any work that a checkpoint could not keep
         # Before the engine exists: a ZeRO checkpoint of another world size or strategy is loaded in

@@ -11,8 +11,17 @@ most an unpublished `.tmp-<step>` folder, as a synchronous save does.
 
 Neither library offers this hook: accelerate writes through its own `save` (safetensors'
 `save_file`, imported into its module) and `torch.save`, DeepSpeed's checkpoint engine through
-`torch.save`. The capture replaces those three names only for files under the checkpoint's own
-folder and only while `save_state` runs; every other write passes through untouched.
+`torch.save`, and accelerate's FSDP2 sharded state through `torch.distributed.checkpoint.save`
+(DCP). The capture replaces those four names only for files under the checkpoint's own folder and
+only while `save_state` runs; every other write passes through untouched.
+
+A DCP save is collective (its plan and its metadata are agreed over the process group): the held
+copy keeps each DTensor's shard with its layout, and the background thread runs `dcp.save` on it
+over a gloo group of its own (`background_group`), in the order accelerate made the calls, the
+same on every rank, so its collectives never meet the training's on the default group. This is
+what DCP's own `async_save` does (stage to host memory, write in a thread); going through the
+capture keeps one path for every strategy: at most one save in flight, published only when every
+rank's part is written, a failed write stopping the run.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from torch.distributed.tensor import DTensor
 
 
 class HostBuffers:
@@ -60,7 +70,14 @@ def host_copy(obj: Any, memo: dict[Any, Any] | None = None, buffers: HostBuffers
     copy: Any
     if id(obj) in memo:
         return memo[id(obj)]
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, DTensor):  # this rank's shard, copied, in the same layout over the same mesh
+        shard = obj.to_local()  # a new alias at each call: kept alive below, or the memo, keyed by
+        memo[("alive", id(shard))] = shard  # id, could take the next one's reused address for it
+        local = host_copy(shard, memo, buffers)
+        copy = DTensor.from_local(
+            local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape, stride=obj.stride()
+        )
+    elif isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
         # empty storages all sit at address 0 but are distinct storages to torch.save
         key = ("storage", storage.data_ptr(), storage.nbytes(), str(storage.device)) if storage.nbytes() else id(obj)
@@ -119,15 +136,29 @@ class HeldFiles:
             self.buffers.give_back()
 
 
+def background_group() -> Any:
+    """A gloo group of every rank for the background thread's DCP collectives (a collective call:
+    every rank makes it, at the same point)."""
+    return torch.distributed.new_group(backend="gloo")
+
+
+def _dcp_write(state_dict: dict[str, Any], path: str, group: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state_dict, storage_writer=dcp.FileSystemWriter(path), process_group=group)
+
+
 @contextlib.contextmanager
-def captured_writes(folder: str, buffers: HostBuffers) -> Iterator[HeldFiles]:
-    """While active, `torch.save` and safetensors' `save_file` calls for files under `folder`
-    copy their arguments into host memory (the `HeldFiles` yielded) instead of writing."""
+def captured_writes(folder: str, buffers: HostBuffers, dcp_group: Any = None) -> Iterator[HeldFiles]:
+    """While active, `torch.save`, safetensors' `save_file` and (given `dcp_group`, from
+    `background_group`) `torch.distributed.checkpoint.save` calls for files under `folder` copy
+    their arguments into host memory (the `HeldFiles` yielded) instead of writing."""
     import accelerate.utils.other as accelerate_io
+    import torch.distributed.checkpoint as dcp  # not at the top: a run that never writes DCP never loads it
 
     held = HeldFiles(buffers)
     root = os.path.realpath(folder) + os.sep
-    torch_save, save_file = torch.save, safetensors.torch.save_file
+    torch_save, save_file, dcp_save = torch.save, safetensors.torch.save_file, dcp.save
 
     def inside(f: Any) -> bool:
         return isinstance(f, (str, os.PathLike)) and os.path.realpath(f).startswith(root)
@@ -142,8 +173,15 @@ def captured_writes(folder: str, buffers: HostBuffers) -> Iterator[HeldFiles]:
             return save_file(tensors, filename, metadata)
         held.hold(save_file, tensors, filename, (metadata,))
 
+    def capture_dcp_save(state_dict: dict[str, Any], *args: Any, storage_writer: Any = None, **kwargs: Any) -> Any:
+        path = getattr(storage_writer, "path", None)
+        if args or dcp_group is None or not inside(path):
+            return dcp_save(state_dict, *args, storage_writer=storage_writer, **kwargs)
+        held.hold(_dcp_write, state_dict, path, (dcp_group,))
+
     replaced = [(torch, "save", capture_torch_save), (safetensors.torch, "save_file", capture_save_file)]
     replaced.append((accelerate_io, "safe_save_file", capture_save_file))
+    replaced.append((dcp, "save", capture_dcp_save))
     originals = [(module, name, getattr(module, name)) for module, name, _ in replaced]
     for module, name, value in replaced:
         setattr(module, name, value)

@@ -22,11 +22,12 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch.utils.serialization.config as serialization_config
 from accelerate import Accelerator
 
-from core.checkpoint.background_save import HeldFiles, HostBuffers, captured_writes
+from core.checkpoint.background_save import HeldFiles, HostBuffers, background_group, captured_writes
 from core.checkpoint.files import (
     FAILED,
     WRITTEN,
@@ -37,6 +38,7 @@ from core.checkpoint.files import (
     write_marker,
 )
 from core.checkpoint.state import EVALUATION, TRAINER_STATE, TrainerState, evaluated_metric
+from core.distributed import strategy_of
 from core.ema import WeightAverage
 from core.errors import CheckpointWriteError
 from core.watchdog import HangWatchdog
@@ -80,6 +82,16 @@ class CheckpointSaver:
         self._writing: threading.Thread | None = None  # the save in flight (async_save), at most one
         self._host_buffers = HostBuffers()
         self._write_failure: BaseException | None = None
+        self._background_group: Any = None
+
+    def _dcp_group(self) -> Any:
+        """FSDP2 writes its shards through DCP, whose collectives the background write makes on a
+        group of their own (background_save.py); made at the first save, on every rank alike."""
+        if strategy_of(self.accelerator) != "fsdp":
+            return None
+        if self._background_group is None:
+            self._background_group = background_group()
+        return self._background_group
 
     def resumed_at(self, step: int) -> None:
         """The run goes on from its checkpoint of `step`: that step is saved already, and the
@@ -128,7 +140,9 @@ class CheckpointSaver:
         acc.wait_for_everyone()
         with (
             _without_crc32(),
-            captured_writes(tmp, self._host_buffers) if self.async_save else contextlib.nullcontext() as held,
+            captured_writes(tmp, self._host_buffers, self._dcp_group())
+            if self.async_save
+            else contextlib.nullcontext() as held,
         ):
             acc.save_state(tmp, safe_serialization=True)
             if ema is not None:

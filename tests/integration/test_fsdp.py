@@ -1,8 +1,9 @@
 """FSDP2 on two gloo CPU ranks, launched with the repo's accelerate_configs/fsdp.yaml as a user
 would: it trains like DDP (losses, weights and their average held to the uninterrupted 2-rank DDP
-run of the same seed and global batch), a SIGKILLed run resumes bit for bit, its checkpoints
-resume on another number of ranks (DCP reshards) and under DDP or ZeRO-3 and back, with the
-optimizer state kept, and `shardvision export` consolidates them."""
+run of the same seed and global batch), a run SIGKILLed while a background save writes resumes
+from the previous checkpoint bit for bit, its checkpoints resume on another number of ranks (DCP
+reshards) and under DDP or ZeRO-3 and back, with the optimizer state kept, and `shardvision
+export` consolidates them."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from tests.helpers import (
     elastic_launch,
     last_launch,
     launch,
+    read_metrics,
     run_killed_after_checkpoint,
+    run_killed_when,
 )
 
 
@@ -68,13 +71,46 @@ def test_fsdp_trains_like_ddp_and_exports_whole_weights_and_average(elastic_refe
         assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final), file
 
 
-def test_fsdp_run_killed_resumes_bit_for_bit(fsdp_reference, configs, tmp_path):
+def test_fsdp_killed_while_a_background_save_writes_resumes_bit_for_bit_from_the_previous(
+    fsdp_reference, configs, tmp_path
+):
+    """Checkpoints are written in the background (checkpoint.async_save, the default): the save
+    thread runs DCP's save on a host copy of the shards. Rank 0 is SIGKILLed once that thread has
+    begun writing step 8's shards: step 8 is never published, and the run resumes from step 4 and
+    ends exactly as the uninterrupted run, its weight average too."""
     run_dir = tmp_path / "run"
-    stopped_at_step_4(run_dir, "fsdp", 2, configs, reference=None)
+    first = elastic_launch([*ELASTIC, "--output-dir", str(run_dir)], "fsdp", 2, configs)
+    writing = run_dir / "checkpoints" / ".tmp-8" / "pytorch_model_fsdp_0" / "__0_0.distcp"  # the thread's
+    run_killed_when(first.pop("args"), writing, rank=0, **first)
+    assert not (run_dir / "checkpoints" / "8").exists()
+    assert [(row["step"], row["background"]) for row in read_metrics(run_dir, "checkpoint")][:1] == [(4, True)]
     resumed(run_dir, "fsdp", 2, configs)
     assert_resumed_exactly(run_dir, fsdp_reference, checkpoint=4)
     ema, expected = (load_file(run / "final" / "model_ema.safetensors") for run in (run_dir, fsdp_reference))
     assert all(torch.equal(ema[k], expected[k]) for k in expected)
+
+
+def test_background_and_synchronous_fsdp_saves_write_the_same_shards(fsdp_reference, configs, tmp_path):
+    """The reference saved in the background (the default); the same run saving synchronously
+    writes every DCP shard file, and the EMA's, byte for byte the same (a held copy once wrote
+    one parameter's shard in another's place, which only an export or this comparison showed)."""
+    run_dir = tmp_path / "sync"
+    sync = elastic_launch(
+        [*ELASTIC, "--output-dir", str(run_dir), "--checkpoint.async_save", "false"], "fsdp", 2, configs
+    )
+    launch(sync.pop("args"), **sync)
+    assert {row["background"] for row in read_metrics(run_dir, "checkpoint")} == {False}
+    assert {row["background"] for row in read_metrics(fsdp_reference, "checkpoint")} == {True}
+    for step in ("4", "8"):
+        files = sorted(
+            p.relative_to(run_dir / "checkpoints" / step)
+            for p in (run_dir / "checkpoints" / step).rglob("*")
+            if p.suffix in (".distcp", ".safetensors")
+        )
+        assert len(files) == 6, files  # model and optimizer shards, EMA files: one per rank each
+        for file in files:
+            written = (fsdp_reference / "checkpoints" / step / file).read_bytes()
+            assert written == (run_dir / "checkpoints" / step / file).read_bytes(), f"{step}/{file}"
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)], ids=["2-to-1-ranks", "1-to-2-ranks"])
