@@ -257,6 +257,11 @@ class DistributedConfig:
         [], "FSDP2: module class names to shard as units (e.g. Block); [] takes the layer the model repeats."
     )
     fsdp_activation_checkpointing: bool = option(False, "FSDP2: recompute activations of wrapped blocks.")
+    fsdp_hybrid: bool = option(
+        False,
+        "FSDP2: shard within each host and replicate across hosts (HSDP): the per-unit gathers stay on a host's "
+        "links, and each host keeps one whole copy of the training state.",
+    )
     find_unused_parameters: bool = option(False, "DDP: tolerate parameters that get no gradient.")
     timeout_minutes: int = option(
         60, "The backend's own collective timeout (gloo/NCCL), the last resort after the two below."

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.parallelism_config import ParallelismConfig
 from accelerate.utils import (
     DeepSpeedPlugin,
     DistributedDataParallelKwargs,
@@ -220,6 +221,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
                 "resumes with FSDP2 only: set fsdp_version: 2 (accelerate_configs/fsdp.yaml)."
             )
 
+    if strategy == "fsdp" and on_gpu:
+        plugins["parallelism_config"] = fsdp_mesh(cfg, world_size)
     accelerator = Accelerator(
         cpu=not on_gpu and strategy in ("ddp", "fsdp"),
         mixed_precision=precision,
@@ -234,11 +237,26 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         **plugins,
     )
     if strategy == "fsdp" and not on_gpu:
-        enable_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"], precision)
+        enable_fsdp_on_cpu(accelerator, plugins["fsdp_plugin"], precision, fsdp_mesh(cfg, world_size))
     return accelerator
 
 
-def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin, precision: str) -> None:
+def fsdp_mesh(cfg: TrainConfig, world_size: int) -> ParallelismConfig:
+    """FSDP2's device mesh: one dimension sharding over every rank, or with distributed.fsdp_hybrid
+    (HSDP) sharding over a host's ranks and replicating across hosts."""
+    if not cfg.distributed.fsdp_hybrid:
+        return ParallelismConfig(dp_shard_size=world_size)
+    per_host = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size % per_host:
+        raise ConfigError(
+            f"distributed.fsdp_hybrid needs as many ranks on every host: {world_size} ranks, {per_host} on this one"
+        )
+    return ParallelismConfig(dp_replicate_size=world_size // per_host, dp_shard_size=per_host)
+
+
+def enable_fsdp_on_cpu(
+    accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin, precision: str, mesh: ParallelismConfig
+) -> None:
     """Lift accelerate's one gate against FSDP on CPU ranks, the only place shardvision does.
 
     accelerate 1.15 decides the distributed type once, in `AcceleratorState.__init__` (state.py),
@@ -251,7 +269,6 @@ def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParalle
     model to CUDA, pytorch#132471). tests/unit/test_strategies.py fails when accelerate changes
     this gate (opens it, or moves it), so an upgrade cannot silently change what runs.
     """
-    from accelerate.parallelism_config import ParallelismConfig
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
@@ -266,8 +283,8 @@ def enable_fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParalle
     state.fsdp_plugin = plugin
     if precision != "no":
         plugin.set_mixed_precision(precision)
-    state.parallelism_config = ParallelismConfig(dp_shard_size=accelerator.num_processes)
-    state.device_mesh = state.parallelism_config.get_device_mesh("cpu")
+    state.parallelism_config = mesh
+    state.device_mesh = mesh.get_device_mesh("cpu")
 
 
 def build_dataloader_config(cfg: TrainConfig, on_gpu: bool) -> DataLoaderConfiguration:

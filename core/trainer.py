@@ -198,7 +198,14 @@ class Trainer:
         self.param_groups = param_group_facts(optimizer)
         if self.strategy == "fsdp":
             units = choose_fsdp_units(acc.state.fsdp_plugin, model, cfg.distributed.fsdp_auto_wrap_classes)
-            logger.info("FSDP2 units: %s and the whole model", ", ".join(units) or "only")
+            mesh = acc.state.device_mesh  # None on GPU without fsdp_hybrid: every rank shards
+            logger.info(
+                "FSDP2 units: %s and the whole model; mesh %s",
+                ", ".join(units) or "only",
+                " x ".join(f"{n} {s}" for n, s in zip(mesh.mesh_dim_names, mesh.shape, strict=True))
+                if mesh
+                else "flat",
+            )
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, optimizer, train_loader, eval_loader
         )

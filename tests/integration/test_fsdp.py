@@ -171,3 +171,38 @@ def test_segmentation_recipe_with_batchnorm_trains_under_fsdp_like_ddp(tmp_path)
     assert_export_is_whole(
         tmp_path / "fsdp" / "final" / "model.safetensors", SegmentationConfig, SegmentationTask, config
     )
+
+
+def test_hybrid_sharding_on_two_nodes_killed_and_resumed_follows_ddp(elastic_reference, tmp_path):
+    """HSDP (distributed.fsdp_hybrid): two "nodes" of two ranks (torchrun --nnodes 2, one launcher
+    per node, as on two hosts), each node sharding the model over its ranks and the nodes holding
+    replicas; node 1 SIGKILLed after the checkpoint at step 4, both relaunched with --resume auto.
+    Every loss and the final weights and average follow the single-host 2-rank DDP run."""
+    import sys
+
+    from tests.helpers import ELASTIC_MICRO, free_port
+    from tests.integration.test_multi_node import resume_nodes, run_killing_node_1_after
+
+    run_dir, port = tmp_path / "run", str(free_port())
+    args = [*ELASTIC, "--data.micro_batch_size", ELASTIC_MICRO[4], "--output-dir", str(run_dir)]
+    args += ["--distributed.strategy", "fsdp", "--distributed.fsdp_hybrid", "true"]
+    commands = [
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node)]
+        + [
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+            "recipes/classification/train.py",
+        ]
+        + args
+        for node in range(2)
+    ]
+    run_killing_node_1_after(commands, tmp_path, run_dir / "checkpoints" / "4" / "manifest.json")
+    resume_nodes(commands, tmp_path)
+    run = last_launch(run_dir)
+    assert (run["world_size"], run["strategy"], run["resumed_from"]) == (4, "fsdp", str(run_dir / "checkpoints" / "4"))
+    assert "mesh dp_replicate 2 x dp_shard 2" in (tmp_path / "resumed-node0.log").read_text()
+    assert_follows_ddp(elastic_reference("ddp"), run_dir)
