@@ -427,6 +427,21 @@ def strategy_of(accelerator: Accelerator) -> str:
     }.get(accelerator.distributed_type, "ddp" if accelerator.num_processes > 1 else "single")
 
 
+def bare_module(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The model without torch.compile's and DDP's wrappers (FSDP2's shards stay in place), as
+    `accelerator.unwrap_model(model, keep_torch_compile=False)` gives it, which is used under
+    DeepSpeed. Written out for the others because accelerate's imports deepspeed whenever it is
+    installed, to recognise its engine: about 2 s of imports (deepspeed, and the mlflow, pandas
+    and pyarrow its autotuner brings) in every DDP launch, which never uses it. (accelerate's
+    FSDP2 `prepare` imports it the same way, which only accelerate can avoid.)"""
+    if strategy_of(accelerator) == "deepspeed":
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+    model = getattr(model, "_orig_mod", model)  # compiled after wrapping: compile(DDP(model))
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
 def layout_of(accelerator: Accelerator) -> str:
     """How this run stores model and optimizer state: ddp (one full copy, also single-process),
     zero1/zero2/zero3 (DeepSpeed's partitions) or fsdp."""

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather
 from safetensors import safe_open
 
-from core.distributed import layout_of, reshard
+from core.distributed import bare_module, layout_of, reshard
 from core.errors import WeightAverageError
 from core.params import full_shape
 
@@ -39,7 +39,7 @@ class WeightAverage:
         self.accelerator, self.decay = accelerator, decay
         layout = layout_of(accelerator)
         self.sharded = layout in ("zero3", "fsdp")
-        bare = accelerator.unwrap_model(model, keep_torch_compile=False)
+        bare = bare_module(accelerator, model)
         if self.sharded:
             self.layout: _Shards = _ZeroShards() if layout == "zero3" else _FsdpShards(bare)
             self.bare = bare
@@ -57,7 +57,7 @@ class WeightAverage:
     def update(self, model: torch.nn.Module, step: int) -> None:
         """Fold in the weights after optimizer step `step` (counted from 0)."""
         if not self.sharded:
-            self.full.update(self.accelerator.unwrap_model(model, keep_torch_compile=False), step=step)
+            self.full.update(bare_module(self.accelerator, model), step=step)
             return
         # timm's ModelEmaV3 (no warmup): the first two updates copy, then the decay applies.
         weight = 1.0 if step <= 1 else 1.0 - self.decay

@@ -29,6 +29,7 @@ from core.config import TrainConfig
 from core.config_parsing import save_config, to_dict
 from core.data import BadSamples, GuardedCollate, GuardedSamples, build_loader
 from core.distributed import (
+    bare_module,
     build_accelerator,
     choose_fsdp_units,
     layout_of,
@@ -431,7 +432,10 @@ class Trainer:
         acc.wait_for_everyone()
         # DeepSpeed gathers ZeRO-3 shards through its engine; elsewhere the module itself is
         # saved, without torch.compile's wrapper (which prefixes every name with '_orig_mod.').
-        whole = acc.get_state_dict(self.model if self.strategy == "deepspeed" else self.bare_model())
+        if self.strategy == "deepspeed":
+            whole = acc.get_state_dict(self.model)
+        else:  # already unwrapped: accelerate's own unwrapping would import deepspeed (bare_module)
+            whole = acc.get_state_dict(self.bare_model(), unwrap=False)
         if acc.is_main_process:
             os.makedirs(final_dir, exist_ok=True)
             save_whole_weights(whole, os.path.join(final_dir, "model.safetensors"))
@@ -544,7 +548,7 @@ class Trainer:
 
     def bare_model(self) -> torch.nn.Module:
         """The model without DDP's or torch.compile's wrappers (FSDP2 shards stay in place)."""
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        return bare_module(self.accelerator, self.model)
 
     def _last_epoch(self, epoch: int) -> bool:
         return epoch + 1 == self.cfg.loop.epochs or self._reached_max_steps()

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from core.distributed import strategy_of
+from core.distributed import bare_module, strategy_of
 from core.errors import PerParameterStateError
 from core.optim import innermost_optimizer
 from core.params import full_shape
@@ -132,7 +132,7 @@ class PerParameterState:
         """Put every parameter's weight, moments and step into this run's model and optimizer
         (as `accelerator.prepare` returned them: torch.compile's wrapper, which prefixes every
         parameter name, is looked through)."""
-        bare = acc.unwrap_model(model, keep_torch_compile=False)
+        bare = bare_module(acc, model)
         strategy = strategy_of(acc)
         if strategy == "deepspeed":
             self._into_deepspeed(bare, optimizer)

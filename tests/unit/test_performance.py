@@ -125,7 +125,7 @@ def test_compiled_run_checkpoints_resumes_and_exports_plain_names(fresh_accelera
     assert resumed.state.global_step > trainer.state.global_step
 
 
-def test_the_classification_entry_imports_neither_deepspeed_nor_transformers():
+def test_the_classification_entry_imports_neither_deepspeed_nor_transformers(tmp_path):
     """What a DDP launch of the classification recipe imports before it builds anything (its
     script, the trainer, the CLI) holds neither library: importing deepspeed costs about 2 s of
     every launch (it imports mlflow for its autotuner), transformers more. core/ruff.toml bans
@@ -135,8 +135,19 @@ def test_the_classification_entry_imports_neither_deepspeed_nor_transformers():
         "import sys, recipes.classification.train, core.trainer, core.commands.cli\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'transformers'}))"
     )
+    # ... and neither does a whole run: two steps with a checkpoint each, the weight average and
+    # the export (accelerate's unwrap_model would import deepspeed: core/distributed.py bare_module).
+    code += (
+        "\nfrom core.entry import train\n"
+        "from recipes.classification.task import ClassificationConfig, ClassificationTask\n"
+        "train(ClassificationConfig, ClassificationTask, ['--config', 'recipes/classification/configs/digits.yaml', "
+        "'--model.name', 'test_vit', '--model.kwargs', '{img_size: 32}', '--loop.max_steps', '2', "
+        "'--checkpoint.every_steps', '1', '--loop.ema_decay', '0.9', '--logging.progress_bar', 'false', "
+        f"'--output-dir', {str(tmp_path)!r}])\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'transformers'}))"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert proc.stdout.strip().splitlines()[-2:] == ["[]", "[]"], proc.stdout[-2000:]
