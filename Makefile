@@ -20,10 +20,8 @@ demo: install
 		--config recipes/classification/configs/digits.yaml --output-dir runs/digits --logging.progress_bar false
 	@$(BIN)/python -c "import json; m = json.load(open('runs/digits/final/metrics.json')); print(f\"digits demo: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  (weights: runs/digits/final/model.safetensors)\")"
 
-# Two workers, each file on one: the suite alone keeps 1.3 of 2 cores busy (a launch waits on its
-# start-up); uninterrupted references are then made once per worker.
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest
 
 test-fast: install
 	$(BIN)/python -m pytest tests/unit

@@ -68,7 +68,6 @@ setup(
                 *TRACKERS,
                 "pytest",
                 "pytest-timeout",
-                "pytest-xdist",
                 "torchmetrics",
                 "psutil",
                 "ruff",
