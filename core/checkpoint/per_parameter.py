@@ -85,33 +85,35 @@ class PerParameterState:
                 f"{self.folder}/optimizer.bin holds {len(ids)} parameters, this run's optimizer {len(self.order)}: "
                 "the model or its parameter groups have changed"
             )
-        out, steps = {}, set()
-        for i, name in zip(ids, self.order, strict=True):
+        for name in self.order:
             if name not in weights:
                 raise PerParameterStateError(f"{self.folder}/model.safetensors has no {name!r}: the model has changed")
-            state = dict(saved["state"].get(i, {}))
-            if STEP in state:
-                steps.add(float(state.pop(STEP)))
-            out[name] = {FP32: weights[name].float(), **state}
-        if len(steps) > 1:
-            raise PerParameterStateError(f"{self.folder}/optimizer.bin: parameters at different step counts {steps}")
-        return out, steps.pop() if steps else 0.0
+        moments = [saved["state"].get(i, {}) for i in ids]
+        return self._by_name(weights, moments, "optimizer.bin")
 
     def _read_fsdp(self) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
         """accelerate's FSDP2 folders: {"model": {name: weight}} and {"optimizer": {"state": {name:
         {"step", "exp_avg", ...}}, "param_groups": ...}}, each tensor whole whatever the saving world size."""
         model = _read_dcp(os.path.join(self.folder, FSDP_MODEL))["model"]
         state = _read_dcp(os.path.join(self.folder, FSDP_OPTIMIZER))["optimizer"]["state"]
-        out, steps = {}, set()
         for name in self.order:
             if name not in model:
                 raise PerParameterStateError(f"{self.folder}/{FSDP_MODEL} has no {name!r}: the model has changed")
-            moments = dict(state.get(name, {}))
-            if STEP in moments:
-                steps.add(float(moments.pop(STEP)))
-            out[name] = {FP32: model[name].float(), **moments}
+        return self._by_name(model, [state.get(name, {}) for name in self.order], FSDP_OPTIMIZER)
+
+    def _by_name(
+        self, weights: dict[str, torch.Tensor], moments: list[dict[str, Any]], optimizer_file: str
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], float]:
+        """Each parameter's fp32 weight and moments (`moments` in `order`), and the one step count
+        they share, read out of the moments."""
+        out, steps = {}, set()
+        for name, saved in zip(self.order, moments, strict=True):
+            state = dict(saved)
+            if STEP in state:
+                steps.add(float(state.pop(STEP)))
+            out[name] = {FP32: weights[name].float(), **state}
         if len(steps) > 1:
-            raise PerParameterStateError(f"{self.folder}/{FSDP_OPTIMIZER}: parameters at different step counts {steps}")
+            raise PerParameterStateError(f"{self.folder}/{optimizer_file}: parameters at different step counts {steps}")
         return out, steps.pop() if steps else 0.0
 
     def _universal_step(self) -> float:
