@@ -137,6 +137,12 @@ def build_loader(
     )
 
 
+def generated_data_root(root: str | None = None) -> str:
+    """Where the built-in data sets are written on first use and read afterwards: `root` when the
+    config names one, else ~/.cache/shardvision."""
+    return root or os.path.join(os.path.expanduser("~"), ".cache", "shardvision")
+
+
 @contextlib.contextmanager
 def folder_written_once(root: str) -> Iterator[str]:
     """Yield a temporary folder beside `root`, renamed to `root` when the block succeeds.

@@ -12,7 +12,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.config import DataConfig, option
-from core.data import DECODE_ERRORS, SeededTransforms, decode_failure, read_image
+from core.data import (
+    DECODE_ERRORS,
+    SeededTransforms,
+    decode_failure,
+    folder_written_once,
+    generated_data_root,
+    read_image,
+)
 from core.errors import ConfigError, DataError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -65,18 +72,17 @@ class ClassificationDataConfig(DataConfig):
 
 class Digits(Dataset):
     """scikit-learn's 1,797 real 8x8 handwritten digits, split 80/20 train/val, stratified and
-    deterministic; shipped with scikit-learn, so nothing is downloaded."""
+    deterministic; shipped with scikit-learn, so nothing is downloaded. The split is made once and
+    kept as arrays under ~/.cache/shardvision: importing scikit-learn cost every rank of every
+    launch about a second."""
 
     def __init__(self, split: str):
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        index = np.arange(len(digits.target))
-        train_idx, val_idx = train_test_split(index, test_size=0.2, random_state=0, stratify=digits.target)
-        chosen = {"train": train_idx, "val": val_idx}[split]
-        self.images = (digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8)
-        self.labels = digits.target[chosen].astype(np.int64)
+        root = os.path.join(generated_data_root(), "digits-v1")
+        if not os.path.isdir(root):
+            with folder_written_once(root) as tmp:
+                write_digits_split(tmp)
+        with np.load(os.path.join(root, f"{split}.npz")) as arrays:
+            self.images, self.labels = arrays["images"], arrays["labels"]
         self.classes = [str(i) for i in range(10)]
 
     def __len__(self) -> int:
@@ -84,6 +90,19 @@ class Digits(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[i], mode="L").convert("RGB"), int(self.labels[i])
+
+
+def write_digits_split(folder: str) -> None:
+    """train.npz and val.npz in `folder`: uint8 images (0..255) and int64 labels."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    index = np.arange(len(digits.target))
+    train_idx, val_idx = train_test_split(index, test_size=0.2, random_state=0, stratify=digits.target)
+    for split, chosen in (("train", train_idx), ("val", val_idx)):
+        images = (digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8)
+        np.savez(os.path.join(folder, f"{split}.npz"), images=images, labels=digits.target[chosen].astype(np.int64))
 
 
 class HFImages(Dataset):

@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from core.config import DataConfig, option
-from core.data import SeededTransforms, decode_failure, folder_written_once, read_image
+from core.data import SeededTransforms, decode_failure, folder_written_once, generated_data_root, read_image
 from core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -494,8 +494,7 @@ def build_datasets(cfg: DetectionDataConfig, seed: int, masks: bool = False) -> 
             val, DetectionTransform(cfg, False), seed
         )
     if cfg.source == "shapes":
-        base = cfg.root or os.path.join(os.path.expanduser("~"), ".cache", "shardvision")
-        root = os.path.join(base, f"shapes-det-v2-{cfg.shapes_count[0]}-{cfg.shapes_count[1]}")
+        root = os.path.join(generated_data_root(cfg.root), f"shapes-det-v2-{cfg.shapes_count[0]}-{cfg.shapes_count[1]}")
         if not os.path.isdir(root):
             write_shapes(root, (cfg.shapes_count[0], cfg.shapes_count[1]))
         paths = ("train", "annotations/instances_train.json", "val", "annotations/instances_val.json")

@@ -17,7 +17,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from core.config import DataConfig, option
-from core.data import DECODE_ERRORS, SeededTransforms, decode_failure, folder_written_once, read_image
+from core.data import (
+    DECODE_ERRORS,
+    SeededTransforms,
+    decode_failure,
+    folder_written_once,
+    generated_data_root,
+    read_image,
+)
 from core.errors import ConfigError, DataError
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -221,8 +228,7 @@ def _write_shapes_into(tmp: str, rng: np.random.Generator, counts: tuple[int, in
 
 
 def shapes_root(cfg: SegmentationDataConfig) -> str:
-    base = cfg.root or os.path.join(os.path.expanduser("~"), ".cache", "shardvision")
-    root = os.path.join(base, f"shapes-seg-v1-{cfg.shapes_count[0]}-{cfg.shapes_count[1]}")
+    root = os.path.join(generated_data_root(cfg.root), f"shapes-seg-v1-{cfg.shapes_count[0]}-{cfg.shapes_count[1]}")
     if not os.path.isdir(root):
         write_shapes(root, (cfg.shapes_count[0], cfg.shapes_count[1]))
     return root
