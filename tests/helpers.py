@@ -24,18 +24,21 @@ QUICK = ["--logging.progress_bar", "false", "--logging.trackers", "[]", "--data.
 TINY_VIT = ["--config", DIGITS, *QUICK, "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}"]
 
 
-# Two short epochs of the digits demo, logging every step; dropout on, so resuming must also
-# restore the RNG, and random-resized-crop on, so it must also replay the augmentations.
+# Two short epochs of the digits demo on the tiny ViT, logging every step; dropout on, so resuming
+# must also restore the RNG, and random-resized-crop on, so it must also replay the augmentations.
+# (resnet18 took 16.7 s a launch here, the tiny ViT 9.3 s; test_background_saves keeps resnet18.)
 TRAJECTORY = [
     "--config",
     DIGITS,
     *QUICK,
+    "--model.name",
+    "test_vit",
+    "--model.kwargs",
+    "{img_size: 32, drop_rate: 0.2}",
     "--loop.epochs",
     "2",
     "--logging.every_steps",
     "1",
-    "--model.kwargs",
-    "{drop_rate: 0.2}",
     "--checkpoint.at_epoch_end",
     "false",
 ]

@@ -12,7 +12,6 @@ import pytest
 
 from tests.helpers import (
     DIGITS,
-    QUICK,
     TINY_VIT,
     accelerate_config,
     last_launch,
@@ -40,7 +39,7 @@ def test_two_rank_evaluation_equals_one_process(ddp_reference, tmp_path):
     """Eval batch 7 leaves 360 samples unevenly split over 2 ranks: accelerate pads the last
     batch, and each sample must still count exactly once."""
     weights = str(ddp_reference / "final" / "model.safetensors")
-    common = ["--config", DIGITS, *QUICK, "--eval-only", "--weights", weights, "--data.eval_micro_batch_size", "7"]
+    common = [*TINY_VIT, "--eval-only", "--weights", weights, "--data.eval_micro_batch_size", "7"]
     launch(
         [*common, "--output-dir", str(tmp_path / "two")],
         launcher="accelerate",
