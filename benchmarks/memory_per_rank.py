@@ -1,4 +1,4 @@
-"""How much training state does each rank hold under DDP, ZeRO-1, ZeRO-2 and ZeRO-3?
+"""How much training state does each rank hold under DDP, ZeRO-1, ZeRO-2, ZeRO-3 and FSDP2?
 
     python benchmarks/memory_per_rank.py                       # ViT-B/16 (86M parameters), bf16, 2 CPU ranks
     python benchmarks/memory_per_rank.py --precision no        # fp32
@@ -25,10 +25,11 @@ The start-up, measured as a fine-tune from a local weights file (written once, r
 script): each rank's peak resident memory from just before the trainer is built to just after
 (model built, weights loaded, strategy set up), less the training state it then holds (weights and
 master copies), is the start-up transient: memory that was needed once and thrown away. It is
-printed as a fraction of the model's fp32 size (target under ZeRO-3: < 0.10; ZeRO-3 builds the
-model partitioned and streams the file into it, DDP builds it whole and reads the file whole).
+printed as a fraction of the model's fp32 size (target under ZeRO-3 and FSDP2: < 0.10; ZeRO-3 builds
+the model partitioned and streams the file into it, FSDP2 builds it on the meta device, shards it
+and streams the file into the shards, DDP builds it whole and reads the file whole).
 Part of it does not depend on the model (library code and buffers loaded while the engine is set
-up): the same start-up of timm's `test_vit` (0.4M parameters) under ZeRO-3 measures it, and the
+up): the same start-up of timm's `test_vit` (0.4M parameters) under ZeRO-3 (and FSDP2) measures it, and the
 transient less that fixed part is printed as what grows with the model.
     python benchmarks/memory_per_rank.py --model vit_large_patch16_224 --strategies DDP ZeRO-3 ZeRO-3-offload
 """
@@ -48,6 +49,7 @@ STRATEGIES = {
     "ZeRO-2": "deepspeed_zero2.yaml",
     "ZeRO-3": "deepspeed_zero3.yaml",
     "ZeRO-3-offload": "deepspeed_zero3_offload.yaml",
+    "FSDP2": "fsdp.yaml",
 }
 CATEGORIES = ("weights", "master", "grads", "optimizer", "other")
 FIXED_COST_MODEL = "test_vit"  # 0.4M parameters: its start-up transient is what any model pays
@@ -61,6 +63,15 @@ def storage_key(t) -> tuple[int, int]:
     return s.data_ptr(), s.nbytes()
 
 
+def local(tensor):
+    """What this rank stores of `tensor`: an FSDP2 DTensor's own shard."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return tensor.to_local()
+
+
 def state_bytes(model, optimizer, zero, data=()) -> dict[str, int]:
     """Bytes per category of every live CPU tensor; a storage counts once, in the first category
     that claims it. `data` (the samples and batches) is claimed before "other" and not counted."""
@@ -71,6 +82,7 @@ def state_bytes(model, optimizer, zero, data=()) -> dict[str, int]:
 
     def claim(category: str, tensors) -> None:
         for t in tensors:
+            t = t if t is None else local(t)
             if t is None or t.device.type != "cpu" or t.untyped_storage().data_ptr() == 0:
                 continue
             key = storage_key(t)
@@ -222,7 +234,7 @@ def main() -> None:
 
         for name in dict.fromkeys(["DDP", "ZeRO-3", *args.strategies]):  # the ratio needs both
             results[name] = measure(args.model, name)
-        fixed_cost = measure(FIXED_COST_MODEL, "ZeRO-3")
+        fixed_cost = {name: measure(FIXED_COST_MODEL, name) for name in ("ZeRO-3", "FSDP2") if name in results}
 
     def total(report: dict) -> int:
         return sum(report[c] for c in CATEGORIES)
@@ -254,12 +266,19 @@ def main() -> None:
     ratio = max(total(r) for r in results["ZeRO-3"]) / ddp
     print(f"ratio ZeRO-3 / DDP training state per rank: {ratio:.2f} (target <= 0.55)")
     worst_start = max(transient(r) for r in results["ZeRO-3"])
-    fixed = max(transient(r) for r in fixed_cost)
+    fixed = max(transient(r) for r in fixed_cost["ZeRO-3"])
     print(
         "start-up: MB more resident after building the trainer than before; transient: that less the "
         "training state then held, as a fraction of the fp32 model"
     )
     print(f"ZeRO-3 start-up transient / fp32 model size: {worst_start / fp32_model:.2f}")
+    if "FSDP2" in results:
+        fsdp_start = max(transient(r) for r in results["FSDP2"])
+        print(
+            f"FSDP2 start-up transient / fp32 model size: {fsdp_start / fp32_model:.2f}; what grows with the model: "
+            f"{(fsdp_start - max(transient(r) for r in fixed_cost['FSDP2'])) / fp32_model:.2f} of its fp32 size "
+            "(target < 0.10)"
+        )
     print(
         f"of which the same for any model ({FIXED_COST_MODEL}'s transient): {fixed / 1e6:.0f} MB; what grows with "
         f"the model: {(worst_start - fixed) / fp32_model:.2f} of its fp32 size (target < 0.10)"

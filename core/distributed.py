@@ -453,13 +453,22 @@ def layout_of(accelerator: Accelerator) -> str:
 
 @contextlib.contextmanager
 def model_construction(accelerator: Accelerator, partitioned: bool) -> Iterator[None]:
-    """Where the task builds its model. `partitioned` (ZeRO-3): inside DeepSpeed's `zero.Init`,
-    where each layer is partitioned as soon as it is built, so no rank ever holds the whole model.
+    """Where the task builds its model. `partitioned` (a fine-tune from a weights file under ZeRO-3
+    or FSDP2): no rank ever holds the whole model. ZeRO-3 builds inside DeepSpeed's `zero.Init`,
+    where each layer is partitioned as soon as it is built; FSDP2 inside accelerate's
+    `init_empty_weights`, which puts the parameters on the meta device and leaves the buffers (the
+    values a module computes when built, such as position indices) real; core/weights.py then
+    gives them storage, fully_shard cuts it to each rank's shard, and the file is streamed in.
     Otherwise whole on every rank, transformers models included: accelerate registers its ZeRO-3
     config with transformers, whose `from_config` would then partition the model on its own,
     behind the back of a run that expects it whole (its FLOP count, its weights loading)."""
     plugin = accelerator.state.deepspeed_plugin
-    if partitioned:
+    if partitioned and layout_of(accelerator) == "fsdp":
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            yield
+    elif partitioned:
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=plugin.deepspeed_config):

@@ -26,11 +26,13 @@ import torch
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 
 from core.config import OptimConfig, ScheduleConfig, kernel_options
+from core.errors import ConfigError
 from core.params import full_numel, full_shape
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = dict(step_kernel(cfg))
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, sharded: bool = False) -> torch.optim.Optimizer:
+    """`sharded`: the parameters will be FSDP2's DTensors (see step_kernel)."""
+    kwargs: dict[str, Any] = dict(step_kernel(cfg, sharded))
     if cfg.name.lower() in ("adam", "adamw", "nadam", "nadamw", "radam", "lamb", "lambw", "adan"):
         kwargs.update(betas=tuple(cfg.betas), eps=cfg.eps)
     optimizer = create_optimizer_v2(
@@ -83,12 +85,26 @@ class _FullShapes:
         return getattr(self._model, name)
 
 
-def step_kernel(cfg: OptimConfig) -> dict[str, bool]:
+# The fused update kernels DTensor can run on shards (torch/distributed/tensor/_ops/_pointwise_ops.py
+# registers Adam's and AdamW's); any other fused kernel on FSDP2's parameters raises "Operator
+# aten._fused_sgd_.default does not have a sharding strategy registered" at the first step.
+FUSED_ON_DTENSOR = ("adam", "adamw")
+
+
+def step_kernel(cfg: OptimConfig, sharded: bool = False) -> dict[str, bool]:
     """The fastest update kernel the optimizer has and the config leaves on: fused (one kernel for
     every tensor, CPU and CUDA), else multi-tensor (foreach). torch turns neither on by itself on
     CPU and only foreach on CUDA; on 2 CPU cores a fused AdamW step is 3-6x faster than the
-    per-tensor loop (benchmarks/optimizer_step.py)."""
+    per-tensor loop (benchmarks/optimizer_step.py). On FSDP2's DTensors (`sharded`) only
+    FUSED_ON_DTENSOR's fused kernels run; the others take foreach."""
     options = kernel_options(cfg.name)
+    if sharded and cfg.name.lower() not in FUSED_ON_DTENSOR:
+        if cfg.fused:
+            raise ConfigError(
+                f"optim.fused: true: the fused {cfg.name} kernel cannot run on FSDP2's sharded parameters "
+                f"(DTensor runs fused {' and '.join(FUSED_ON_DTENSOR)} only); leave optim.fused unset"
+            )
+        options = options - {"fused"}
     if cfg.fused or (cfg.fused is None and cfg.foreach is not True and "fused" in options):
         return {"fused": True}
     foreach = cfg.foreach if cfg.foreach is not None else ("foreach" in options or None)

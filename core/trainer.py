@@ -63,7 +63,7 @@ from core.run_summary import count_flops, log_run_summary, report_startup_memory
 from core.step_agreement import StepAgreement
 from core.task import Task
 from core.watchdog import HangWatchdog, watched
-from core.weights import load_weights
+from core.weights import allocate_for_sharded_load, load_weights
 
 logger = logging.getLogger("shardvision")
 
@@ -144,17 +144,20 @@ class Trainer:
         return resumer
 
     def _build_model(self, cfg: TrainConfig, task: Task) -> torch.nn.Module:
-        """Same seed on every rank for the weights (ZeRO-3 partitions whatever each rank built),
-        then a per-rank stream for dropout and mixup. Fine-tuning under ZeRO-3 builds the model
-        partitioned and streams the weights into it: no rank holds the whole model. (Not from
-        scratch: timm initialises layers after building them, which a partitioned build skips.)"""
+        """Same seed on every rank for the weights (ZeRO-3 and FSDP2 shard whatever each rank
+        built), then a per-rank stream for dropout and mixup. Fine-tuning under ZeRO-3 or FSDP2
+        builds the model partitioned and streams the weights into it: no rank holds the whole
+        model. (Not from scratch: timm initialises layers after building them, which a partitioned
+        build skips.) FSDP2's weights are streamed in after accelerate's prepare has sharded it."""
         seed_everything(cfg.seed)
-        self.partitioned = self.layout == "zero3" and bool(cfg.model.weights)
+        self.partitioned = self.layout in ("zero3", "fsdp") and bool(cfg.model.weights)
         with model_construction(self.accelerator, self.partitioned):
             model = task.build_model()
-        if cfg.model.weights:
+        if self.partitioned and self.layout == "fsdp":
+            allocate_for_sharded_load(model, cfg.model.weights, cfg.model.weights_exclude)
+        elif cfg.model.weights:
             load_weights(model, cfg.model.weights, cfg.model.weights_exclude)
-        if self.partitioned:
+        if self.layout == "zero3" and self.partitioned:
             logger.info("ZeRO-3: model built partitioned (DeepSpeed zero.Init), %s streamed into it", cfg.model.weights)
         apply_model_options(model, cfg)
         seed_rank(cfg.seed, self.accelerator.process_index)
@@ -193,7 +196,7 @@ class Trainer:
         average and half-precision inputs. Returns the optimizer's parameter names in order,
         which name its state for a checkpoint of another strategy."""
         acc = self.accelerator
-        optimizer = build_optimizer(model, cfg.optim)
+        optimizer = build_optimizer(model, cfg.optim, sharded=self.strategy == "fsdp")
         order = optimizer_order(model, optimizer)
         # Read before DeepSpeed replaces the groups' parameters with its flat partitions.
         self.param_groups = param_group_facts(optimizer)
@@ -210,6 +213,9 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, optimizer, train_loader, eval_loader
         )
+        if self.partitioned and self.strategy == "fsdp":
+            load_weights(self.model, cfg.model.weights, cfg.model.weights_exclude)
+            logger.info("FSDP2: model built on the meta device, sharded, %s streamed in", cfg.model.weights)
         if len(self.train_loader) == 0:
             raise ConfigError(
                 f"data.micro_batch_size={cfg.data.micro_batch_size} x {acc.num_processes} ranks is more than the "

@@ -44,8 +44,62 @@ def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ())
 
     A model built partitioned by ZeRO-3 (`deepspeed.zero.Init`) is filled one tensor at a time:
     rank 0 reads each tensor from the file (from safetensors just that tensor; a .pt file is read
-    whole) and the tensor's partitions go to the ranks that own them, so no rank ever holds the
-    whole model. The checks and their errors are the same either way."""
+    whole) and the tensor's partitions go to the ranks that own them. A model sharded by FSDP2
+    (DTensor parameters, after `allocate_for_sharded_load` and accelerate's prepare) is filled one
+    tensor at a time too: every rank reads it and keeps its own shard. Either way no rank ever
+    holds the whole model. The checks and their errors are the same in every case."""
+    state, fresh, dropped = _fitting(model, path, exclude)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        _load_partitioned(model, state)
+    elif any(_is_dtensor(p) for p in model.parameters()):
+        _load_sharded(model, state)
+    else:
+        model.load_state_dict({k: v.read() for k, v in state.items()}, strict=False)
+    logger.info(
+        "%s: %d tensors loaded%s%s",
+        path,
+        len(state),
+        f"; {len(fresh)} start fresh (model.weights_exclude): {', '.join(fresh)}" if fresh else "",
+        f"; {len(dropped)} dropped by the modules' own loading, e.g. {min(dropped)}" if dropped else "",
+    )
+
+
+def allocate_for_sharded_load(model: torch.nn.Module, path: str, exclude: Sequence[str] = ()) -> None:
+    """FSDP2's half of a sharded start, before accelerate's prepare: `model` was built with its
+    parameters on the meta device (core/distributed.py model_construction). The file is checked as
+    `load_weights` checks it, before anything is allocated. The parameters the file will fill get
+    uninitialised storage: accelerate's prepare tells parameters apart by their storage, and
+    fully_shard copies each rank's shard out of it, so pages never written are never resident.
+    The modules of those it leaves out (model.weights_exclude: a new head) are built for real by
+    their own `reset_parameters`, from the run's seed, the same on every rank; a module that has
+    none cannot start fresh this way and is named."""
+    _, fresh, _ = _fitting(model, path, exclude)
+    fresh_modules = {name.rpartition(".")[0] for name in fresh}
+    given: dict[int, torch.nn.Parameter] = {}  # a tied parameter gets one storage under all its names
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or not param.is_meta:
+                continue
+            if id(param) not in given:
+                empty = torch.empty(param.shape, dtype=param.dtype, device="cpu")
+                given[id(param)] = torch.nn.Parameter(empty, requires_grad=param.requires_grad)
+            module._parameters[name] = given[id(param)]
+    with torch.no_grad():
+        for module_name in sorted(fresh_modules):
+            module = model.get_submodule(module_name)
+            if not hasattr(module, "reset_parameters"):
+                starts_fresh = [n for n in fresh if n.rpartition(".")[0] == module_name]
+                raise WeightsError(
+                    f"{', '.join(starts_fresh)}: not taken from {path} (model.weights_exclude), and its module "
+                    f"({type(module).__name__}) has no reset_parameters to start it fresh in a model built on the "
+                    "meta device (FSDP2 fine-tune). Take it from the file, or start it fresh under DDP or ZeRO-3."
+                )
+            module.reset_parameters()
+
+
+def _fitting(model: torch.nn.Module, path: str, exclude: Sequence[str]) -> tuple[dict[str, _Stored], list[str], set]:
+    """The tensors of `path` that `model` takes, the names that start fresh, and the entries the
+    modules' own loading drops; a WeightsError saying everything that does not fit."""
     state = _stored_tensors(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     skipped = {k for k in state if any(fnmatch.fnmatch(k, pat) for pat in exclude)}
@@ -76,18 +130,7 @@ def load_weights(model: torch.nn.Module, path: str, exclude: Sequence[str] = ())
             f"{path} does not fit the model ({'; '.join(problems)}). "
             "To fine-tune with a new head, skip its weights with model.weights_exclude (e.g. ['head.*'])."
         )
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        _load_partitioned(model, state)
-    else:
-        model.load_state_dict({k: v.read() for k, v in state.items()}, strict=False)
-    fresh = sorted(k for k in own if k not in loaded)
-    logger.info(
-        "%s: %d tensors loaded%s%s",
-        path,
-        len(state),
-        f"; {len(fresh)} start fresh (model.weights_exclude): {', '.join(fresh)}" if fresh else "",
-        f"; {len(dropped)} dropped by the modules' own loading, e.g. {min(dropped)}" if dropped else "",
-    )
+    return state, sorted(k for k in own if k not in loaded), dropped
 
 
 def _dropped_on_load(model: torch.nn.Module, names: list[str]) -> set[str]:
@@ -177,3 +220,29 @@ def _load_partitioned(model: torch.nn.Module, state: dict[str, _Stored]) -> None
                         param.copy_(stored.read())
             else:
                 buffers[name].copy_(stored.read())
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _load_sharded(model: torch.nn.Module, state: dict[str, _Stored]) -> None:
+    """Each rank reads each tensor whole, one at a time, and copies its own shard of it (DTensor's
+    placement on the model's mesh, HSDP's replicas included) into the parameter."""
+    from torch.distributed.tensor import distribute_tensor
+
+    tensors = {
+        **dict(model.named_buffers(remove_duplicate=False)),
+        **dict(model.named_parameters(remove_duplicate=False)),
+    }
+    with torch.no_grad():
+        for name, stored in state.items():
+            target = tensors[name]
+            value = stored.read().to(target.dtype)
+            if _is_dtensor(target):
+                # src_data_rank=None: every rank holds the same full tensor, so none is sent.
+                value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None).to_local()
+                target = target.to_local()
+            target.copy_(value)

@@ -1,6 +1,7 @@
-"""Fine-tuning under ZeRO-3 starts sharded: the model is built partitioned (DeepSpeed's zero.Init)
-and the weights file is streamed into its partitions, so no rank holds the whole model. Real
-2-rank gloo launches with the repo's ZeRO-3 config, held to DDP and to the file itself."""
+"""Fine-tuning under ZeRO-3 or FSDP2 starts sharded: the model is built partitioned (DeepSpeed's
+zero.Init; FSDP2: its parameters on the meta device, then sharded by accelerate's prepare) and the
+weights file is streamed into its partitions, so no rank holds the whole model. Real 2-rank gloo
+launches with the repo's ZeRO-3 and FSDP2 configs, held to DDP and to the file itself."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ from core.config_parsing import parse_args
 from tests.helpers import QUICK, REPO, TINY_VIT, last_launch, launch, read_metrics
 
 ZERO3 = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"))
+FSDP = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs" / "fsdp.yaml"))
+SHARDED = {"zero3": ZERO3, "fsdp": FSDP}
+STARTED_SHARDED = {
+    "zero3": "ZeRO-3: model built partitioned (DeepSpeed zero.Init), {} streamed into it",
+    "fsdp": "FSDP2: model built on the meta device, sharded, {} streamed in",
+}
 # A small ViT from each model source, and the prefix of its classification head.
 HF_VIT = ["--config", "recipes/classification/configs/digits_hf_vit.yaml", *QUICK]
 MODELS = {"timm": (TINY_VIT, "head."), "transformers": (HF_VIT, "classifier.")}
@@ -36,22 +43,25 @@ def weights(tmp_path_factory) -> Path:
     return pretrained("timm", tmp_path_factory.mktemp("pretrained"), launcher="torchrun")
 
 
-def test_zero3_evaluates_streamed_weights_as_ddp_does(weights, tmp_path):
-    """The weights evaluated by ZeRO-3, built partitioned and streamed into, give the figures of the
-    DDP run that trained them, evaluating them at its end (2 ranks, the same eval batches)."""
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_sharded_start_evaluates_streamed_weights_as_ddp_does(strategy, weights, tmp_path):
+    """The weights evaluated by ZeRO-3 or FSDP2, built partitioned and streamed into, give the
+    figures of the DDP run that trained them, evaluating them at its end (2 ranks, the same eval
+    batches)."""
     args = [*TINY_VIT, "--eval-only", "--weights", str(weights)]
-    zero3 = launch([*args, "--output-dir", str(tmp_path / "zero3")], **ZERO3)
-    assert f"ZeRO-3: model built partitioned (DeepSpeed zero.Init), {weights} streamed into it" in zero3.stderr
+    proc = launch([*args, "--output-dir", str(tmp_path / strategy)], **SHARDED[strategy])
+    assert STARTED_SHARDED[strategy].format(weights) in proc.stderr
     ddp_run = weights.parents[1]
     assert (last_launch(ddp_run)["strategy"], last_launch(ddp_run)["world_size"]) == ("ddp", 2)
-    got, expected = read_metrics(tmp_path / "zero3", "eval")[-1], read_metrics(ddp_run, "eval")[-1]
+    got, expected = read_metrics(tmp_path / strategy, "eval")[-1], read_metrics(ddp_run, "eval")[-1]
     assert expected["step"] == 3 and got["samples"] == expected["samples"] == 360
     for metric in ("loss", "top1", "top5"):
         assert got[metric] == pytest.approx(expected[metric], rel=1e-5), metric
 
 
-@pytest.mark.parametrize("source", MODELS)
-def test_zero3_fine_tune_loads_everything_but_the_excluded_head(source, weights, tmp_path):
+# Both model sources under ZeRO-3; FSDP2 takes the same loading path for either, once.
+@pytest.mark.parametrize(("strategy", "source"), [("zero3", "timm"), ("zero3", "transformers"), ("fsdp", "timm")])
+def test_sharded_fine_tune_loads_everything_but_the_excluded_head(strategy, source, weights, tmp_path):
     # An lr far below float resolution: the steps run (and checkpoint, export) but move no weight,
     # so the export shows exactly what was loaded.
     model_args, head = MODELS[source]
@@ -60,7 +70,7 @@ def test_zero3_fine_tune_loads_everything_but_the_excluded_head(source, weights,
     run = tmp_path / "run"
     args = [*model_args, "--weights", str(weights), "--model.weights_exclude", f"['{head}*']", "--optim.lr", "1e-30"]
     args += ["--loop.max_steps", "2", "--output-dir", str(run)]
-    launch(args, **ZERO3)
+    assert STARTED_SHARDED[strategy].format(weights) in launch(args, **SHARDED[strategy]).stderr
     exported, original = load_file(run / "final" / "model.safetensors"), load_file(weights)
     assert exported.keys() == original.keys()
     for name, value in original.items():
@@ -71,36 +81,39 @@ def test_zero3_fine_tune_loads_everything_but_the_excluded_head(source, weights,
     startup = read_metrics(run, "startup")[-1]["peak_resident_mb_per_rank"]
     assert len(startup) == 2 and all(mb > 0 for mb in startup)
 
-    launch([*args[:-4], "--loop.max_steps", "3", "--output-dir", str(run), "--resume", "auto"], **ZERO3)
+    launch([*args[:-4], "--loop.max_steps", "3", "--output-dir", str(run), "--resume", "auto"], **SHARDED[strategy])
     assert last_launch(run)["resumed_from"] == str(run / "checkpoints" / "2")
     assert json.loads((run / "final" / "metrics.json").read_text())["step"] == 3  # and went on
 
 
-def test_zero3_fine_tune_decays_the_weights_ddp_decays(weights, tmp_path):
-    """A ZeRO-3 fine-tune (built partitioned) with weight decay follows the DDP fine-tune of the
-    same seed and batches: the same parameter groups, and the same weights after four steps. SGD's
-    decay is part of the gradient, so at lr 0.1 and weight decay 0.5 a run without it ends about
-    20 % away, and float noise stays under 1e-5."""
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_sharded_fine_tune_decays_the_weights_ddp_decays(strategy, weights, uninterrupted, tmp_path):
+    """A ZeRO-3 or FSDP2 fine-tune (built partitioned) with weight decay follows the DDP fine-tune
+    of the same seed and batches: the same parameter groups, and the same weights after four
+    steps. SGD's decay is part of the gradient, so at lr 0.1 and weight decay 0.5 a run without it
+    ends about 20 % away, and float noise stays under 1e-5."""
     args = [*TINY_VIT, "--weights", str(weights), "--optim.name", "sgd", "--optim.lr", "0.1"]
     args += ["--optim.weight_decay", "0.5", "--loop.max_steps", "4", "--logging.count_flops", "false"]
-    launch([*args, "--output-dir", str(tmp_path / "zero3")], **ZERO3)
-    launch([*args, "--output-dir", str(tmp_path / "ddp")], launcher="torchrun")
-    zero3, ddp = last_launch(tmp_path / "zero3"), last_launch(tmp_path / "ddp")
-    assert (zero3["zero_stage"], ddp["strategy"]) == (3, "ddp")
-    assert zero3["param_groups"] == ddp["param_groups"]
+    launch([*args, "--output-dir", str(tmp_path / strategy)], **SHARDED[strategy])
+    ddp_run = uninterrupted(args, launcher="torchrun")
+    sharded, ddp = last_launch(tmp_path / strategy), last_launch(ddp_run)
+    assert (sharded["strategy"], ddp["strategy"]) == ({"zero3": "deepspeed", "fsdp": "fsdp"}[strategy], "ddp")
+    assert sharded["param_groups"] == ddp["param_groups"]
     assert [g["weight_decay"] for g in ddp["param_groups"]] == [0.0, 0.5]
-    got, expected = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("zero3", "ddp"))
+    got, expected = (load_file(run / "final" / "model.safetensors") for run in (tmp_path / strategy, ddp_run))
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_zero3_refuses_a_file_that_does_not_fit_with_the_ddp_message(weights, tmp_path):
+@pytest.mark.parametrize("strategy", SHARDED)
+def test_sharded_start_refuses_a_file_that_does_not_fit_with_the_ddp_message(strategy, weights, tmp_path):
     state = load_file(weights)
     state["head.weight"] = torch.zeros(3, state["head.weight"].shape[1])
     misfit = tmp_path / "misfit.safetensors"
     save_file(state, misfit)
-    proc = launch([*TINY_VIT, "--weights", str(misfit), "--output-dir", str(tmp_path / "run")], check=False, **ZERO3)
+    args = [*TINY_VIT, "--weights", str(misfit), "--output-dir", str(tmp_path / "run")]
+    proc = launch(args, check=False, **SHARDED[strategy])
     assert proc.returncode != 0
     assert (
         f"{misfit} does not fit the model (shape mismatch: head.weight: file (3, 64) vs model (10, 64))" in proc.stderr

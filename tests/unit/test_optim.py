@@ -39,6 +39,17 @@ def test_fastest_step_kernel_wherever_the_optimizer_has_one():
     )  # has neither: not passed
 
 
+def test_fsdp2_parameters_take_only_the_fused_kernels_dtensor_runs():
+    """The kernel chosen must run on DTensor shards: fused AdamW does, fused SGD has no sharding
+    strategy (found by an FSDP2 SGD fine-tune in tests/integration/test_sharded_start.py)."""
+    model = torch.nn.Linear(4, 2)
+    assert build_optimizer(model, OptimConfig(name="adamw"), sharded=True).defaults["fused"] is True
+    sgd = build_optimizer(model, OptimConfig(name="sgd"), sharded=True).defaults
+    assert not sgd["fused"] and sgd["foreach"] is True
+    with pytest.raises(ConfigError, match="optim.fused: true: the fused sgd kernel cannot run on FSDP2"):
+        build_optimizer(model, OptimConfig(name="sgd", fused=True), sharded=True)
+
+
 def test_fused_and_per_tensor_steps_agree():
     """The fused kernel is the same AdamW update: a few steps on the same gradients end at the
     same weights as torch's reference per-tensor loop."""

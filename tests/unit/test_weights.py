@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -123,3 +125,44 @@ def test_a_batchnorm_checkpoint_starts_a_detector_with_frozen_batchnorm(tmp_path
     save_file(file, tmp_path / "extra.safetensors")
     with pytest.raises(WeightsError, match=r"not in the model: backbone\.body\.layer1\.0\.bn1\.not_a_buffer"):
         load_weights(detector, str(tmp_path / "extra.safetensors"), exclude=["backbone.fpn.*", "rpn.*", "roi_heads.*"])
+
+
+def test_a_model_built_on_the_meta_device_gets_storage_and_a_fresh_head_for_sharding(tmp_path):
+    """FSDP2's half of a sharded start before accelerate's prepare (the rest, streaming the file
+    into the shards, runs on 2 ranks in tests/integration/test_sharded_start.py): parameters the
+    file fills get storage to be sharded, an excluded module starts fresh from its own
+    reset_parameters and the seed, buffers stay as the model built them, and a file that does not
+    fit is refused before anything is allocated."""
+    from accelerate import init_empty_weights
+
+    from core.weights import allocate_for_sharded_load
+
+    weights = str(tmp_path / "w.safetensors")
+    save_file(make_model().state_dict(), weights)
+
+    def built_empty(*extra: Callable[[], torch.nn.Module]) -> torch.nn.Sequential:
+        with init_empty_weights(include_buffers=False):
+            layers = [torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)]
+            return torch.nn.Sequential(*layers, *(build() for build in extra))
+
+    model = built_empty()
+    assert all(p.is_meta for p in model.parameters())
+    torch.manual_seed(1)
+    allocate_for_sharded_load(model, weights, exclude=["2.*"])
+    assert not any(p.is_meta for p in model.parameters())
+    torch.manual_seed(1)
+    assert torch.equal(model[2].weight, torch.nn.Linear(8, 3).weight)  # the head's own init, from the seed
+
+    norm = built_empty(lambda: torch.nn.BatchNorm1d(3))
+    assert torch.equal(norm[3].running_var, torch.ones(3))  # built real
+    with pytest.raises(WeightsError, match=r"does not fit the model \(missing from the file: 3\.weight, 3\.bias"):
+        allocate_for_sharded_load(norm, weights)
+    assert all(p.is_meta for p in norm.parameters())  # refused before anything was allocated
+
+    class NoReset(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(3))
+
+    with pytest.raises(WeightsError, match=r"3\.scale: not taken from .* \(NoReset\) has no reset_parameters"):
+        allocate_for_sharded_load(built_empty(NoReset), weights, exclude=["3.*"])
