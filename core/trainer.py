@@ -153,7 +153,7 @@ class Trainer:
         self.partitioned = self.layout in ("zero3", "fsdp") and bool(cfg.model.weights)
         with model_construction(self.accelerator, self.partitioned):
             model = task.build_model()
-        if self.partitioned and self.layout == "fsdp":
+        if self.partitioned and self.layout == "fsdp" and cfg.model.weights:
             allocate_for_sharded_load(model, cfg.model.weights, cfg.model.weights_exclude)
         elif cfg.model.weights:
             load_weights(model, cfg.model.weights, cfg.model.weights_exclude)
@@ -213,7 +213,7 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, optimizer, train_loader, eval_loader
         )
-        if self.partitioned and self.strategy == "fsdp":
+        if self.partitioned and self.strategy == "fsdp" and cfg.model.weights:
             load_weights(self.model, cfg.model.weights, cfg.model.weights_exclude)
             logger.info("FSDP2: model built on the meta device, sharded, %s streamed in", cfg.model.weights)
         if len(self.train_loader) == 0:

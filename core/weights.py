@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -87,14 +88,15 @@ def allocate_for_sharded_load(model: torch.nn.Module, path: str, exclude: Sequen
     with torch.no_grad():
         for module_name in sorted(fresh_modules):
             module = model.get_submodule(module_name)
-            if not hasattr(module, "reset_parameters"):
+            reset = getattr(module, "reset_parameters", None)
+            if not callable(reset):
                 starts_fresh = [n for n in fresh if n.rpartition(".")[0] == module_name]
                 raise WeightsError(
                     f"{', '.join(starts_fresh)}: not taken from {path} (model.weights_exclude), and its module "
                     f"({type(module).__name__}) has no reset_parameters to start it fresh in a model built on the "
                     "meta device (FSDP2 fine-tune). Take it from the file, or start it fresh under DDP or ZeRO-3."
                 )
-            module.reset_parameters()
+            reset()
 
 
 def _fitting(model: torch.nn.Module, path: str, exclude: Sequence[str]) -> tuple[dict[str, _Stored], list[str], set]:
@@ -239,7 +241,7 @@ def _load_sharded(model: torch.nn.Module, state: dict[str, _Stored]) -> None:
     }
     with torch.no_grad():
         for name, stored in state.items():
-            target = tensors[name]
+            target: Any = tensors[name]
             value = stored.read().to(target.dtype)
             if _is_dtensor(target):
                 # src_data_rank=None: every rank holds the same full tensor, so none is sent.
