@@ -265,24 +265,18 @@ def main() -> None:
         )
     ratio = max(total(r) for r in results["ZeRO-3"]) / ddp
     print(f"ratio ZeRO-3 / DDP training state per rank: {ratio:.2f} (target <= 0.55)")
-    worst_start = max(transient(r) for r in results["ZeRO-3"])
-    fixed = max(transient(r) for r in fixed_cost["ZeRO-3"])
     print(
         "start-up: MB more resident after building the trainer than before; transient: that less the "
         "training state then held, as a fraction of the fp32 model"
     )
-    print(f"ZeRO-3 start-up transient / fp32 model size: {worst_start / fp32_model:.2f}")
-    if "FSDP2" in results:
-        fsdp_start = max(transient(r) for r in results["FSDP2"])
+    for name, fixed_reports in fixed_cost.items():
+        worst_start = max(transient(r) for r in results[name])
+        fixed = max(transient(r) for r in fixed_reports)
+        print(f"{name} start-up transient / fp32 model size: {worst_start / fp32_model:.2f}")
         print(
-            f"FSDP2 start-up transient / fp32 model size: {fsdp_start / fp32_model:.2f}; what grows with the model: "
-            f"{(fsdp_start - max(transient(r) for r in fixed_cost['FSDP2'])) / fp32_model:.2f} of its fp32 size "
-            "(target < 0.10)"
+            f"of which the same for any model ({FIXED_COST_MODEL}'s transient under {name}): {fixed / 1e6:.0f} MB; "
+            f"what grows with the model: {(worst_start - fixed) / fp32_model:.2f} of its fp32 size (target < 0.10)"
         )
-    print(
-        f"of which the same for any model ({FIXED_COST_MODEL}'s transient): {fixed / 1e6:.0f} MB; what grows with "
-        f"the model: {(worst_start - fixed) / fp32_model:.2f} of its fp32 size (target < 0.10)"
-    )
     compare_with_plan(args, results)
 
 

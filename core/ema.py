@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from core.distributed import bare_module, layout_of, reshard
 from core.errors import WeightAverageError
-from core.params import full_shape
+from core.params import full_shape, sharded_like
 
 FULL_FILE = "ema.safetensors"  # the whole average, in a checkpoint of a run that holds whole weights
 SHARD_FILE = "ema-rank{rank:05d}-of-{world:05d}.safetensors"  # one rank's partitions, under ZeRO-3
@@ -285,11 +285,7 @@ class _FsdpShards(_Shards):
         reshard(self.model)
 
     def cut(self, accelerator: Accelerator, p: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.tensor import distribute_tensor
-
-        # Every rank holds `full`: each keeps its part, with no communication.
-        mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
-        return distribute_tensor(full.to(p.dtype), mesh, placements, src_data_rank=None).to_local()
+        return sharded_like(p, full).to_local()
 
     def gathered(self, accelerator: Accelerator, p: torch.nn.Parameter, shard: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor

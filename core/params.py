@@ -9,7 +9,12 @@ here, or it sees a 1-d tensor of no values.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def full_shape(tensor: torch.Tensor) -> torch.Size:
@@ -18,3 +23,12 @@ def full_shape(tensor: torch.Tensor) -> torch.Size:
 
 def full_numel(tensor: torch.Tensor) -> int:
     return int(getattr(tensor, "ds_numel", tensor.numel()))
+
+
+def sharded_like(param: torch.Tensor, full: torch.Tensor) -> DTensor:
+    """`full`, which every rank holds alike, as a DTensor laid out like FSDP2's `param` (its mesh
+    and placements): each rank keeps its own part and nothing is sent (no source rank)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh, placements = param.device_mesh, param.placements  # type: ignore[attr-defined]
+    return distribute_tensor(full.to(param.dtype), mesh, placements, src_data_rank=None)

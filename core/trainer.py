@@ -213,7 +213,7 @@ class Trainer:
         self.model, self.optimizer, self.train_loader, self.eval_loader = acc.prepare(
             model, optimizer, train_loader, eval_loader
         )
-        if self.partitioned and self.strategy == "fsdp" and cfg.model.weights:
+        if self.partitioned and self.layout == "fsdp" and cfg.model.weights:
             load_weights(self.model, cfg.model.weights, cfg.model.weights_exclude)
             logger.info("FSDP2: model built on the meta device, sharded, %s streamed in", cfg.model.weights)
         if len(self.train_loader) == 0:

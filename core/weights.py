@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from core.errors import WeightsError
-from core.params import full_shape
+from core.params import full_shape, sharded_like
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +233,6 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 def _load_sharded(model: torch.nn.Module, state: dict[str, _Stored]) -> None:
     """Each rank reads each tensor whole, one at a time, and copies its own shard of it (DTensor's
     placement on the model's mesh, HSDP's replicas included) into the parameter."""
-    from torch.distributed.tensor import distribute_tensor
-
     tensors = {
         **dict(model.named_buffers(remove_duplicate=False)),
         **dict(model.named_parameters(remove_duplicate=False)),
@@ -244,7 +242,5 @@ def _load_sharded(model: torch.nn.Module, state: dict[str, _Stored]) -> None:
             target: Any = tensors[name]
             value = stored.read().to(target.dtype)
             if _is_dtensor(target):
-                # src_data_rank=None: every rank holds the same full tensor, so none is sent.
-                value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None).to_local()
-                target = target.to_local()
+                value, target = sharded_like(target, value).to_local(), target.to_local()
             target.copy_(value)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from core.distributed import bare_module, strategy_of
 from core.errors import PerParameterStateError
 from core.optim import innermost_optimizer
-from core.params import full_shape
+from core.params import full_shape, sharded_like
 
 STEP = "step"
 FP32 = "fp32"
@@ -156,25 +156,21 @@ class PerParameterState:
         optimizer.load_state_dict({"state": state, "param_groups": live["param_groups"]})
 
     def _into_fsdp(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Each full tensor cut to this rank's shard (`distribute_tensor` without a source rank:
-        every rank holds the whole and keeps its part, no communication), then torch's own
-        state-dict setters, which also create the optimizer's state."""
+        """Each full tensor cut to this rank's shard (`sharded_like`: every rank holds the whole and
+        keeps its part, no communication), then torch's own state-dict setters, which also create
+        the optimizer's state."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
             set_optimizer_state_dict,
         )
-        from torch.distributed.tensor import distribute_tensor
 
         params: dict[str, Any] = dict(model.named_parameters())  # DTensors
         weights: dict[str, Any] = {}
         moments: dict[str, Any] = {}
         for name in self.order:
             p = params[name]
-            saved = {
-                kind: distribute_tensor(value.detach().to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-                for kind, value in self._checked(name, p).items()
-            }
+            saved = {kind: sharded_like(p, value.detach()) for kind, value in self._checked(name, p).items()}
             weights[name] = saved.pop(FP32)
             moments[name] = {STEP: torch.tensor(self.step), **saved}
         inner = innermost_optimizer(optimizer)
