@@ -20,8 +20,11 @@ demo: install
 		--config recipes/classification/configs/digits.yaml --output-dir runs/digits --logging.progress_bar false
 	@$(BIN)/python -c "import json; m = json.load(open('runs/digits/final/metrics.json')); print(f\"digits demo: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  (weights: runs/digits/final/model.safetensors)\")"
 
+# Two pytest workers, each test file on one (its module fixtures made once); uninterrupted
+# reference runs are shared between them (tests/conftest.py). One worker left a core idle about a
+# third of the time: every launch starts with single-threaded imports.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: install
 	$(BIN)/python -m pytest tests/unit

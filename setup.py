@@ -68,6 +68,7 @@ setup(
                 *TRACKERS,
                 "pytest",
                 "pytest-timeout",
+                "pytest-xdist",
                 "torchmetrics",
                 "psutil",
                 "ruff",

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
+from filelock import FileLock
 
 from tests.helpers import (
     ELASTIC,
@@ -36,14 +40,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(autouse=True)
 def no_shared_memory_left_behind():
     """A DeepSpeed rank killed by a test can leave its shared-memory all-reduce buffer in /dev/shm
-    (RAM, about 69 MB a rank), which a normal exit removes. The test's processes are gone when it
-    ends, so what it left is removed then."""
+    (RAM, about 69 MB a rank), which a normal exit removes. What the test's runs left is removed
+    when it ends: a buffer made since it started that no process maps any more (the other pytest
+    worker's run may be using its own)."""
     started = time.time()
     yield
-    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_mtime >= started:
+    left = [p for p in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*") if os.stat(p).st_mtime >= started]
+    if left:
+        for path in set(left) - mapped_files():
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+
+
+def mapped_files() -> set[str]:
+    """Every file some process on this machine has mapped into memory."""
+    mapped = set()
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            mapped.update(m.path for m in process.memory_maps(grouped=True))
+    return mapped
 
 
 @pytest.fixture
@@ -62,20 +77,34 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory) -> Callable[..., Path]:
+def session_folder(tmp_path_factory) -> Path:
+    """A folder of this test session's, the same for both of `make test`'s pytest workers
+    (pytest-xdist): what one worker makes there, the other finds."""
+    folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = folder.parent  # the session's folder, above each worker's own
+    (folder / "shared").mkdir(exist_ok=True)
+    return folder / "shared"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(session_folder) -> Callable[..., Path]:
     """uninterrupted(args, **launch_kwargs): the folder of an uninterrupted launch of `args` (given
     no --output-dir), the reference that killed, resumed, stopped and otherwise laid out runs of the
     same arguments must reproduce. Launched when a test first asks for it, wherever that test comes
-    in the session, and shared by every later test asking for the same arguments and launch."""
-    made: dict[tuple, Path] = {}
+    in the session, and shared by every later test asking for the same arguments and launch.
+    Under `make test`'s two pytest workers (pytest-xdist) it is launched once for both: the first
+    worker to ask launches it under a file lock, the other waits on that lock and reads it."""
 
     def reference(args: list[str], **launch_kwargs) -> Path:
-        key = (tuple(args), tuple(sorted(launch_kwargs.items())))
-        if key not in made:
-            run_dir = tmp_path_factory.mktemp("uninterrupted")
-            launch([*args, "--output-dir", str(run_dir)], **launch_kwargs)
-            made[key] = run_dir
-        return made[key]
+        key = json.dumps([args, sorted(launch_kwargs.items())])
+        run_dir = session_folder / hashlib.sha256(key.encode()).hexdigest()[:16]
+        with FileLock(f"{run_dir}.lock"):
+            if not (run_dir / "launched.json").is_file():
+                shutil.rmtree(run_dir, ignore_errors=True)  # what a launch that failed left
+                launch([*args, "--output-dir", str(run_dir)], **launch_kwargs)
+                (run_dir / "launched.json").write_text(key)
+        return run_dir
 
     return reference
 
@@ -91,18 +120,21 @@ def ddp_reference(uninterrupted) -> Path:
 
 
 @pytest.fixture(scope="session")
-def zero_configs(tmp_path_factory) -> dict[str, str]:
+def zero_configs(session_folder) -> dict[str, str]:
     """The repo's accelerate config per ZeRO stage; ZeRO-3's with a parameter persistence threshold
     of 1000 values instead of 100000, so that the tiny ViT has both kinds of ZeRO-3 parameters, as a
-    large model does: weights partitioned between steps, biases and norms kept whole."""
-    folder = tmp_path_factory.mktemp("configs")
+    large model does: weights partitioned between steps, biases and norms kept whole. Written where
+    both pytest workers find it, so that their references of it are one."""
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
-    (folder / "zero3.json").write_text(json.dumps(ds))
     zero3 = (REPO / "accelerate_configs" / "deepspeed_zero3.yaml").read_text()
     assert "ds_configs/zero3.json" in zero3
-    (folder / "zero3.yaml").write_text(zero3.replace("ds_configs/zero3.json", str(folder / "zero3.json")))
-    return {"zero2": accelerate_config("deepspeed_zero2.yaml"), "zero3": str(folder / "zero3.yaml")}
+    with FileLock(session_folder / "zero_configs.lock"):  # the other worker may be launching with them
+        if not (session_folder / "zero3.yaml").is_file():
+            (session_folder / "zero3.json").write_text(json.dumps(ds))
+            zero3 = zero3.replace("ds_configs/zero3.json", str(session_folder / "zero3.json"))
+            (session_folder / "zero3.yaml").write_text(zero3)
+    return {"zero2": accelerate_config("deepspeed_zero2.yaml"), "zero3": str(session_folder / "zero3.yaml")}
 
 
 @pytest.fixture(scope="session")

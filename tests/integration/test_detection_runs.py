@@ -202,8 +202,9 @@ def test_transformers_detector_learns_and_evaluates_alike_on_two_ranks_and_one(t
         "recipes/detection/configs/d_fine_tiny",
         "--model.kwargs",
         "{}",
+        # its AP50 after 4 of 6 epochs was 0.14, from 0.0006 untrained
         "--loop.epochs",
-        "6",
+        "4",
         "--loop.eval_at_start",
         "true",
         "--loop.eval_every_epochs",
