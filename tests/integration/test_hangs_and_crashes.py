@@ -4,6 +4,7 @@ bringing the other down within seconds under every launcher."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 
@@ -118,6 +119,9 @@ def test_a_stalled_data_loader_is_reported_with_its_phase(tmp_path):
         for worker in workers:
             worker.suspend()
         stderr = run.wait_for_exit(timeout=120)
+        for worker in workers:  # a frozen worker outlives its process: it cannot see it end
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
     assert run.returncode == 124, stderr[-3000:]
     assert re.search(
         r"shardvision: error: rank 0 made no progress for [\d.]+ min in phase 'waiting for the data "
