@@ -82,6 +82,15 @@ class DataConfig:
     pin_memory: bool = option(
         True, "Pin host memory, so batches are copied to the GPU without blocking the host (ignored on CPU)."
     )
+    shard_partitions: int = option(
+        16,
+        "Tar shards only: the parts an epoch's shuffled shards are cut into, each step taking as many samples "
+        "from each. Must divide the global batch; a multiple of ranks x accumulation (of every world size you "
+        "may resume on) lets each rank read only its parts' shards.",
+    )
+    shuffle_window: int = option(
+        1000, "Tar shards only: samples are shuffled within windows of this many consecutive ones of a part."
+    )
     bad_samples: Literal["error", "skip"] = option(
         "error",
         "A sample that cannot be used (unreadable, truncated or empty file, bad box or mask value): stop "
@@ -99,6 +108,8 @@ class DataConfig:
                 "must be >= 1",
             )
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(self.shard_partitions >= 1, "data.shard_partitions", self.shard_partitions, "must be >= 1")
+        _check(self.shuffle_window >= 1, "data.shuffle_window", self.shuffle_window, "must be >= 1")
 
 
 @dataclass

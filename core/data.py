@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from core.errors import DataError
 
@@ -119,11 +119,14 @@ def build_loader(
     collate_fn: Callable,
     pin_memory: bool,
     drop_last: bool = False,
+    order: Sampler | None = None,
 ) -> DataLoader:
+    """`order`, when given, is the sequence of sample numbers an epoch reads (instead of shuffling)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and order is None,
+        sampler=order,
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory and torch.cuda.is_available(),

@@ -8,12 +8,14 @@ calls `backward`, never moves tensors between devices and never talks to other r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import default_collate
 
 from core.data import MapDataset
+from core.errors import ConfigError
 
 
 class Metrics:
@@ -42,6 +44,9 @@ class Task:
     # kernel (torchvision's NMS, cdist in DETR's matcher) or that mixes in fp32 tensors of its own
     # (anchors) sets this: its steps then run under autocast there too, which runs those in fp32.
     autocast_half_weights: bool = False
+    # The training split's tar shards (core/shards.py ShardIndex), set by build_datasets when the
+    # data is sharded: the engine then reads each epoch in core/shards.py's PartitionOrder.
+    train_shards: Any = None
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -56,6 +61,12 @@ class Task:
     def build_datasets(self) -> tuple[MapDataset, MapDataset]:
         """(train, eval) map-style datasets that return transformed samples."""
         raise NotImplementedError
+
+    def shard_samples(self, problems: list[str]) -> tuple[list[str], dict[str, Iterator[tuple[str, dict[str, bytes]]]]]:
+        """For `shardvision shard` (core/commands/shard.py): the class names, and for the train and
+        eval split each its raw samples as (key, {extension: bytes}), the WebDataset layout; what
+        cannot be read is left out and described in `problems`."""
+        raise ConfigError(f"shardvision shard: {type(self).__name__} cannot write shards yet")
 
     def collate(self, samples: list) -> Any:
         return default_collate(samples)

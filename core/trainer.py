@@ -60,6 +60,7 @@ from core.run_log import (
     peak_tflops,
 )
 from core.run_summary import count_flops, log_run_summary, report_startup_memory
+from core.shards import epoch_order
 from core.step_agreement import StepAgreement
 from core.task import Task
 from core.watchdog import HangWatchdog, watched
@@ -179,7 +180,12 @@ class Trainer:
             num_workers=cfg.data.num_workers, collate_fn=self.collate, pin_memory=cfg.data.pin_memory
         )
         train_loader = build_loader(
-            self.train_set, batch_size=cfg.data.micro_batch_size, shuffle=True, drop_last=True, **loader_args
+            self.train_set,
+            batch_size=cfg.data.micro_batch_size,
+            shuffle=True,
+            drop_last=True,
+            order=None if task.train_shards is None else epoch_order(task.train_shards, cfg, acc.num_processes),
+            **loader_args,
         )
         eval_loader = build_loader(
             self.eval_set,

@@ -125,6 +125,38 @@ def image_bytes(i: int, size=(32, 32)) -> bytes:
     return buffer.getvalue()
 
 
+def write_tar_shards(folder: Path, split: str, samples: list[tuple[str, dict[str, bytes]]], per_shard: int) -> None:
+    """`samples` ((key, {extension: bytes}), in order) as `folder/<split>-000000.tar`, ... with
+    `per_shard` samples each: written with tarfile alone, as WebDataset's own writer lays them out."""
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard, first in enumerate(range(0, len(samples), per_shard)):
+        with tarfile.open(folder / f"{split}-{shard:06d}.tar", "w") as tar:
+            for key, files in samples[first : first + per_shard]:
+                for extension, data in files.items():
+                    member = tarfile.TarInfo(f"{key}.{extension}")
+                    member.size, member.mtime = len(data), 0
+                    tar.addfile(member, io.BytesIO(data))
+
+
+def digit_shards(folder: Path, per_shard: int = 240) -> Path:
+    """The digits demo's two splits as tar shards of PNG images and cls labels, with classes.txt."""
+    from recipes.classification.data import Digits
+
+    for split in ("train", "val"):
+        digits = Digits(split)
+        samples = []
+        for i in range(len(digits)):
+            image, label = digits[i]
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            samples.append((f"{split}/{i:05d}", {"png": buffer.getvalue(), "cls": str(label).encode()}))
+        write_tar_shards(folder, split, samples, per_shard)
+    (folder / "classes.txt").write_text("".join(f"{c}\n" for c in Digits("train").classes))
+    return folder
+
+
 # --------------------------------------------------------------------------------------------
 # One small data set per recipe and source, each with its own bad samples. A builder returns the
 # recipe, its command-line arguments, and the bad samples it planted as

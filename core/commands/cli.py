@@ -6,6 +6,7 @@
     shardvision train classification --help  # every config key with its type, default and help
     shardvision check-data segmentation --config ...   # read every sample once, list every problem
     shardvision export CHECKPOINT OUT [--allow-pickle]   # consolidated safetensors (export.py)
+    shardvision shard classification OUT --config ...   # tar shards and their index (shard.py)
     shardvision submit classification --config ... --nodes 2 --tasks-per-node 8   # SLURM via submitit (submit.py)
     shardvision plan classification --config ... --nodes 2 --gpu-memory 80GiB   # memory per rank (plan.py)
     shardvision report runs/a [runs/b ...]   # one HTML page: curves, per-class table, config diff (report.py)
@@ -28,6 +29,7 @@ COMMANDS = {
     "eval": "evaluate weights or a checkpoint on TASK's eval split",
     "check-data": "read every sample of TASK's data once and list every problem",
     "export": "write consolidated safetensors from any checkpoint",
+    "shard": "write TASK's data as tar shards (WebDataset layout) with their index",
     "submit": "submit a training run as a SLURM (or local) job that requeues itself",
     "plan": "memory per rank under each strategy, and the largest micro-batch that fits",
     "report": "one HTML page of one or several runs: curves, per-class table, config diff",
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if args.command in RECIPE_COMMANDS:
         recipe_main(args.command, rest)
-    else:  # export, submit, plan, report: core/commands/<command>.py
+    else:  # export, shard, submit, plan, report: core/commands/<command>.py
         getattr(importlib.import_module(f"core.commands.{args.command}"), f"{args.command}_main")(rest)
 
 

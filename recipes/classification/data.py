@@ -3,7 +3,10 @@ local files, all turned into (PIL image, label) pairs and then into tensors by t
 
 from __future__ import annotations
 
+import io
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,19 +24,23 @@ from core.data import (
     read_image,
 )
 from core.errors import ConfigError, DataError
+from core.shards import ShardIndex, ShardSamples
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 @dataclass
 class ClassificationDataConfig(DataConfig):
-    source: Literal["digits", "imagefolder", "hf_disk", "hf_files"] = option(
+    source: Literal["digits", "imagefolder", "hf_disk", "hf_files", "webdataset"] = option(
         "digits",
         "digits: scikit-learn's handwritten digits (built in); imagefolder: root/<split>/<class>/*.jpg; "
         "hf_disk: a `datasets` DatasetDict saved with save_to_disk; hf_files: local files read by a "
-        "`datasets` builder.",
+        "`datasets` builder; webdataset: tar shards root/<split>-*.tar, each sample an image (jpg, jpeg, "
+        'png, webp) and its label (cls, or json with a "label").',
     )
-    root: str | None = option(None, "Dataset folder (not used by digits).")
+    root: str | None = option(
+        None, "Dataset folder (not used by digits); for webdataset also a brace pattern or glob of shard files."
+    )
     train_split: str = option("train", "Training split: a subfolder (imagefolder) or a split name (datasets).")
     eval_split: str = option("val", "Evaluation split, as train_split.")
     hf_builder: str = option("imagefolder", "hf_files: the `datasets` builder (imagefolder, parquet, arrow, ...).")
@@ -59,7 +66,7 @@ class ClassificationDataConfig(DataConfig):
         super().validate()
         if self.source != "digits" and not self.root:
             raise ConfigError(f"data.root is required for data.source={self.source!r}")
-        if self.root and not os.path.exists(self.root):
+        if self.root and not os.path.exists(self.root) and self.source != "webdataset":
             raise ConfigError(f"data.root: no such folder: {self.root!r}")
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
             if self.micro_batch_size % 2:
@@ -103,6 +110,60 @@ def write_digits_split(folder: str) -> None:
     for split, chosen in (("train", train_idx), ("val", val_idx)):
         images = (digits.images[chosen] * (255.0 / 16.0)).astype(np.uint8)
         np.savez(os.path.join(folder, f"{split}.npz"), images=images, labels=digits.target[chosen].astype(np.int64))
+
+
+class ShardImages(Dataset):
+    """Tar shards' samples as (PIL image, label): the image is the sample's jpg, jpeg, png or webp
+    file, the label its cls file (an integer, the WebDataset and timm convention) or its json's
+    "label". A sample without either, or whose image does not decode, is a DataError naming its
+    shard and key."""
+
+    IMAGES = ("jpg", "jpeg", "png", "webp")
+
+    def __init__(self, index: ShardIndex, num_classes: int):
+        self.index, self.samples, self.num_classes = index, ShardSamples(index), num_classes
+        self.classes = index.classes
+
+    @property
+    def problems(self) -> list[str]:
+        return self.index.problems
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        sample = self.samples[i]
+        where = f"{sample['__shard__']}: sample {sample['__key__']}"
+        found = next((extension for extension in self.IMAGES if extension in sample), None)
+        if found is None:
+            raise DataError(f"{where} has no image ({', '.join(self.IMAGES)}); its files: {self._files(sample)}")
+        try:
+            with Image.open(io.BytesIO(sample[found])) as img:
+                image = img.convert("RGB")
+        except DECODE_ERRORS as e:
+            raise DataError(f"{where}.{found}: cannot read image ({decode_failure(e)})") from None
+        return image, self._label(sample, where)
+
+    def _label(self, sample: dict, where: str) -> int:
+        if "cls" not in sample and "json" not in sample:
+            raise DataError(f'{where} has no label (cls, or json with a "label"); its files: {self._files(sample)}')
+        try:
+            if "cls" in sample:
+                label = int(sample["cls"].decode().strip())
+            else:
+                value = json.loads(sample["json"])
+                label = int(value["label"] if isinstance(value, dict) else value)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise DataError(f"{where}: unreadable label ({e!r})") from None
+        if not 0 <= label < self.num_classes:
+            raise DataError(
+                f"{where}: label {label} is outside 0..{self.num_classes - 1} (model.num_classes {self.num_classes})"
+            )
+        return label
+
+    @staticmethod
+    def _files(sample: dict) -> str:
+        return ", ".join(k for k in sample if not k.startswith("__")) or "none"
 
 
 class HFImages(Dataset):
@@ -159,6 +220,10 @@ class HFImages(Dataset):
 def _load_raw(cfg: ClassificationDataConfig, num_classes: int) -> tuple[Dataset, Dataset]:
     if cfg.source == "digits":
         return Digits("train"), Digits("val")
+    if cfg.source == "webdataset":
+        assert cfg.root is not None  # validate() requires it
+        train, val = (ShardImages(ShardIndex(cfg.root, s), num_classes) for s in (cfg.train_split, cfg.eval_split))
+        return train, val
     if cfg.source == "imagefolder":
         from torchvision.datasets import ImageFolder
 
@@ -189,6 +254,36 @@ def _load_raw(cfg: ClassificationDataConfig, num_classes: int) -> tuple[Dataset,
             )
         out.append(HFImages(loaded[split], cfg.image_column, cfg.label_column, f"{cfg.root} [{split}]", num_classes))
     return out[0], out[1]
+
+
+def shard_samples(
+    cfg: ClassificationDataConfig, num_classes: int, problems: list[str]
+) -> tuple[list[str], dict[str, Iterator[tuple[str, dict[str, bytes]]]]]:
+    """For `shardvision shard`: the class names, and each split's samples as WebDataset files: the
+    image file's own bytes where there is one (ImageFolder), else the image as PNG, and the label
+    as `cls`. A sample that cannot be read is left out and its problem appended to `problems`."""
+    sets = dict(zip((cfg.train_split, cfg.eval_split), _load_raw(cfg, num_classes), strict=True))
+
+    def files(raw: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+        paths = getattr(raw, "samples", None)  # ImageFolder's (path, label) pairs
+        for i in range(len(raw)):
+            try:
+                image, label = raw[i]
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            extension = os.path.splitext(paths[i][0])[1].lower().lstrip(".") if paths else ""
+            if extension in ShardImages.IMAGES:
+                with open(paths[i][0], "rb") as f:
+                    data = f.read()
+            else:
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                data, extension = buffer.getvalue(), "png"
+            yield f"{i:09d}", {extension: data, "cls": str(label).encode()}
+
+    classes = [str(c) for c in getattr(next(iter(sets.values())), "classes", [])]
+    return classes, {split: files(raw) for split, raw in sets.items()}
 
 
 class ToSample:

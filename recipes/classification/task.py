@@ -11,7 +11,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from core.config import TrainConfig, section
 from core.task import Task
-from recipes.classification.data import ClassificationDataConfig, build_datasets
+from recipes.classification.data import ClassificationDataConfig, build_datasets, shard_samples
 from recipes.classification.metrics import ClassificationMetrics
 from recipes.classification.models import ClassificationModelConfig, build_model, logits_of
 
@@ -52,7 +52,12 @@ class ClassificationTask(Task):
         names = next((n for n in named if n), None)
         if names:
             self.class_names = [str(name) for name in names]
+        if self.cfg.data.source == "webdataset":
+            self.train_shards = train.base.index
         return train, val
+
+    def shard_samples(self, problems: list[str]):
+        return shard_samples(self.cfg.data, self.cfg.model.num_classes, problems)
 
     def training_step(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         images, labels = batch["image"], batch["label"]

@@ -1,0 +1,193 @@
+"""Tar shards (core/shards.py): their samples read by number from shards written with tarfile
+alone, damage named by shard and key, and the epoch order held to its promises through
+accelerate's own per-rank slicing (prepare_data_loader) on 1, 2 and 4 ranks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from accelerate.data_loader import prepare_data_loader
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from core.errors import ConfigError, DataError
+from core.shards import INDEX_FILE, INDEX_FORMAT, PartitionOrder, ShardIndex, ShardSamples, split_key
+from recipes.classification.data import ShardImages
+from tests.builders import image_bytes, write_tar_shards
+from tests.helpers import DIGITS
+
+
+def samples(n: int, start: int = 0) -> list[tuple[str, dict[str, bytes]]]:
+    return [
+        (f"k/{i:04d}", {"png": image_bytes(i, (8, 8)), "cls": str(i % 3).encode()}) for i in range(start, start + n)
+    ]
+
+
+def test_a_key_ends_at_the_first_dot_of_the_file_name():
+    assert split_key("a.b/img7.seg.png") == ("a.b/img7", "seg.png")
+    assert split_key("img7.JPG") == ("img7", "jpg")
+    assert split_key("noext") == ("noext", "")
+
+
+def test_samples_are_read_by_number_across_shards(tmp_path):
+    written = samples(25)
+    write_tar_shards(tmp_path, "train", written, per_shard=10)
+    write_tar_shards(tmp_path, "val", samples(5), per_shard=10)
+    index = ShardIndex(str(tmp_path), "train")
+    assert index.counts == [10, 10, 5] and len(index) == 25 and not index.problems
+    read = ShardSamples(index)
+    for i in (0, 9, 10, 24):
+        got = read[i]
+        assert got["__key__"] == written[i][0] and got["__shard__"].endswith(f"train-{i // 10:06d}.tar")
+        assert {k: v for k, v in got.items() if not k.startswith("__")} == written[i][1]
+
+
+def test_a_written_index_gives_the_counts_and_classes_without_scanning(tmp_path):
+    write_tar_shards(tmp_path, "train", samples(12), per_shard=5)
+    shards = {f"train-{i:06d}.tar": {"samples": n} for i, n in enumerate([5, 5, 2])}
+    (tmp_path / INDEX_FILE).write_text(json.dumps({"format": INDEX_FORMAT, "shards": shards, "classes": ["a", "b"]}))
+    (tmp_path / "train-000002.tar").write_bytes(b"")  # not scanned: the index is believed
+    index = ShardIndex(str(tmp_path), "train")
+    assert index.counts == [5, 5, 2] and index.classes == ["a", "b"]
+    with pytest.raises(DataError, match=r"train-000002.tar: sample 0 of the 2 the index counts is missing"):
+        ShardSamples(index)[10]
+
+
+def test_brace_patterns_and_missing_shards(tmp_path):
+    write_tar_shards(tmp_path, "train", samples(12), per_shard=4)
+    index = ShardIndex(str(tmp_path / "train-{000000..000001}.tar"), "train")
+    assert index.counts == [4, 4]
+    with pytest.raises(ConfigError, match=r"no shards match .*val-\*\.tar"):
+        ShardIndex(str(tmp_path), "val")
+
+
+def test_a_truncated_shard_keeps_what_comes_before_the_damage_and_names_it(tmp_path):
+    write_tar_shards(tmp_path, "train", samples(10), per_shard=5)
+    damaged = tmp_path / "train-000001.tar"
+    damaged.write_bytes(damaged.read_bytes()[:1500])
+    index = ShardIndex(str(tmp_path), "train")
+    assert index.counts[0] == 5 and index.counts[1] < 5
+    assert len(index.problems) == 1 and "train-000001.tar: damaged or truncated tar after" in index.problems[0]
+
+
+def test_bad_images_and_labels_are_named_by_shard_and_key(tmp_path):
+    broken = samples(6)
+    broken[1][1]["png"] = broken[1][1]["png"][:40]  # undecodable
+    broken[2][1].pop("cls")
+    broken[3][1]["cls"] = b"7"  # num_classes 3
+    broken[4] = ("k/0004", {"json": json.dumps({"label": 2}).encode(), "jpg": broken[4][1]["png"]})
+    broken[5][1].pop("png")
+    write_tar_shards(tmp_path, "train", broken, per_shard=6)
+    images = ShardImages(ShardIndex(str(tmp_path), "train"), num_classes=3)
+    shard = str(tmp_path / "train-000000.tar")
+    image, label = images[0]
+    assert isinstance(image, Image.Image) and label == 0
+    with pytest.raises(DataError, match=rf"{shard}: sample k/0001.png: cannot read image"):
+        images[1]
+    with pytest.raises(DataError, match=rf"{shard}: sample k/0002 has no label .*its files: png"):
+        images[2]
+    with pytest.raises(DataError, match=rf"{shard}: sample k/0003: label 7 is outside 0..2"):
+        images[3]
+    assert images[4][1] == 2  # a json label, a jpg extension holding any image format PIL reads
+    with pytest.raises(DataError, match=rf"{shard}: sample k/0005 has no image .*its files: cls"):
+        images[5]
+
+
+# --- the order of an epoch --------------------------------------------------------------------
+
+COUNTS = [37, 50, 41, 50, 50, 29, 50, 45]  # 352 samples in 8 shards of uneven sizes
+
+
+def per_rank_steps(order: PartitionOrder, ranks: int, micro: int, accumulation: int) -> list[list[list[int]]]:
+    """[rank][optimizer step] -> the samples that rank trains on, as accelerate slices the order."""
+    loader = DataLoader(range(order.total), batch_size=micro, sampler=order, drop_last=True)
+    out = []
+    for rank in range(ranks):
+        sliced = prepare_data_loader(loader, num_processes=ranks, process_index=rank, put_on_device=False)
+        batches = [batch.tolist() for batch in sliced]
+        out.append([sum(batches[s : s + accumulation], []) for s in range(0, len(batches), accumulation)])
+    return out
+
+
+@pytest.mark.parametrize("ranks, accumulation", [(1, 4), (2, 2), (4, 1)])
+def test_every_step_trains_on_the_same_samples_on_any_number_of_ranks(ranks, accumulation):
+    """Global batch 64 (micro 16): 1 rank x accumulation 4, 2 x 2 and 4 x 1 train each step on
+    the same samples; an epoch sees no sample twice, 5 steps of 64 of the 352."""
+    order = PartitionOrder(COUNTS, partitions=8, global_batch=64, window=20, seed=3)
+    order.set_epoch(1)
+    steps = per_rank_steps(order, ranks, micro=16, accumulation=accumulation)
+    per_step = [sorted(sum((steps[r][s] for r in range(ranks)), [])) for s in range(len(steps[0]))]
+    reference = per_rank_steps(order, 1, micro=64, accumulation=1)[0]
+    assert per_step == [sorted(s) for s in reference] and len(per_step) == 5
+    seen = sum(per_step, [])
+    assert len(seen) == len(set(seen)) == 5 * 64
+
+
+def test_each_rank_reads_only_its_partitions_shards():
+    """4 ranks over 64 shards of 25: each reads about a quarter of the shards, the same ones every
+    step of the epoch, and its samples' positions in a part stay within the shuffle window."""
+    counts = [25] * 64
+    order = PartitionOrder(counts, partitions=8, global_batch=64, window=30, seed=0)
+    starts = np.cumsum([0, *counts])
+    shard_of = lambda i: int(np.searchsorted(starts, i, side="right")) - 1  # noqa: E731
+    for rank_steps in per_rank_steps(order, 4, micro=16, accumulation=1):
+        shards = {shard_of(i) for step in rank_steps for i in step}
+        assert len(shards) <= 64 // 4 + 2, sorted(shards)
+
+
+def test_the_order_changes_with_the_epoch_and_repeats_with_the_seed():
+    order = PartitionOrder(COUNTS, partitions=4, global_batch=32, window=16, seed=0)
+    first = list(order)
+    order.set_epoch(1)
+    second = list(order)
+    again = PartitionOrder(COUNTS, partitions=4, global_batch=32, window=16, seed=0)
+    assert first != second and list(again) == first and len(first) == len(set(first)) == len(order) == 352 // 32 * 32
+
+
+def test_the_shuffle_window_bounds_how_far_a_sample_moves_within_its_part():
+    counts = [100] * 4
+    order = PartitionOrder(counts, partitions=4, global_batch=4, window=10, seed=0)
+    # one shard per part and one sample per part and step: part p's k-th sample is within its window
+    taken = np.array(list(order)).reshape(-1, 4)
+    for part in range(4):
+        moved = [abs(int(i) % 100 - k) for k, i in enumerate(taken[:, part])]
+        assert max(moved) < 10 and len({int(i) // 100 for i in taken[:, part]}) == 1
+
+
+def test_partitions_must_divide_the_global_batch():
+    with pytest.raises(ConfigError, match=r"data.shard_partitions: 6 must divide the global batch \(64 samples"):
+        PartitionOrder(COUNTS, partitions=6, global_batch=64, window=10, seed=0)
+
+
+def test_a_damaged_image_in_a_shard_is_a_data_error_not_a_crash(tmp_path):
+    """What the bad-sample guard catches (core/data.py GuardedSamples)."""
+    from core.data import GuardedSamples
+
+    written = samples(4)
+    written[2][1]["png"] = b"not an image"
+    write_tar_shards(tmp_path, "train", written, per_shard=4)
+    guarded = GuardedSamples(ShardImages(ShardIndex(str(tmp_path), "train"), num_classes=3), "train")
+    sample, problems = guarded[2]
+    assert sample[1] == 0  # sample 3 stands in
+    shard = tmp_path / "train-000000.tar"
+    assert problems == [f"train sample 2: {shard}: sample k/0002.png: cannot read image (cannot identify image file)"]
+
+
+def test_shardvision_shard_writes_the_recipes_data_with_its_index(tmp_path, capsys):
+    """`shardvision shard` on the digits demo: the shards hold every sample (image and label) of
+    both splits, in order, and the index their counts and the class names."""
+    from core.commands.shard import shard_main
+    from recipes.classification.data import Digits
+
+    out = tmp_path / "shards"
+    shard_main(["classification", str(out), "--samples-per-shard", "500", "--config", DIGITS])
+    assert "train: 1437 samples in 3 shards" in capsys.readouterr().out
+    index = ShardIndex(str(out), "train")
+    assert index.counts == [500, 500, 437] and index.classes == [str(i) for i in range(10)]
+    assert not index.problems and ShardIndex(str(out), "val").counts == [360]
+    shards, digits = ShardImages(index, num_classes=10), Digits("train")
+    for i in (0, 777, 1436):
+        (image, label), (expected_image, expected_label) = shards[i], digits[i]
+        assert label == expected_label and np.array_equal(np.asarray(image), np.asarray(expected_image))
