@@ -58,6 +58,7 @@ setup(
             "xxhash",
             "submitit",
             "matplotlib",
+            "braceexpand",
         ]
     ),
     extras_require={
