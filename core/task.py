@@ -62,6 +62,11 @@ class Task:
         """(train, eval) map-style datasets that return transformed samples."""
         raise NotImplementedError
 
+    def write_model_folder(self, model: torch.nn.Module, folder: str) -> None:
+        """Beside `folder/model.safetensors` (the run's exported weights), the files the model's own
+        library needs to load the folder alone (its config, class names, preprocessing); called on
+        the main process only, and must read no parameter (a sharded model's are not gathered)."""
+
     def shard_samples(self, problems: list[str]) -> tuple[list[str], dict[str, Iterator[tuple[str, dict[str, bytes]]]]]:
         """For `shardvision shard` (core/commands/shard.py): the class names, and for the train and
         eval split each its raw samples as (key, {extension: bytes}), the WebDataset layout; what

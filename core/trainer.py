@@ -454,6 +454,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.export(final_dir)
         if acc.is_main_process:
+            self.task.write_model_folder(self.bare_model(), final_dir)
             save_config(self.cfg, os.path.join(final_dir, "config.yaml"))
             with open(os.path.join(final_dir, "metrics.json"), "w") as f:
                 json.dump({"step": self.state.global_step, **metrics}, f, indent=2)

@@ -13,7 +13,7 @@ from core.config import TrainConfig, section
 from core.task import Task
 from recipes.classification.data import ClassificationDataConfig, build_datasets, shard_samples
 from recipes.classification.metrics import ClassificationMetrics
-from recipes.classification.models import ClassificationModelConfig, build_model, logits_of
+from recipes.classification.models import ClassificationModelConfig, build_model, logits_of, write_model_folder
 
 
 @dataclass
@@ -55,6 +55,9 @@ class ClassificationTask(Task):
         if self.cfg.data.source == "webdataset":
             self.train_shards = train.base.index
         return train, val
+
+    def write_model_folder(self, model: torch.nn.Module, folder: str) -> None:
+        write_model_folder(model, self.cfg.model, self.cfg.data, self.class_names, folder)
 
     def shard_samples(self, problems: list[str]):
         return shard_samples(self.cfg.data, self.cfg.model.num_classes, problems)

@@ -11,7 +11,13 @@ from core.errors import ConfigError
 from core.task import Task
 from recipes.detection.data import DetectionDataConfig, build_datasets, collate
 from recipes.detection.metrics import CocoMetrics, mask_rles
-from recipes.detection.models import DetectionModelConfig, HFDetectorIO, build_model, predicts_masks
+from recipes.detection.models import (
+    DetectionModelConfig,
+    HFDetectorIO,
+    build_model,
+    predicts_masks,
+    write_detector_folder,
+)
 
 
 @dataclass
@@ -59,7 +65,7 @@ class DetectionTask(Task):
                 f"{train.base.annotations_file} has {categories} categories but model.num_classes is "
                 f"{self.cfg.model.num_classes}"
             )
-        self.eval_set = val.base
+        self.eval_set, self.train_categories = val.base, list(train.base.category_names)
         return train, val
 
     def collate(self, samples: list[dict]) -> dict:
@@ -90,6 +96,11 @@ class DetectionTask(Task):
             }
             for image_id, d in zip(batch["image_id"], detections, strict=True)
         ]
+
+    def write_model_folder(self, model: torch.nn.Module, folder: str) -> None:
+        if self.hf is not None:
+            d = self.cfg.data
+            write_detector_folder(model, self.cfg.model, self.train_categories, d.min_size, d.max_size, folder)
 
     def build_metrics(self) -> CocoMetrics:
         data = self.eval_set  # its category table names the model's labels: the per-class table's rows

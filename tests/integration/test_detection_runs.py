@@ -1,15 +1,23 @@
 """The detection recipe end to end: 2 gloo ranks on the synthetic shapes (real JPEG files and a
 COCO json through the real loader), killed and resumed as if never stopped, against an untrained
 baseline; the written predictions re-scored by pycocotools; 2-rank evaluation against 1 process;
-ZeRO-3 in bf16; Mask R-CNN's mask mAP under ZeRO-2; a transformers detector (D-FINE) learning."""
+ZeRO-3 in bf16; Mask R-CNN's mask mAP under ZeRO-2; a transformers detector (D-FINE) learning, its final/
+loaded by transformers alone."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from core.config_parsing import parse_args
 from recipes.detection.task import DetectionConfig, DetectionTask
 from tests.builders import pycocotools_direct
 from tests.helpers import (
@@ -219,6 +227,50 @@ def test_transformers_detector_learns_and_evaluates_alike_on_two_ranks_and_one(t
     assert untrained["step"] == 0 and trained["images"] == 60
     assert trained["AP50"] >= untrained["AP50"] + 0.05, (untrained, trained)
     assert_one_process_evaluates_the_export_alike(args, tmp_path, trained, ("AP", "AP50", "AP75"))
+    assert_transformers_loads_final_alone(tmp_path / "two", tmp_path)
+
+
+# What a user of transformers alone writes to load a detector's folder and run it on pixels.
+TRANSFORMERS_ALONE = """
+import json, sys
+import numpy as np, torch
+from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+folder, pixels = sys.argv[1:]
+model = AutoModelForObjectDetection.from_pretrained(folder).eval()
+with torch.no_grad():
+    logits = model(pixel_values=torch.from_numpy(np.load(pixels))).logits
+processor = AutoImageProcessor.from_pretrained(folder)
+assert not {"core", "recipes"} & set(sys.modules), "shardvision was imported"
+print(json.dumps({"logits": logits.tolist(), "names": model.config.id2label, "size": dict(processor.size)}))
+"""
+
+
+def assert_transformers_loads_final_alone(run_dir: Path, tmp_path: Path) -> None:
+    """final/ is transformers' own model folder: loaded by transformers alone (a separate process
+    that imports no shardvision module), it names the data's categories, resizes as the run
+    evaluated, and gives the logits shardvision's model gives on the same pixels."""
+    task = DetectionTask(parse_args(DetectionConfig, ["--config", str(run_dir / "final" / "config.yaml")]))
+    model = task.build_model().eval()
+    model.load_state_dict(load_file(run_dir / "final" / "model.safetensors"))
+    _, evaluation = task.build_datasets()
+    pixels = task.hf.inputs([evaluation[i]["image"] for i in range(2)], resize=True)["pixel_values"]
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+    proc = subprocess.run(
+        [sys.executable, "-c", TRANSFORMERS_ALONE, str(run_dir / "final"), str(tmp_path / "pixels.npy")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout.splitlines()[-1])
+    assert loaded["names"] == {"0": "square", "1": "circle", "2": "triangle"}
+    assert loaded["size"] == {"shortest_edge": 128, "longest_edge": 128}
+    np.testing.assert_allclose(np.array(loaded["logits"]), expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def assert_one_process_evaluates_the_export_alike(args: list[str], tmp_path: Path, two: dict, keys: tuple) -> None:

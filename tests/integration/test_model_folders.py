@@ -1,0 +1,106 @@
+"""A run's final/ is a model folder of the model's own library: timm and transformers load it alone
+(a separate Python process that imports neither shardvision's core nor its recipes), name the
+data's classes, and, through the preprocessing the folder describes, give the logits shardvision's
+own evaluation gives on the same images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from core.config_parsing import parse_args
+from recipes.classification.data import Digits
+from recipes.classification.task import ClassificationConfig, ClassificationTask
+from tests.helpers import QUICK, launch
+
+# What a user of the library alone writes: load the folder, preprocess image files as the folder
+# says, and classify them. Prints the logits and the class names as JSON.
+LIBRARY_ALONE = """
+import json, sys
+import torch
+from PIL import Image
+
+library, folder, *files = sys.argv[1:]
+images = [Image.open(f).convert("RGB") for f in files]
+with torch.no_grad():
+    if library == "timm":
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        transform = create_transform(**resolve_data_config({}, model=model))
+        logits = model(torch.stack([transform(image) for image in images]))
+        names = model.pretrained_cfg["label_names"]
+    else:
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        model = AutoModelForImageClassification.from_pretrained(folder).eval()
+        pixels = AutoImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt").pixel_values
+        logits = model(pixel_values=pixels).logits
+        names = [model.config.id2label[i] for i in range(logits.shape[1])]
+assert not {"core", "recipes"} & set(sys.modules), "shardvision was imported"
+print(json.dumps({"logits": logits.tolist(), "names": names}))
+"""
+
+
+def library_alone(library: str, folder: Path, files: list[Path]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", LIBRARY_ALONE, library, str(folder), *map(str, files)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def shardvision_logits(run_dir: Path, count: int) -> torch.Tensor:
+    """The logits shardvision's evaluation computes for the first `count` validation samples."""
+    cfg = parse_args(ClassificationConfig, ["--config", str(run_dir / "final" / "config.yaml")])
+    task = ClassificationTask(cfg)
+    model = task.build_model().eval()
+    model.load_state_dict(load_file(run_dir / "final" / "model.safetensors"))
+    _, evaluation = task.build_datasets()
+    batch = torch.stack([evaluation[i]["image"] for i in range(count)])
+    with torch.no_grad():
+        output = model(batch)
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def validation_files(folder: Path, count: int) -> list[Path]:
+    """The first `count` digits validation images as PNG files, as a user would have them."""
+    digits, files = Digits("val"), []
+    for i in range(count):
+        files.append(folder / f"val{i}.png")
+        digits[i][0].save(files[-1])
+    return files
+
+
+def assert_library_loads_it(library: str, run_dir: Path, tmp_path: Path) -> None:
+    files = validation_files(tmp_path, 8)
+    loaded = library_alone(library, run_dir / "final", files)
+    assert loaded["names"] == [str(i) for i in range(10)]  # the digits' class names
+    expected = shardvision_logits(run_dir, 8)
+    np.testing.assert_allclose(np.array(loaded["logits"]), expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert expected.abs().max() > 0.1  # trained weights, not zeros
+
+
+def test_timm_loads_final_from_its_local_folder(ddp_reference, tmp_path):
+    """The tiny timm ViT of the shared 2-rank DDP run (32 px, its own mean/std and crop)."""
+    assert_library_loads_it("timm", ddp_reference, tmp_path)
+
+
+def test_transformers_loads_final_with_its_image_processor(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--config", "recipes/classification/configs/digits_hf_vit.yaml", *QUICK, "--loop.max_steps", "3"]
+    launch([*args, "--logging.count_flops", "false", "--output-dir", str(run_dir)], launcher="python")
+    assert_library_loads_it("transformers", run_dir, tmp_path)
