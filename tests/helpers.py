@@ -392,3 +392,30 @@ def assert_export_is_whole(path: Path, config_cls: type, task_cls: type, argv: l
     tensors = load_file(str(path))
     assert len(tensors) == len(model.state_dict())
     assert all(torch.isfinite(t.float()).all() for t in tensors.values())
+
+
+def samples_per_step(run_dir: Path, tag: str, ranks: int, accumulation: int, first_step: int) -> dict[int, list[int]]:
+    """The sorted sample numbers each optimizer step (numbered from `first_step` + 1) of launch
+    `tag` trained on, from every rank's record of its micro-batches (tests/recording_train.py)."""
+    steps: dict[int, list[int]] = {}
+    for rank in range(ranks):
+        lines = (run_dir / f"samples-{tag}-rank{rank}.jsonl").read_text().splitlines()
+        for i, line in enumerate(lines):
+            steps.setdefault(first_step + i // accumulation + 1, []).extend(json.loads(line))
+    return {step: sorted(numbers) for step, numbers in steps.items()}
+
+
+def without_shardvision(script: str, *args: str, cwd: Path) -> dict:
+    """What `script` prints as JSON on its last line, run by `python -c` in a process that must
+    not import shardvision (a user of the model's own library alone)."""
+    check = '\nimport sys\nassert not {"core", "recipes"} & set(sys.modules), "shardvision was imported"\n'
+    proc = subprocess.run(
+        [sys.executable, "-c", script + check, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])

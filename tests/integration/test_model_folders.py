@@ -5,10 +5,6 @@ own evaluation gives on the same images."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ from safetensors.torch import load_file
 from core.config_parsing import parse_args
 from recipes.classification.data import Digits
 from recipes.classification.task import ClassificationConfig, ClassificationTask
-from tests.helpers import QUICK, launch
+from tests.helpers import QUICK, launch, without_shardvision
 
 # What a user of the library alone writes: load the folder, preprocess image files as the folder
 # says, and classify them. Prints the logits and the class names as JSON.
@@ -45,22 +41,8 @@ with torch.no_grad():
         pixels = AutoImageProcessor.from_pretrained(folder)(images=images, return_tensors="pt").pixel_values
         logits = model(pixel_values=pixels).logits
         names = [model.config.id2label[i] for i in range(logits.shape[1])]
-assert not {"core", "recipes"} & set(sys.modules), "shardvision was imported"
 print(json.dumps({"logits": logits.tolist(), "names": names}))
 """
-
-
-def library_alone(library: str, folder: Path, files: list[Path]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", LIBRARY_ALONE, library, str(folder), *map(str, files)],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def shardvision_logits(run_dir: Path, count: int) -> torch.Tensor:
@@ -87,7 +69,7 @@ def validation_files(folder: Path, count: int) -> list[Path]:
 
 def assert_library_loads_it(library: str, run_dir: Path, tmp_path: Path) -> None:
     files = validation_files(tmp_path, 8)
-    loaded = library_alone(library, run_dir / "final", files)
+    loaded = without_shardvision(LIBRARY_ALONE, library, str(run_dir / "final"), *map(str, files), cwd=tmp_path)
     assert loaded["names"] == [str(i) for i in range(10)]  # the digits' class names
     expected = shardvision_logits(run_dir, 8)
     np.testing.assert_allclose(np.array(loaded["logits"]), expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -6,7 +6,6 @@ accelerate with the repo's configs, converted to DeepSpeed's universal checkpoin
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tests.helpers import (
     last_launch,
     launch,
     run_killed_after_checkpoint,
+    samples_per_step,
     train_losses,
 )
 
@@ -58,15 +58,8 @@ def geometry(nproc: int) -> list[str]:
     return ["--loop.grad_accum_steps", ACCUMULATION[nproc]]
 
 
-def samples_per_step(run_dir: Path, tag: str, nproc: int, first_step: int) -> dict[int, list[int]]:
-    """The sorted sample indices of each optimizer step (numbered from 1) that the launch `tag`
-    trained, from every rank's record of its micro-batches in order."""
-    accumulation, steps = int(ACCUMULATION[nproc]), {}
-    for rank in range(nproc):
-        lines = (run_dir / f"samples-{tag}-rank{rank}.jsonl").read_text().splitlines()
-        for i, line in enumerate(lines):
-            steps.setdefault(first_step + i // accumulation + 1, []).extend(json.loads(line))
-    return {step: sorted(indices) for step, indices in steps.items()}
+def recorded(run_dir: Path, tag: str, nproc: int, first_step: int) -> dict[int, list[int]]:
+    return samples_per_step(run_dir, tag, nproc, int(ACCUMULATION[nproc]), first_step)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +70,7 @@ def uninterrupted(tmp_path_factory, monkeypatch_module) -> dict[int, tuple[dict,
     for nproc in (1, 2):
         run_dir = tmp_path_factory.mktemp(f"uninterrupted_{nproc}")
         launch([*RESUMED, *geometry(nproc), "--output-dir", str(run_dir)], **launch_kwargs("ddp", nproc))
-        runs[nproc] = samples_per_step(run_dir, "whole", nproc, 0), train_losses(run_dir), run_dir
+        runs[nproc] = recorded(run_dir, "whole", nproc, 0), train_losses(run_dir), run_dir
     assert runs[1][0] == runs[2][0] and sorted(runs[1][0]) == list(range(1, 7)), "1 and 2 ranks see one order"
     return runs
 
@@ -105,14 +98,14 @@ def test_resume_on_another_number_of_ranks_trains_on_the_same_samples(
     else:
         monkeypatch.setenv("RECORD_TAG", "before")
         run_killed_after_checkpoint([*args, *geometry(before)], tmp_path, step=3, **launch_kwargs(layout, before))
-        got = samples_per_step(tmp_path, "before", before, 0)
+        got = recorded(tmp_path, "before", before, 0)
         got, first_logged = {step: got[step] for step in (1, 2, 3)}, 1  # it may have gone past its checkpoint
     monkeypatch.setenv("RECORD_TAG", "after")
     launch([*args, *geometry(after), "--resume", "auto"], **launch_kwargs(layout, after))
     run = last_launch(tmp_path)
     assert (run["world_size"], run["resumed_from"]) == (after, str(tmp_path / "checkpoints" / "3"))
 
-    got |= samples_per_step(tmp_path, "after", after, 3)
+    got |= recorded(tmp_path, "after", after, 3)
     assert got == expected_samples
 
     # The same samples, the same weights: the losses follow the uninterrupted DDP run's (DDP to

@@ -21,6 +21,7 @@ from tests.helpers import (
     launch,
     read_metrics,
     run_killed_after_checkpoint,
+    samples_per_step,
     train_losses,
 )
 
@@ -57,16 +58,6 @@ def sharded(shards: Path) -> list[str]:
         "--checkpoint.at_epoch_end",
         "false",
     ]
-
-
-def samples_per_step(run_dir: Path, tag: str, ranks: int, accumulation: int, first_step: int) -> dict[int, list[int]]:
-    """The sorted sample numbers each optimizer step of launch `tag` trained on, over every rank."""
-    steps: dict[int, list[int]] = {}
-    for rank in range(ranks):
-        lines = (run_dir / f"samples-{tag}-rank{rank}.jsonl").read_text().splitlines()
-        for i, line in enumerate(lines):
-            steps.setdefault(first_step + i // accumulation + 1, []).extend(json.loads(line))
-    return {step: sorted(numbers) for step, numbers in steps.items()}
 
 
 @pytest.fixture(scope="module")
