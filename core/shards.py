@@ -227,8 +227,8 @@ class PartitionOrder(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.counts))
-        starts = np.concatenate([[0], np.cumsum(self.counts)])[order]  # each shuffled shard's first sample
-        ends = np.cumsum(self.counts[order])  # positions in the laid-out sequence
+        numbers = np.concatenate([[0], np.cumsum(self.counts)])[order]  # each shuffled shard's first sample number
+        laid_out = np.concatenate([[0], np.cumsum(self.counts[order])])  # where each starts in the laid-out sequence
         per_part = self.global_batch // self.partitions
         windows: dict[int, tuple[int, np.ndarray]] = {}  # partition -> (window number, its shuffle)
         for step in range(self.steps):
@@ -240,8 +240,8 @@ class PartitionOrder(Sampler[int]):
                         rng = np.random.default_rng([self.seed, self.epoch, part, w])
                         windows[part] = (w, rng.permutation(length))
                     position = part * self.part_length + w * self.window + int(windows[part][1][k - w * self.window])
-                    shard = int(np.searchsorted(ends, position, side="right"))
-                    yield int(starts[shard] + position - (ends[shard] - self.counts[order][shard]))
+                    shard = int(np.searchsorted(laid_out, position, side="right")) - 1
+                    yield int(numbers[shard] + position - laid_out[shard])
 
 
 def epoch_order(shards: ShardIndex, cfg: TrainConfig, ranks: int) -> PartitionOrder:
