@@ -6,6 +6,7 @@ or local weights (loaded by the engine); nothing comes from the hub."""
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from dataclasses import dataclass
@@ -217,21 +218,19 @@ class HFDetectorIO:
 
 
 def write_detector_folder(
-    model: torch.nn.Module, cfg: DetectionModelConfig, class_names: list[str], min_size: int, max_size: int, folder: str
+    model: torch.nn.Module, hf_io: HFDetectorIO, class_names: list[str], num_classes: int, folder: str
 ) -> None:
     """A transformers detector's model folder beside its weights: config.json with the data's
-    category names as id2label (label k is the k-th category), and its image processor resizing
-    as the run evaluated (the shorter side to min_size, the longer at most max_size), for
-    `AutoModelForObjectDetection.from_pretrained(FOLDER)` and `AutoImageProcessor`. Reads no
-    parameter. torchvision detectors have no such folder: docs/detection.md shows their loading."""
-    import copy
-
-    names = [*class_names, *(f"class_{k}" for k in range(len(class_names), cfg.num_classes))]
+    category names as id2label (label k is the k-th category), and the run's own image processor
+    (`hf_io.processor`) resizing as the run evaluated (the shorter side to min_size, the longer at
+    most max_size), for `AutoModelForObjectDetection.from_pretrained(FOLDER)` and
+    `AutoImageProcessor`. Reads no parameter."""
+    names = [*class_names, *(f"class_{k}" for k in range(len(class_names), num_classes))]
     config = copy.deepcopy(model.config)
     config.id2label, config.label2id = dict(enumerate(names)), {name: k for k, name in enumerate(names)}
     config.save_pretrained(folder)
-    processor = copy.deepcopy(image_processor(cfg))
-    processor.size = {"shortest_edge": min_size, "longest_edge": max_size}
+    processor = copy.deepcopy(hf_io.processor)
+    processor.size = {"shortest_edge": hf_io.min_size, "longest_edge": hf_io.max_size}
     processor.save_pretrained(folder)
 
 

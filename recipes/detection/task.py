@@ -65,7 +65,7 @@ class DetectionTask(Task):
                 f"{train.base.annotations_file} has {categories} categories but model.num_classes is "
                 f"{self.cfg.model.num_classes}"
             )
-        self.eval_set, self.train_categories = val.base, list(train.base.category_names)
+        self.eval_set = val.base
         return train, val
 
     def collate(self, samples: list[dict]) -> dict:
@@ -98,9 +98,8 @@ class DetectionTask(Task):
         ]
 
     def write_model_folder(self, model: torch.nn.Module, folder: str) -> None:
-        if self.hf is not None:
-            d = self.cfg.data
-            write_detector_folder(model, self.cfg.model, self.train_categories, d.min_size, d.max_size, folder)
+        if self.hf is not None:  # the evaluation split's category table is the training split's
+            write_detector_folder(model, self.hf, self.eval_set.category_names, self.cfg.model.num_classes, folder)
 
     def build_metrics(self) -> CocoMetrics:
         data = self.eval_set  # its category table names the model's labels: the per-class table's rows
