@@ -24,6 +24,24 @@ QUICK = ["--logging.progress_bar", "false", "--logging.trackers", "[]", "--data.
 TINY_VIT = ["--config", DIGITS, *QUICK, "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}"]
 
 
+# Six steps of 32-sample micro-batches, each step logged, one checkpoint at step 3: a run to stop
+# there and resume. Step 3 is odd, so a 2-rank run's micro-batch count does not fall on a window
+# of 2 micro-batches (1 rank, accumulation 2).
+STOPPED_AT_3_OF_6 = [
+    "--data.micro_batch_size",
+    "32",
+    "--loop.max_steps",
+    "6",
+    "--logging.every_steps",
+    "1",
+    "--logging.count_flops",
+    "false",
+    "--checkpoint.every_steps",
+    "3",
+    "--checkpoint.at_epoch_end",
+    "false",
+]
+
 # Two short epochs of the digits demo on the tiny ViT, logging every step; dropout on, so resuming
 # must also restore the RNG, and random-resized-crop on, so it must also replay the augmentations.
 # (resnet18 took 16.7 s a launch here, the tiny ViT 9.3 s; test_background_saves keeps resnet18.)

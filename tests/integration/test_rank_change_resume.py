@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers import (
     REPO,
+    STOPPED_AT_3_OF_6,
     TINY_VIT,
     accelerate_config,
     last_launch,
@@ -23,27 +24,8 @@ from tests.helpers import (
 )
 
 RECORDING = str(REPO / "tests" / "recording_train.py")
-# A LayerNorm ViT without dropout, so a step's update depends only on which samples it sees; the
-# checkpoint at step 3, odd, so a 2-rank run's micro-batch count does not fall on a window of 2.
-RESUMED = [
-    *TINY_VIT,
-    "--optim.name",
-    "adamw",
-    "--optim.lr",
-    "0.003",
-    "--loop.max_steps",
-    "6",
-    "--logging.every_steps",
-    "1",
-    "--logging.count_flops",
-    "false",
-    "--checkpoint.every_steps",
-    "3",
-    "--checkpoint.at_epoch_end",
-    "false",
-    "--data.micro_batch_size",
-    "32",
-]
+# A LayerNorm ViT without dropout, so a step's update depends only on which samples it sees.
+RESUMED = [*TINY_VIT, "--optim.name", "adamw", "--optim.lr", "0.003", *STOPPED_AT_3_OF_6]
 ACCUMULATION = {1: "2", 2: "1"}  # ranks -> accumulation steps: a global batch of 64 either way
 
 

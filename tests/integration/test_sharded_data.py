@@ -15,6 +15,7 @@ import pytest
 from tests.builders import digit_shards
 from tests.helpers import (
     REPO,
+    STOPPED_AT_3_OF_6,
     TINY_VIT,
     assert_resumed_exactly,
     last_launch,
@@ -35,29 +36,8 @@ def shards(tmp_path_factory) -> Path:
 
 def sharded(shards: Path) -> list[str]:
     """The tiny ViT on the digit shards, global batch 64 in 4 parts, checkpointed at step 3 of 6."""
-    return [
-        *TINY_VIT,
-        "--data.source",
-        "webdataset",
-        "--data.root",
-        str(shards),
-        "--data.shard_partitions",
-        "4",
-        "--data.shuffle_window",
-        "50",
-        "--data.micro_batch_size",
-        "32",
-        "--loop.max_steps",
-        "6",
-        "--logging.every_steps",
-        "1",
-        "--logging.count_flops",
-        "false",
-        "--checkpoint.every_steps",
-        "3",
-        "--checkpoint.at_epoch_end",
-        "false",
-    ]
+    source = ["--data.source", "webdataset", "--data.root", str(shards)]
+    return [*TINY_VIT, *source, "--data.shard_partitions", "4", "--data.shuffle_window", "50", *STOPPED_AT_3_OF_6]
 
 
 @pytest.fixture(scope="module")
