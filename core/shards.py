@@ -1,7 +1,8 @@
-"""Tar shards in the WebDataset layout: their index, their samples by number, and the order in
-which an epoch reads them.
+"""Sharded data sets: tar shards in the WebDataset layout and Parquet shards (the layout of
+`datasets`' `to_parquet` and of the Hugging Face Hub), their index, their samples by number, and
+the order in which an epoch reads them.
 
-A shard is a tar file; a sample is the run of consecutive members sharing a key (the member's
+A tar shard is a tar file; a sample is the run of consecutive members sharing a key (the member's
 path up to the first dot of its file name: `n01/img7.jpg` and `n01/img7.cls` are sample `n01/img7`,
 files `jpg` and `cls`). The shards of a split are `<split>-*.tar` in a folder, in name order.
 
@@ -16,8 +17,13 @@ position, so their resume restarts the epoch.)
 of partitions, global batch) only, never of the number of ranks, so that a run resumed on another
 number of ranks sees the same samples in the same optimizer steps.
 
+A Parquet shard is a `.parquet` file, a sample one of its rows ({column: value}). Its row count
+and row groups are in the file's footer, so the index reads no data; a row is read with its row
+group, and each process keeps the row groups it read last (PARQUET_CACHE_BYTES), so that a
+shuffle window's samples, spread over a few row groups, read each group once.
+
 `<folder>/_index.json` (written by `shardvision shard`) holds each shard's sample count and the
-class names; without it each rank counts the samples by scanning every shard's headers at start.
+class names; without it each rank counts a tar shard's samples by scanning its headers at start.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ import json
 import logging
 import os
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler
@@ -41,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "_index.json"
 INDEX_FORMAT = "shardvision-shards-1"
+SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}  # data.source -> shard file suffix
+PARQUET_CACHE_BYTES = 256 << 20  # row groups a process keeps decoded, per process
 
 
 def split_key(member_name: str) -> tuple[str, str]:
@@ -50,18 +60,18 @@ def split_key(member_name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower() if dot else ""
 
 
-def shard_files(root: str, split: str) -> list[str]:
-    """The shards of `split`, `<split>-*.tar`, in name order: in the folder `root`, or among the
+def shard_files(root: str, split: str, suffix: str = ".tar") -> list[str]:
+    """The shards of `split`, `<split>-*<suffix>`, in name order: in the folder `root`, or among the
     files a brace pattern or glob `root` names (`/data/{train,val}-{000000..000127}.tar`)."""
     if os.path.isdir(root):
-        found = sorted(glob.glob(os.path.join(glob.escape(root), f"{split}-*.tar")))
-        where = f"{root}/{split}-*.tar"
+        found = sorted(glob.glob(os.path.join(glob.escape(root), f"{split}-*{suffix}")))
+        where = f"{root}/{split}-*{suffix}"
     else:
         from braceexpand import braceexpand
 
         named = {path for pattern in braceexpand(root) for path in glob.glob(pattern)}
-        found = sorted(p for p in named if os.path.basename(p).startswith(f"{split}-") and p.endswith(".tar"))
-        where = f"{split}-*.tar in {root}"
+        found = sorted(p for p in named if os.path.basename(p).startswith(f"{split}-") and p.endswith(suffix))
+        where = f"{split}-*{suffix} in {root}"
     if not found:
         raise ConfigError(f"data.root: no shards match {where!r}")
     return found
@@ -102,16 +112,18 @@ def scan_shard(path: str) -> tuple[list[ShardSample], str | None]:
 
 
 class ShardIndex:
-    """The shards of one split and how many samples each holds."""
+    """The shards of one split (`suffix` .tar or .parquet) and how many samples each holds."""
 
-    def __init__(self, root: str, split: str):
-        self.paths = shard_files(root, split)
+    def __init__(self, root: str, split: str, suffix: str = ".tar"):
+        self.paths, self.parquet = shard_files(root, split, suffix), suffix == ".parquet"
         self.problems: list[str] = []
         folder = os.path.dirname(self.paths[0])
         written = read_index(folder)
         names = [os.path.basename(p) for p in self.paths]
         if written is not None and all(n in written["shards"] for n in names):
             self.counts = [int(written["shards"][n]["samples"]) for n in names]
+        elif self.parquet:  # each file's footer holds its row count
+            self.counts = [parquet_rows(path) for path in self.paths]
         else:  # count by scanning the headers (no image data is read)
             self.counts = []
             for path in self.paths:
@@ -129,6 +141,24 @@ class ShardIndex:
         """(shard number, position in that shard) of sample `index`."""
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
         return shard, index - int(self.starts[shard])
+
+
+def parquet_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def parquet_class_names(path: str, column: str) -> list[str]:
+    """The names of `column` where the file's `datasets` features make it a ClassLabel, else []."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    feature = datasets.Features.from_arrow_schema(pq.read_schema(path)).get(column)
+    return [str(name) for name in getattr(feature, "names", None) or []]
 
 
 def read_index(folder: str) -> dict | None:
@@ -156,14 +186,18 @@ def read_classes(folder: str) -> list[str]:
 
 
 class ShardSamples(Dataset):
-    """`dataset[i]`: sample i's files as {extension: bytes}, plus "__key__" and "__shard__".
+    """`dataset[i]`: sample i's files as {extension: bytes} (a tar shard) or its row as {column:
+    value} (a Parquet shard), plus "__key__" and "__shard__".
 
-    Each process (rank or loader worker) scans a shard's headers when it first reads from it, and
-    only then: a rank opens only the shards its samples are in."""
+    Each process (rank or loader worker) reads a shard's headers or footer when it first reads
+    from it, and only then: a rank opens only the shards its samples are in."""
 
     def __init__(self, index: ShardIndex):
         self.index = index
         self._members: dict[int, list[ShardSample]] = {}
+        self._row_groups: dict[int, tuple[Any, np.ndarray]] = {}  # shard -> (ParquetFile, group starts)
+        self._groups_read: OrderedDict[tuple[int, int], Any] = OrderedDict()  # (shard, group) -> Table
+        self._pid = os.getpid()
 
     @property
     def problems(self) -> list[str]:
@@ -175,6 +209,8 @@ class ShardSamples(Dataset):
     def __getitem__(self, i: int) -> dict:
         shard, position = self.index.locate(int(i))
         path = self.index.paths[shard]
+        if self.index.parquet:
+            return self._row(shard, position)
         if shard not in self._members:
             self._members[shard] = scan_shard(path)[0]
         members = self._members[shard]
@@ -190,6 +226,38 @@ class ShardSamples(Dataset):
                 f.seek(offset)
                 out[extension] = f.read(size)
         return out
+
+    def _row(self, shard: int, position: int) -> dict:
+        import pyarrow.parquet as pq
+
+        if self._pid != os.getpid():  # a forked loader worker opens its own files
+            self._row_groups, self._groups_read, self._pid = {}, OrderedDict(), os.getpid()
+        path = self.index.paths[shard]
+        if shard not in self._row_groups:
+            try:
+                file = pq.ParquetFile(path)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+            rows = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+            self._row_groups[shard] = (file, np.concatenate([[0], np.cumsum(rows)]).astype(np.int64))
+        file, starts = self._row_groups[shard]
+        if position >= starts[-1]:
+            raise DataError(f"{path}: row {position} of the {self.index.counts[shard]} the index counts is missing")
+        group = int(np.searchsorted(starts, position, side="right")) - 1
+        table = self._groups_read.get((shard, group))
+        if table is None:
+            try:
+                table = file.read_row_group(group)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: row group {group} cannot be read ({e})") from None
+            self._groups_read[(shard, group)] = table
+            while (
+                len(self._groups_read) > 1 and sum(t.nbytes for t in self._groups_read.values()) > PARQUET_CACHE_BYTES
+            ):
+                self._groups_read.popitem(last=False)
+        self._groups_read.move_to_end((shard, group))
+        row = table.slice(position - int(starts[group]), 1).to_pylist()[0]
+        return {**row, "__key__": str(row.get("__key__", f"row {position}")), "__shard__": path}
 
 
 class PartitionOrder(Sampler[int]):

@@ -140,6 +140,31 @@ def write_tar_shards(folder: Path, split: str, samples: list[tuple[str, dict[str
                     tar.addfile(member, io.BytesIO(data))
 
 
+def write_parquet_shards(
+    folder: Path, split: str, rows: list, per_shard: int, classes, row_group: int, broken_image_at: int | None = None
+) -> None:
+    """(PIL image, label) `rows` as `folder/<split>-00000-of-0000N.parquet` files of `per_shard`
+    rows, written by `datasets` (`to_parquet`, the Hugging Face Hub's layout): the image as its
+    Image feature (PNG bytes), the label a ClassLabel of `classes` or a plain integer."""
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=classes) if classes else datasets.Value("int64")}
+    )
+    images = []
+    for i, (image, _) in enumerate(rows):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        images.append({"bytes": buffer.getvalue()[: 40 if i == broken_image_at else None], "path": None})
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = range(0, len(rows), per_shard)
+    for shard, first in enumerate(shards):
+        part = slice(first, first + per_shard)
+        table = {"image": images[part], "label": [label for _, label in rows[part]]}
+        path = folder / f"{split}-{shard:05d}-of-{len(shards):05d}.parquet"
+        datasets.Dataset.from_dict(table, features=features).to_parquet(str(path), batch_size=row_group)
+
+
 def digit_shards(folder: Path, per_shard: int = 240) -> Path:
     """The digits demo's two splits as tar shards of PNG images and cls labels, with classes.txt."""
     from recipes.classification.data import Digits
@@ -154,6 +179,18 @@ def digit_shards(folder: Path, per_shard: int = 240) -> Path:
             samples.append((f"{split}/{i:05d}", {"png": buffer.getvalue(), "cls": str(label).encode()}))
         write_tar_shards(folder, split, samples, per_shard)
     (folder / "classes.txt").write_text("".join(f"{c}\n" for c in Digits("train").classes))
+    return folder
+
+
+def digit_parquet(folder: Path, per_shard: int = 240) -> Path:
+    """The digits demo's two splits as Parquet shards written by `datasets`, in row groups of 100:
+    the samples of digit_shards, shard for shard."""
+    from recipes.classification.data import Digits
+
+    for split in ("train", "val"):
+        digits = Digits(split)
+        rows = [digits[i] for i in range(len(digits))]
+        write_parquet_shards(folder, split, rows, per_shard, classes=digits.classes, row_group=100)
     return folder
 
 

@@ -24,28 +24,30 @@ from core.data import (
     read_image,
 )
 from core.errors import ConfigError, DataError
-from core.shards import ShardIndex, ShardSamples
+from core.shards import SHARD_SUFFIX, ShardIndex, ShardSamples, parquet_class_names
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 @dataclass
 class ClassificationDataConfig(DataConfig):
-    source: Literal["digits", "imagefolder", "hf_disk", "hf_files", "webdataset"] = option(
+    source: Literal["digits", "imagefolder", "hf_disk", "hf_files", "webdataset", "parquet"] = option(
         "digits",
         "digits: scikit-learn's handwritten digits (built in); imagefolder: root/<split>/<class>/*.jpg; "
         "hf_disk: a `datasets` DatasetDict saved with save_to_disk; hf_files: local files read by a "
         "`datasets` builder; webdataset: tar shards root/<split>-*.tar, each sample an image (jpg, jpeg, "
-        'png, webp) and its label (cls, or json with a "label").',
+        'png, webp) and its label (cls, or json with a "label"); parquet: Parquet shards '
+        "root/<split>-*.parquet (as `datasets` and the Hugging Face Hub write them), read row by row with "
+        "no cache copy, columns image_column and label_column.",
     )
     root: str | None = option(
-        None, "Dataset folder (not used by digits); for webdataset also a brace pattern or glob of shard files."
+        None, "Dataset folder (not used by digits); for webdataset and parquet also a brace pattern or glob of shards."
     )
     train_split: str = option("train", "Training split: a subfolder (imagefolder) or a split name (datasets).")
     eval_split: str = option("val", "Evaluation split, as train_split.")
     hf_builder: str = option("imagefolder", "hf_files: the `datasets` builder (imagefolder, parquet, arrow, ...).")
-    image_column: str = option("image", "datasets: the image column.")
-    label_column: str = option("label", "datasets: the integer label column.")
+    image_column: str = option("image", "datasets and parquet: the image column.")
+    label_column: str = option("label", "datasets and parquet: the integer label column.")
     image_size: int = option(224, "Square input size in pixels.")
     crop_pct: float = option(0.875, "Eval: resize to image_size / crop_pct, then center-crop.")
     interpolation: str = option("bilinear", "Resize interpolation (bilinear, bicubic, ...).")
@@ -66,7 +68,7 @@ class ClassificationDataConfig(DataConfig):
         super().validate()
         if self.source != "digits" and not self.root:
             raise ConfigError(f"data.root is required for data.source={self.source!r}")
-        if self.root and not os.path.exists(self.root) and self.source != "webdataset":
+        if self.root and not os.path.exists(self.root) and self.source not in SHARD_SUFFIX:
             raise ConfigError(f"data.root: no such folder: {self.root!r}")
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
             if self.micro_batch_size % 2:
@@ -113,16 +115,17 @@ def write_digits_split(folder: str) -> None:
 
 
 class ShardImages(Dataset):
-    """Tar shards' samples as (PIL image, label): the image is the sample's jpg, jpeg, png or webp
-    file, the label its cls file (an integer, the WebDataset and timm convention) or its json's
-    "label". A sample without either, or whose image does not decode, is a DataError naming its
-    shard and key."""
+    """Shards' samples as (PIL image, label). In a tar shard the image is the sample's jpg, jpeg,
+    png or webp file, the label its cls file (an integer, the WebDataset and timm convention) or
+    its json's "label"; in a Parquet shard they are the row's `columns` (image, label), the image
+    as bytes or as `datasets`' Image struct. A sample without either, or whose image does not
+    decode, is a DataError naming its shard and key."""
 
     IMAGES = ("jpg", "jpeg", "png", "webp")
 
-    def __init__(self, index: ShardIndex, num_classes: int):
-        self.index, self.samples, self.num_classes = index, ShardSamples(index), num_classes
-        self.classes = index.classes
+    def __init__(self, index: ShardIndex, num_classes: int, columns: tuple[str, str] = ("image", "label")):
+        self.index, self.samples, self.num_classes, self.columns = index, ShardSamples(index), num_classes, columns
+        self.classes = index.classes or (parquet_class_names(index.paths[0], columns[1]) if index.parquet else [])
 
     @property
     def problems(self) -> list[str]:
@@ -134,21 +137,34 @@ class ShardImages(Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         sample = self.samples[i]
         where = f"{sample['__shard__']}: sample {sample['__key__']}"
-        found = next((extension for extension in self.IMAGES if extension in sample), None)
-        if found is None:
-            raise DataError(f"{where} has no image ({', '.join(self.IMAGES)}); its files: {self._files(sample)}")
+        if self.index.parquet:
+            found, data = self.columns[0], sample.get(self.columns[0])
+            data = data.get("bytes") if isinstance(data, dict) else data
+        else:
+            found = next((extension for extension in self.IMAGES if extension in sample), "")
+            data = sample.get(found)
+        if not isinstance(data, bytes):
+            wanted = f"column {self.columns[0]!r} (data.image_column)" if self.index.parquet else ", ".join(self.IMAGES)
+            raise DataError(f"{where} has no image bytes ({wanted}); it has: {self._files(sample)}")
         try:
-            with Image.open(io.BytesIO(sample[found])) as img:
+            with Image.open(io.BytesIO(data)) as img:
                 image = img.convert("RGB")
         except DECODE_ERRORS as e:
             raise DataError(f"{where}.{found}: cannot read image ({decode_failure(e)})") from None
         return image, self._label(sample, where)
 
     def _label(self, sample: dict, where: str) -> int:
-        if "cls" not in sample and "json" not in sample:
+        column = self.columns[1] if self.index.parquet else None
+        if column is not None and sample.get(column) is None:
+            raise DataError(
+                f"{where} has no label in column {column!r} (data.label_column); it has: {self._files(sample)}"
+            )
+        if column is None and "cls" not in sample and "json" not in sample:
             raise DataError(f'{where} has no label (cls, or json with a "label"); its files: {self._files(sample)}')
         try:
-            if "cls" in sample:
+            if column is not None:
+                label = int(sample[column])
+            elif "cls" in sample:
                 label = int(sample["cls"].decode().strip())
             else:
                 value = json.loads(sample["json"])
@@ -220,9 +236,13 @@ class HFImages(Dataset):
 def _load_raw(cfg: ClassificationDataConfig, num_classes: int) -> tuple[Dataset, Dataset]:
     if cfg.source == "digits":
         return Digits("train"), Digits("val")
-    if cfg.source == "webdataset":
+    if cfg.source in SHARD_SUFFIX:
         assert cfg.root is not None  # validate() requires it
-        train, val = (ShardImages(ShardIndex(cfg.root, s), num_classes) for s in (cfg.train_split, cfg.eval_split))
+        columns = (cfg.image_column, cfg.label_column)
+        train, val = (
+            ShardImages(ShardIndex(cfg.root, split, SHARD_SUFFIX[cfg.source]), num_classes, columns)
+            for split in (cfg.train_split, cfg.eval_split)
+        )
         return train, val
     if cfg.source == "imagefolder":
         from torchvision.datasets import ImageFolder

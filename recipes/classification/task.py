@@ -10,6 +10,7 @@ from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
 from core.config import TrainConfig, section
+from core.shards import SHARD_SUFFIX
 from core.task import Task
 from recipes.classification.data import ClassificationDataConfig, build_datasets, shard_samples
 from recipes.classification.metrics import ClassificationMetrics
@@ -52,7 +53,7 @@ class ClassificationTask(Task):
         names = next((n for n in named if n), None)
         if names:
             self.class_names = [str(name) for name in names]
-        if self.cfg.data.source == "webdataset":
+        if self.cfg.data.source in SHARD_SUFFIX:
             self.train_shards = train.base.index
         return train, val
 

@@ -2,7 +2,8 @@
 run killed mid-epoch and resumed with 2 loader workers retraces the uninterrupted DDP run bit for
 bit; resumed on 1 rank (accumulation 2, the same global batch) it trains each step on the samples
 the uninterrupted run did, none repeated in the epoch; evaluation counts each sample once. Each
-rank's samples are recorded by tests/recording_train.py."""
+rank's samples are recorded by tests/recording_train.py. The same samples as Parquet shards
+written by `datasets` (data.source parquet) retrace the same run through a kill and resume."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.builders import digit_shards
+from tests.builders import digit_parquet, digit_shards
 from tests.helpers import (
     REPO,
     STOPPED_AT_3_OF_6,
@@ -55,6 +56,19 @@ def test_killed_mid_epoch_resumes_bit_for_bit_with_two_loader_workers(shards, re
     assert evaluation["samples"] == 360  # the 360 validation samples in 2 shards, each counted once over 2 ranks
     for key in ("step", "loss", "top1", "top5"):
         assert evaluation[key] == expected[key], key
+
+
+def test_parquet_shards_killed_mid_epoch_resume_bit_for_bit_on_the_tar_runs_path(reference, tmp_path):
+    """The order depends on the shards' sample counts only, so Parquet shards of the same samples
+    (row groups of 100, not aligned with the 240-sample shards) train the uninterrupted tar run."""
+    parquet = digit_parquet(tmp_path / "parquet")
+    source = ["--data.source", "parquet", "--data.root", str(parquet)]
+    args = [*TINY_VIT, *source, "--data.shard_partitions", "4", "--data.shuffle_window", "50", *STOPPED_AT_3_OF_6]
+    args += ["--data.num_workers", "2", "--output-dir", str(tmp_path / "run")]
+    run_killed_after_checkpoint(args, tmp_path / "run", step=3, launcher="torchrun")
+    launch([*args, "--resume", "auto"], launcher="torchrun")
+    assert_resumed_exactly(tmp_path / "run", reference, 3)
+    assert read_metrics(tmp_path / "run", "eval")[-1] == read_metrics(reference, "eval")[-1]
 
 
 def test_resumed_on_one_rank_trains_on_the_samples_of_the_uninterrupted_run(shards, reference, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ accelerate's own per-rank slicing (prepare_data_loader) on 1, 2 and 4 ranks."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from core.errors import ConfigError, DataError
 from core.shards import INDEX_FILE, INDEX_FORMAT, PartitionOrder, ShardIndex, ShardSamples, split_key
 from recipes.classification.data import ShardImages
-from tests.builders import image_bytes, write_tar_shards
+from tests.builders import image_bytes, write_parquet_shards, write_tar_shards
 from tests.helpers import DIGITS
 
 
@@ -91,7 +92,7 @@ def test_bad_images_and_labels_are_named_by_shard_and_key(tmp_path):
     with pytest.raises(DataError, match=rf"{shard}: sample k/0003: label 7 is outside 0..2"):
         images[3]
     assert images[4][1] == 2  # a json label, a jpg extension holding any image format PIL reads
-    with pytest.raises(DataError, match=rf"{shard}: sample k/0005 has no image .*its files: cls"):
+    with pytest.raises(DataError, match=rf"{shard}: sample k/0005 has no image bytes .*it has: cls"):
         images[5]
 
 
@@ -191,3 +192,92 @@ def test_shardvision_shard_writes_the_recipes_data_with_its_index(tmp_path, caps
     for i in (0, 777, 1436):
         (image, label), (expected_image, expected_label) = shards[i], digits[i]
         assert label == expected_label and np.array_equal(np.asarray(image), np.asarray(expected_image))
+
+
+# --- Parquet shards ---------------------------------------------------------------------------
+
+
+def test_parquet_shards_hold_the_same_samples_as_tar_shards_of_the_same_data(tmp_path):
+    """The digits' training split as tar shards and as Parquet shards written by `datasets`
+    (ClassLabel names, Image struct, row groups of 100): sample for sample the same image and
+    label, the counts from the files' footers, the class names from the Parquet schema."""
+    from recipes.classification.data import Digits
+
+    digits = Digits("train")
+    rows = [digits[i] for i in range(700)]
+    tar_samples = []
+    for i, (image, label) in enumerate(rows):
+        png = io.BytesIO()
+        image.save(png, format="PNG")
+        tar_samples.append((f"{i:05d}", {"png": png.getvalue(), "cls": str(label).encode()}))
+    write_tar_shards(tmp_path / "tar", "train", tar_samples, per_shard=300)
+    write_parquet_shards(tmp_path / "parquet", "train", rows, per_shard=300, classes=digits.classes, row_group=100)
+    tar = ShardImages(ShardIndex(str(tmp_path / "tar"), "train"), num_classes=10)
+    parquet_index = ShardIndex(str(tmp_path / "parquet"), "train", ".parquet")
+    parquet = ShardImages(parquet_index, num_classes=10)
+    assert parquet_index.counts == [300, 300, 100] and parquet.classes == [str(c) for c in digits.classes]
+    for i in range(0, 700, 7):
+        (image, label), (expected, expected_label) = parquet[i], tar[i]
+        assert label == expected_label and np.array_equal(np.asarray(image), np.asarray(expected)), i
+
+
+def test_a_parquet_row_group_is_read_once_for_the_samples_it_holds(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    rows = [(Image.new("RGB", (4, 4), (i, 0, 0)), i % 3) for i in range(40)]
+    write_parquet_shards(tmp_path, "train", rows, per_shard=40, classes=["a", "b", "c"], row_group=10)
+    reads = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, **kw: reads.append(g) or original(self, g))
+    samples = ShardSamples(ShardIndex(str(tmp_path), "train", ".parquet"))
+    for i in np.random.default_rng(0).permutation(40):  # a shuffle window over four row groups
+        assert samples[i]["__key__"] == f"row {i}"
+    assert sorted(reads) == [0, 1, 2, 3]
+
+
+def test_bad_parquet_rows_and_files_are_named(tmp_path):
+    rows = [(Image.new("RGB", (4, 4)), 0), (Image.new("RGB", (4, 4)), 5), (Image.new("RGB", (4, 4)), 1)]
+    write_parquet_shards(tmp_path, "train", rows, per_shard=3, classes=None, row_group=3, broken_image_at=2)
+    images = ShardImages(ShardIndex(str(tmp_path), "train", ".parquet"), num_classes=3)
+    shard = tmp_path / "train-00000-of-00001.parquet"
+    assert images[0][1] == 0
+    with pytest.raises(DataError, match=rf"{shard}: sample row 1: label 5 is outside 0..2"):
+        images[1]
+    with pytest.raises(DataError, match=rf"{shard}: sample row 2.image: cannot read image"):
+        images[2]
+    with pytest.raises(DataError, match=r"no column 'picture'|has no image bytes \(column 'picture'"):
+        ShardImages(ShardIndex(str(tmp_path), "train", ".parquet"), 3, ("picture", "label"))[0]
+    (tmp_path / "train-00001-of-00001.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(DataError, match=r"train-00001-of-00001.parquet: not a readable Parquet file"):
+        ShardIndex(str(tmp_path), "train", ".parquet")
+
+
+def test_check_data_reads_tar_and_parquet_shards_and_names_each_bad_sample(tmp_path, capsys):
+    """`shardvision check-data` on shards: a truncated tar, a corrupt member and a bad Parquet row
+    each named by shard and key in one report, exit code 2; clean shards pass."""
+    from core.commands.cli import main
+
+    def check(source: str, root) -> tuple[int, str]:
+        argv = ["check-data", "classification", "--config", DIGITS, "--data.source", source, "--data.root", str(root)]
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--model.num_classes", "3", "--data.num_workers", "0"])
+        return exit_info.value.code, capsys.readouterr().out
+
+    tar, broken = tmp_path / "tar", samples(12)
+    broken[3][1]["png"] = b"not an image"
+    write_tar_shards(tar, "train", broken, per_shard=6)
+    write_tar_shards(tar, "val", samples(4), per_shard=4)
+    damaged = tar / "train-000001.tar"
+    damaged.write_bytes(damaged.read_bytes()[:1500])
+    code, out = check("webdataset", tar)
+    assert code == 2 and "train sample 3: " in out and f"{tar}/train-000000.tar: sample k/0003.png: cannot read" in out
+    assert f"{damaged}: damaged or truncated tar after" in out and "eval: 4 samples read, 0 problems" in out
+
+    parquet, rows = tmp_path / "parquet", [(Image.new("RGB", (4, 4), (i, 0, 0)), i % 3) for i in range(6)]
+    write_parquet_shards(parquet, "train", rows, per_shard=3, classes=None, row_group=2, broken_image_at=4)
+    write_parquet_shards(parquet, "val", rows[:2], per_shard=3, classes=None, row_group=2)
+    code, out = check("parquet", parquet)
+    assert code == 2 and f"{parquet}/train-00001-of-00002.parquet: sample row 1.image: cannot read image" in out
+    assert "train: 6 samples read, 1 problems" in out
+    write_parquet_shards(parquet, "train", rows, per_shard=3, classes=None, row_group=2)
+    assert check("parquet", parquet) == (0, "train: 6 samples read, 0 problems\neval: 2 samples read, 0 problems\n")
