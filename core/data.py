@@ -21,6 +21,7 @@ batches of the same size whatever it skips; the trainer then either stops every 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import multiprocessing
 import os
@@ -55,13 +56,14 @@ def decode_failure(error: Exception) -> str:
     return re.sub(r"\s*<[^<>]* at 0x[0-9a-f]+>", "", str(error))
 
 
-def read_image(path: str) -> Image.Image:
-    """An RGB image, or a DataError naming the file: missing, empty, truncated or not an image."""
+def read_image(path: str | bytes, name: str = "") -> Image.Image:
+    """An RGB image from a file or from a file's bytes (named `name`), or a DataError naming it:
+    missing, empty, truncated or not an image."""
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             return img.convert("RGB")
     except DECODE_ERRORS as e:
-        raise DataError(f"{path}: cannot read image ({decode_failure(e)})") from None
+        raise DataError(f"{name or path}: cannot read image ({decode_failure(e)})") from None
 
 
 class MapDataset(Protocol):

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "_index.json"
 INDEX_FORMAT = "shardvision-shards-1"
 SHARD_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}  # data.source -> shard file suffix
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a tar sample's image, the first of these it has
 PARQUET_CACHE_BYTES = 256 << 20  # row groups a process keeps decoded, per process
 
 
@@ -159,6 +160,19 @@ def parquet_class_names(path: str, column: str) -> list[str]:
 
     feature = datasets.Features.from_arrow_schema(pq.read_schema(path)).get(column)
     return [str(name) for name in getattr(feature, "names", None) or []]
+
+
+def sample_file(sample: dict, names: tuple[str, ...], hint: str = "") -> tuple[str, bytes]:
+    """(name, bytes) of the first of `names` (tar extensions, or a Parquet column) that `sample`
+    holds; a `datasets` Image struct gives its bytes. A DataError naming the sample if none."""
+    for name in names:
+        value = sample.get(name)
+        value = value.get("bytes") if isinstance(value, dict) else value
+        if isinstance(value, bytes):
+            return name, value
+    held = ", ".join(k for k in sample if not k.startswith("__")) or "nothing"
+    where = f"{sample['__shard__']}: sample {sample['__key__']}"
+    raise DataError(f"{where} has no {' or '.join(names)}; it has {held}" + (f" ({hint})" if hint else ""))
 
 
 def read_index(folder: str) -> dict | None:

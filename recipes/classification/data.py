@@ -24,7 +24,7 @@ from core.data import (
     read_image,
 )
 from core.errors import ConfigError, DataError
-from core.shards import SHARD_SUFFIX, ShardIndex, ShardSamples, parquet_class_names
+from core.shards import IMAGE_EXTENSIONS, SHARD_SUFFIX, ShardIndex, ShardSamples, parquet_class_names, sample_file
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -121,8 +121,6 @@ class ShardImages(Dataset):
     as bytes or as `datasets`' Image struct. A sample without either, or whose image does not
     decode, is a DataError naming its shard and key."""
 
-    IMAGES = ("jpg", "jpeg", "png", "webp")
-
     def __init__(self, index: ShardIndex, num_classes: int, columns: tuple[str, str] = ("image", "label")):
         self.index, self.samples, self.num_classes, self.columns = index, ShardSamples(index), num_classes, columns
         self.classes = index.classes or (parquet_class_names(index.paths[0], columns[1]) if index.parquet else [])
@@ -138,48 +136,30 @@ class ShardImages(Dataset):
         sample = self.samples[i]
         where = f"{sample['__shard__']}: sample {sample['__key__']}"
         if self.index.parquet:
-            found, data = self.columns[0], sample.get(self.columns[0])
-            data = data.get("bytes") if isinstance(data, dict) else data
+            found, data = sample_file(sample, self.columns[:1], "set data.image_column")
         else:
-            found = next((extension for extension in self.IMAGES if extension in sample), "")
-            data = sample.get(found)
-        if not isinstance(data, bytes):
-            wanted = f"column {self.columns[0]!r} (data.image_column)" if self.index.parquet else ", ".join(self.IMAGES)
-            raise DataError(f"{where} has no image bytes ({wanted}); it has: {self._files(sample)}")
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                image = img.convert("RGB")
-        except DECODE_ERRORS as e:
-            raise DataError(f"{where}.{found}: cannot read image ({decode_failure(e)})") from None
-        return image, self._label(sample, where)
+            found, data = sample_file(sample, IMAGE_EXTENSIONS)
+        return read_image(data, f"{where}.{found}"), self._label(sample, where)
 
     def _label(self, sample: dict, where: str) -> int:
-        column = self.columns[1] if self.index.parquet else None
-        if column is not None and sample.get(column) is None:
-            raise DataError(
-                f"{where} has no label in column {column!r} (data.label_column); it has: {self._files(sample)}"
-            )
-        if column is None and "cls" not in sample and "json" not in sample:
-            raise DataError(f'{where} has no label (cls, or json with a "label"); its files: {self._files(sample)}')
+        key = self.columns[1] if self.index.parquet else "cls" if "cls" in sample else "json"
+        if sample.get(key) is None:
+            wanted = f"column {key!r} (data.label_column)" if self.index.parquet else 'cls, or json with a "label"'
+            held = ", ".join(k for k in sample if not k.startswith("__"))
+            raise DataError(f"{where} has no label ({wanted}); it has {held}")
         try:
-            if column is not None:
-                label = int(sample[column])
-            elif "cls" in sample:
-                label = int(sample["cls"].decode().strip())
-            else:
+            if key == "json":
                 value = json.loads(sample["json"])
                 label = int(value["label"] if isinstance(value, dict) else value)
+            else:
+                label = int(sample[key].decode().strip() if key == "cls" else sample[key])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: unreadable label ({e!r})") from None
+            raise DataError(f"{where}: unreadable label in {key} ({e!r})") from None
         if not 0 <= label < self.num_classes:
             raise DataError(
                 f"{where}: label {label} is outside 0..{self.num_classes - 1} (model.num_classes {self.num_classes})"
             )
         return label
-
-    @staticmethod
-    def _files(sample: dict) -> str:
-        return ", ".join(k for k in sample if not k.startswith("__")) or "none"
 
 
 class HFImages(Dataset):
@@ -293,7 +273,7 @@ def shard_samples(
                 problems.append(str(e))
                 continue
             extension = os.path.splitext(paths[i][0])[1].lower().lstrip(".") if paths else ""
-            if extension in ShardImages.IMAGES:
+            if extension in IMAGE_EXTENSIONS:
                 with open(paths[i][0], "rb") as f:
                     data = f.read()
             else:
