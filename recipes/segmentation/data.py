@@ -1,11 +1,14 @@
 """Segmentation data: image + index-mask pairs from VOC or ADE20K folders, `datasets` saved to
-disk, or the built-in synthetic shapes (written as real JPEG/PNG files in the VOC layout, so the
-demo goes through the same loader as real data). Joint image/mask augmentations come from
-torchvision's transforms v2, which resize `tv_tensors.Mask` with nearest-neighbour."""
+disk, tar or Parquet shards (core/shards.py), or the built-in synthetic shapes (written as real
+JPEG/PNG files in the VOC layout, so the demo goes through the same loader as real data). Joint
+image/mask augmentations come from torchvision's transforms v2, which resize `tv_tensors.Mask`
+with nearest-neighbour."""
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +29,7 @@ from core.data import (
     read_image,
 )
 from core.errors import ConfigError, DataError
+from core.shards import IMAGE_EXTENSIONS, SHARD_SUFFIX, ShardIndex, ShardSamples, sample_file
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SHAPES_CLASSES = ["background", "square", "circle", "triangle"]
@@ -33,19 +37,23 @@ SHAPES_CLASSES = ["background", "square", "circle", "triangle"]
 
 @dataclass
 class SegmentationDataConfig(DataConfig):
-    source: Literal["shapes", "voc", "ade20k", "hf_disk"] = option(
+    source: Literal["shapes", "voc", "ade20k", "hf_disk", "webdataset", "parquet"] = option(
         "shapes",
         "shapes: built-in synthetic set written as VOC-layout files; voc: JPEGImages/ + SegmentationClass/ + "
         "ImageSets/Segmentation/<split>.txt; ade20k: images/<split>/ + annotations/<split>/; hf_disk: a "
-        "DatasetDict saved to disk.",
+        "DatasetDict saved to disk; webdataset: tar shards root/<split>-*.tar, each sample an image (jpg, jpeg, "
+        "png, webp) and its index mask (seg.png or mask.png); parquet: Parquet shards root/<split>-*.parquet, "
+        "columns image_column and mask_column.",
     )
     root: str | None = option(
-        None, "Dataset folder. For shapes: where the files are written (default ~/.cache/shardvision)."
+        None,
+        "Dataset folder. For shapes: where the files are written (default ~/.cache/shardvision); for webdataset "
+        "and parquet also a brace pattern or glob of shards.",
     )
     train_split: str = option("train", "Training split (voc: train, ade20k: training, datasets: a split name).")
     eval_split: str = option("val", "Evaluation split (voc: val, ade20k: validation).")
-    image_column: str = option("image", "hf_disk: the image column.")
-    mask_column: str = option("mask", "hf_disk: the index-mask column.")
+    image_column: str = option("image", "hf_disk and parquet: the image column.")
+    mask_column: str = option("mask", "hf_disk and parquet: the index-mask column.")
     ignore_index: int = option(255, "Mask value that is neither trained on nor scored (VOC borders, padding).")
     reduce_zero_label: bool = option(False, "ADE20K: label 0 ('other') becomes ignore_index and 1..N become 0..N-1.")
     image_size: int = option(512, "Training crop size; evaluation resizes the shorter side to it.")
@@ -63,7 +71,7 @@ class SegmentationDataConfig(DataConfig):
         super().validate()
         if self.source != "shapes" and not self.root:
             raise ConfigError(f"data.root is required for data.source={self.source!r}")
-        if self.source != "shapes" and not os.path.exists(self.root):
+        if self.source not in ("shapes", *SHARD_SUFFIX) and not os.path.exists(self.root):
             raise ConfigError(f"data.root: no such folder: {self.root!r}")
         if len(self.scale_range) != 2 or not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high, got {self.scale_range!r}")
@@ -78,9 +86,11 @@ class SegmentationDataConfig(DataConfig):
 # --------------------------------------------------------------------------------------------
 
 
-def _read_mask(path: str) -> np.ndarray:
+def _read_mask(path: str | bytes, name: str = "") -> np.ndarray:
+    """An index mask from a PNG file or its bytes (named `name`)."""
+    path, source = name or path, io.BytesIO(path) if isinstance(path, bytes) else path
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             mode, mask = img.mode, np.array(img, dtype=np.int64)
     except DECODE_ERRORS as e:
         raise DataError(f"{path}: cannot read mask ({decode_failure(e)})") from None
@@ -150,6 +160,68 @@ class HFPairs(PairFolder):
         except DECODE_ERRORS as e:
             raise DataError(f"{name}: cannot read image or mask ({decode_failure(e)})") from None
         return self.check(image, mask, name, name)
+
+
+class ShardPairs(PairFolder):
+    """Shards' samples as (image, mask): in a tar shard the sample's jpg, jpeg, png or webp file and
+    its seg.png or mask.png; in a Parquet shard the row's `columns` (image, mask), each as bytes
+    or as `datasets`' Image struct. Named by shard and key when missing or unreadable."""
+
+    MASKS = ("seg.png", "mask.png")
+
+    def __init__(self, index: ShardIndex, columns: tuple[str, str], **checks: Any):
+        super().__init__([], **checks)
+        self.index, self.samples, self.columns = index, ShardSamples(index), columns
+
+    @property
+    def problems(self) -> list[str]:
+        return self.index.problems
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
+        sample = self.samples[i]
+        where = f"{sample['__shard__']}: sample {sample['__key__']}"
+        if self.index.parquet:
+            image_file = sample_file(sample, self.columns[:1], "set data.image_column")
+            mask_file = sample_file(sample, self.columns[1:], "set data.mask_column")
+        else:
+            image_file, mask_file = sample_file(sample, IMAGE_EXTENSIONS), sample_file(sample, self.MASKS)
+        image_name, mask_name = (f"{where}.{found}" for found, _ in (image_file, mask_file))
+        image, mask = read_image(image_file[1], image_name), _read_mask(mask_file[1], mask_name)
+        return self.check(image, mask, image_name, mask_name)
+
+
+def shard_samples(
+    cfg: SegmentationDataConfig, num_classes: int, problems: list[str]
+) -> dict[str, Iterator[tuple[str, dict[str, bytes]]]]:
+    """For `shardvision shard`: each split's samples as WebDataset files, the image and mask files'
+    own bytes (jpg, seg.png) where the source has files, else PNGs (the mask as stored). A sample that cannot be read
+    is left out and its problem appended to `problems`."""
+    raw = dict(zip((cfg.train_split, cfg.eval_split), _raw_pairs(cfg, num_classes), strict=True))
+
+    def files(pairs: PairFolder) -> Iterator[tuple[str, dict[str, bytes]]]:
+        for i in range(len(pairs)):
+            try:
+                image, mask = pairs[i]
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            if pairs.pairs:  # files: their own bytes
+                image_path, mask_path = pairs.pairs[i]
+                extension = os.path.splitext(image_path)[1].lower().lstrip(".")
+                with open(image_path, "rb") as f, open(mask_path, "rb") as g:
+                    yield f"{i:09d}", {extension: f.read(), "seg.png": g.read()}
+                continue
+            assert isinstance(pairs, HFPairs)
+            row = pairs.ds[i]  # the mask as stored, not as checked (reduce_zero_label applies when read)
+            image_png, mask_png = io.BytesIO(), io.BytesIO()
+            image.save(image_png, format="PNG")
+            Image.fromarray(np.asarray(row[pairs.mask_column], dtype=np.uint8)).save(mask_png, format="PNG")
+            yield f"{i:09d}", {"png": image_png.getvalue(), "seg.png": mask_png.getvalue()}
+
+    return {split: files(pairs) for split, pairs in raw.items()}
 
 
 def voc_pairs(root: str, split: str) -> list[tuple[str, str]]:
@@ -305,21 +377,33 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
-def build_datasets(cfg: SegmentationDataConfig, num_classes: int, seed: int) -> tuple[Dataset, Dataset]:
+def _raw_pairs(cfg: SegmentationDataConfig, num_classes: int) -> list[PairFolder]:
+    """The train and eval splits' (image, mask) pairs, checked but not transformed."""
     checks = dict(num_classes=num_classes, ignore_index=cfg.ignore_index, reduce_zero_label=cfg.reduce_zero_label)
+    splits = (cfg.train_split, cfg.eval_split)
+    if cfg.source in SHARD_SUFFIX:
+        assert cfg.root is not None  # validate() requires it
+        columns = (cfg.image_column, cfg.mask_column)
+        return [
+            ShardPairs(ShardIndex(cfg.root, split, SHARD_SUFFIX[cfg.source]), columns, **checks) for split in splits
+        ]
     if cfg.source == "hf_disk":
         import datasets
 
         loaded = datasets.load_from_disk(cfg.root)
-        raw = []
-        for split in (cfg.train_split, cfg.eval_split):
+        raw: list[PairFolder] = []
+        for split in splits:
             if split not in loaded:
                 raise ConfigError(
                     f"{cfg.root}: no split {split!r}; it has {list(loaded)} (set data.train_split / data.eval_split)"
                 )
             raw.append(HFPairs(loaded[split], cfg.image_column, cfg.mask_column, f"{cfg.root} [{split}]", **checks))
-    else:
-        root = shapes_root(cfg) if cfg.source == "shapes" else cfg.root
-        pairs_of = ade20k_pairs if cfg.source == "ade20k" else voc_pairs
-        raw = [PairFolder(pairs_of(root, split), **checks) for split in (cfg.train_split, cfg.eval_split)]
-    return SeededTransforms(raw[0], TrainTransform(cfg), seed), SeededTransforms(raw[1], EvalTransform(cfg), seed)
+        return raw
+    root = shapes_root(cfg) if cfg.source == "shapes" else cfg.root
+    pairs_of = ade20k_pairs if cfg.source == "ade20k" else voc_pairs
+    return [PairFolder(pairs_of(root, split), **checks) for split in splits]
+
+
+def build_datasets(cfg: SegmentationDataConfig, num_classes: int, seed: int) -> tuple[Dataset, Dataset]:
+    train, val = _raw_pairs(cfg, num_classes)
+    return SeededTransforms(train, TrainTransform(cfg), seed), SeededTransforms(val, EvalTransform(cfg), seed)

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from core.config import TrainConfig, option, section
+from core.shards import SHARD_SUFFIX
 from core.task import Task
-from recipes.segmentation.data import SHAPES_CLASSES, SegmentationDataConfig, build_datasets, collate
+from recipes.segmentation.data import SHAPES_CLASSES, SegmentationDataConfig, build_datasets, collate, shard_samples
 from recipes.segmentation.metrics import SegmentationMetrics, confusion_matrix
 from recipes.segmentation.models import SegmentationModelConfig, build_model, logits_of
 
@@ -57,7 +58,13 @@ class SegmentationTask(Task):
         return build_model(self.cfg.model)
 
     def build_datasets(self):
-        return build_datasets(self.cfg.data, self.cfg.model.num_classes, self.cfg.seed)
+        train, val = build_datasets(self.cfg.data, self.cfg.model.num_classes, self.cfg.seed)
+        if self.cfg.data.source in SHARD_SUFFIX:
+            self.train_shards = train.base.index
+        return train, val
+
+    def shard_samples(self, problems: list[str]):
+        return self.class_names, shard_samples(self.cfg.data, self.cfg.model.num_classes, problems)
 
     def collate(self, samples: list[dict]) -> dict:
         return collate(samples)

@@ -281,3 +281,94 @@ def test_check_data_reads_tar_and_parquet_shards_and_names_each_bad_sample(tmp_p
     assert "train: 6 samples read, 1 problems" in out
     write_parquet_shards(parquet, "train", rows, per_shard=3, classes=None, row_group=2)
     assert check("parquet", parquet) == (0, "train: 6 samples read, 0 problems\neval: 2 samples read, 0 problems\n")
+
+
+# --- segmentation shards ----------------------------------------------------------------------
+
+SHAPES = "recipes/segmentation/configs/shapes.yaml"
+
+
+def test_segmentation_shards_hold_the_sources_image_and_mask_pixel_for_pixel(tmp_path, capsys):
+    """`shardvision shard segmentation` on the shapes demo (the JPEG and PNG files' own bytes), and
+    the same pairs as Parquet shards written by `datasets`: read back, every image and mask is the
+    VOC folder's; the training split's shards are what the engine orders (task.train_shards)."""
+    import datasets
+
+    from core.commands.shard import shard_main
+    from core.config_parsing import parse_args
+    from recipes.segmentation.task import SegmentationConfig, SegmentationTask
+
+    def task(*args: str) -> SegmentationTask:
+        cfg = parse_args(SegmentationConfig, ["--config", SHAPES, *args, "--data.shapes_count", "[60, 20]"])
+        return SegmentationTask(cfg)
+
+    shards = tmp_path / "tar"
+    shard_main(
+        [
+            "segmentation",
+            str(shards),
+            "--samples-per-shard",
+            "25",
+            "--config",
+            SHAPES,
+            "--data.shapes_count",
+            "[60, 20]",
+        ]
+    )
+    assert "train: 60 samples in 3 shards" in capsys.readouterr().out
+    assert (shards / "classes.txt").read_text().split() == ["background", "square", "circle", "triangle"]
+    folder_task, shard_task = task(), task("--data.source", "webdataset", "--data.root", str(shards))
+    (folder, _), (sharded, sharded_val) = folder_task.build_datasets(), shard_task.build_datasets()
+    assert shard_task.train_shards.counts == [25, 25, 10] and len(sharded_val) == 20
+
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image()})
+    pairs = [folder.base[i] for i in range(60)]
+    table = {"image": [image for image, _ in pairs], "mask": [Image.fromarray(m.astype(np.uint8)) for _, m in pairs]}
+    datasets.Dataset.from_dict(table, features=features).to_parquet(str(tmp_path / "train-0.parquet"), batch_size=16)
+    parquet = task(
+        "--data.source", "parquet", "--data.root", str(tmp_path / "train-0.parquet"), "--data.eval_split", "train"
+    )
+    from_parquet = parquet.build_datasets()[0]
+    for i in range(0, 60, 3):
+        image, mask = folder.base[i]
+        for _, got_mask in (sharded.base[i], from_parquet.base[i]):
+            assert np.array_equal(got_mask, mask), i
+        assert np.array_equal(np.asarray(sharded.base[i][0]), np.asarray(image)), i  # the JPEG's own bytes
+        # Parquet holds the decoded JPEG as PNG: the same pixels
+        assert np.array_equal(np.asarray(from_parquet.base[i][0]), np.asarray(image)), i
+
+
+def test_bad_segmentation_shard_samples_are_named_by_shard_and_key(tmp_path):
+    from recipes.segmentation.data import ShardPairs
+
+    def png(array) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    image, mask = png(np.zeros((8, 8, 3), np.uint8)), np.zeros((8, 8), np.uint8)
+    write_tar_shards(
+        tmp_path,
+        "train",
+        [
+            ("a", {"png": image, "seg.png": png(mask)}),
+            ("b", {"png": image, "seg.png": png(mask[:4])}),
+            ("c", {"png": image, "seg.png": png(mask + 9)}),
+            ("d", {"png": image, "seg.png": image}),
+            ("e", {"png": image}),
+        ],
+        per_shard=5,
+    )
+    pairs = ShardPairs(
+        ShardIndex(str(tmp_path), "train"), ("image", "mask"), num_classes=4, ignore_index=255, reduce_zero_label=False
+    )
+    shard = tmp_path / "train-000000.tar"
+    assert pairs[0][1].shape == (8, 8)
+    with pytest.raises(DataError, match=rf"{shard}: sample b.seg.png: mask is 8x4 but {shard}: sample b.png is 8x8"):
+        pairs[1]
+    with pytest.raises(DataError, match=rf"{shard}: sample c.seg.png: mask values \[9\] are outside 0..3"):
+        pairs[2]
+    with pytest.raises(DataError, match=rf"{shard}: sample d.seg.png: a mask must be a single-channel index PNG"):
+        pairs[3]
+    with pytest.raises(DataError, match=rf"{shard}: sample e has no seg.png or mask.png; it has png"):
+        pairs[4]
