@@ -84,12 +84,14 @@ class DataConfig:
     )
     shard_partitions: int = option(
         16,
-        "Sharded data only (webdataset, parquet): the parts an epoch's shuffled shards are cut into, each step taking as many samples "
-        "from each. Must divide the global batch; a multiple of ranks x accumulation (of every world size you "
-        "may resume on) lets each rank read only its parts' shards.",
+        "Sharded data only (webdataset, parquet): the parts an epoch's shuffled shards are cut into, each "
+        "step taking as many samples from each. Must divide the global batch; a multiple of ranks x "
+        "accumulation (of every world size you may resume on) lets each rank read only its parts' shards.",
     )
     shuffle_window: int = option(
-        1000, "Sharded data only (webdataset, parquet): samples are shuffled within windows of this many consecutive ones of a part."
+        1000,
+        "Sharded data only (webdataset, parquet): samples are shuffled within windows of this many "
+        "consecutive ones of a part.",
     )
     bad_samples: Literal["error", "skip"] = option(
         "error",

@@ -74,7 +74,9 @@ def shard_files(root: str, split: str, suffix: str = ".tar") -> list[str]:
         found = sorted(p for p in named if os.path.basename(p).startswith(f"{split}-") and p.endswith(suffix))
         where = f"{split}-*{suffix} in {root}"
     if not found:
-        raise ConfigError(f"data.root: no shards match {where!r}")
+        raise ConfigError(
+            f"data.root: no shards match {where!r} (the split names are data.train_split, data.eval_split)"
+        )
     return found
 
 
@@ -133,6 +135,7 @@ class ShardIndex:
                 if problem:
                     self.problems.append(problem)
         self.classes: list[str] = list((written or {}).get("classes") or read_classes(folder))
+        self.categories: list[dict] = list((written or {}).get("categories") or read_info(folder).get("categories", []))
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
     def __len__(self) -> int:
@@ -192,11 +195,16 @@ def read_classes(folder: str) -> list[str]:
     if os.path.isfile(text):
         with open(text) as f:
             return [line.strip() for line in f if line.strip()]
+    return list(read_info(folder).get("classes", []))
+
+
+def read_info(folder: str) -> dict:
+    """`_info.json` beside the shards (WebDataset's and timm's convention), else {}."""
     info = os.path.join(folder, "_info.json")
-    if os.path.isfile(info):
-        with open(info) as f:
-            return list(json.load(f).get("classes", []))
-    return []
+    if not os.path.isfile(info):
+        return {}
+    with open(info) as f:
+        return json.load(f)
 
 
 class ShardSamples(Dataset):
@@ -221,6 +229,10 @@ class ShardSamples(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
+        return self.read(i)
+
+    def read(self, i: int, only: tuple[str, ...] | None = None) -> dict:
+        """Sample i, with only the files (tar extensions) named in `only` if given."""
         shard, position = self.index.locate(int(i))
         path = self.index.paths[shard]
         if self.index.parquet:
@@ -237,6 +249,8 @@ class ShardSamples(Dataset):
         out: dict = {"__key__": sample.key, "__shard__": path}
         with open(path, "rb") as f:
             for extension, (offset, size) in sample.files.items():
+                if only is not None and extension not in only:
+                    continue
                 f.seek(offset)
                 out[extension] = f.read(size)
         return out
@@ -370,7 +384,8 @@ def _publish(tar: tarfile.TarFile, folder: str, name: str) -> None:
     os.replace(os.path.join(folder, f".partial-{name}"), os.path.join(folder, name))
 
 
-def write_index(folder: str, shards: dict, classes: list[str]) -> None:
-    """`folder/_index.json`: every shard's sample count and the class names (see the module doc)."""
+def write_index(folder: str, shards: dict, labels: dict) -> None:
+    """`folder/_index.json`: every shard's sample count and `labels`, the class names ("classes")
+    and for detection COCO's category table ("categories")."""
     with open(os.path.join(folder, INDEX_FILE), "w") as f:
-        json.dump({"format": INDEX_FORMAT, "shards": shards, "classes": classes}, f, indent=1)
+        json.dump({"format": INDEX_FORMAT, "shards": shards, **labels}, f, indent=1)

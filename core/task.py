@@ -67,8 +67,9 @@ class Task:
         library needs to load the folder alone (its config, class names, preprocessing); called on
         the main process only, and must read no parameter (a sharded model's are not gathered)."""
 
-    def shard_samples(self, problems: list[str]) -> tuple[list[str], dict[str, Iterator[tuple[str, dict[str, bytes]]]]]:
-        """For `shardvision shard` (core/commands/shard.py): the class names, and for the train and
+    def shard_samples(self, problems: list[str]) -> tuple[dict, dict[str, Iterator[tuple[str, dict[str, bytes]]]]]:
+        """For `shardvision shard` (core/commands/shard.py): what the index records of the labels
+        ({"classes": names}, and for detection {"categories": COCO's table}), and for the train and
         eval split each its raw samples as (key, {extension: bytes}), the WebDataset layout; what
         cannot be read is left out and described in `problems`."""
         raise ConfigError(f"shardvision shard: {type(self).__name__} cannot write shards yet")

@@ -5,8 +5,10 @@
 
 Writes OUT/<split>-000000.tar, ... for the config's train and eval splits, in the WebDataset layout
 (core/shards.py): each sample the image file's own bytes (or a PNG where the source holds no file)
-and its label as `cls`. Also OUT/_index.json, each shard's sample count and the class names, so a
-run knows its epoch without reading a shard, and OUT/classes.txt. Then train with
+and its label: `cls` (classification), `seg.png` (segmentation's mask), `json` (detection's COCO
+annotations and image size). Also OUT/_index.json, each shard's sample count and the class names
+(detection: COCO's category table), so a run knows its epoch without reading a shard, and
+OUT/classes.txt. Then train with
 `--data.source webdataset --data.root OUT`. Samples that cannot be read are left out and listed.
 Options after OUT are the recipe's, as for `shardvision train`.
 """
@@ -34,15 +36,15 @@ def shard_main(argv: list[str]) -> None:
         chosen = recipe(args.task)
         task = chosen.TASK(parse_args(chosen.CONFIG, rest, prog=f"shardvision shard {args.task}"))
         problems: list[str] = []
-        classes, splits = task.shard_samples(problems)
+        labels, splits = task.shard_samples(problems)
         shards: dict = {}
         for split, samples in splits.items():
             written = write_shards(args.out, split, samples, args.samples_per_shard)
             shards |= written
             print(f"{split}: {sum(s['samples'] for s in written.values())} samples in {len(written)} shards")
-        write_index(args.out, shards, classes)
-        if classes:
+        write_index(args.out, shards, labels)
+        if labels.get("classes"):
             with open(os.path.join(args.out, "classes.txt"), "w") as f:
-                f.writelines(f"{name}\n" for name in classes)
+                f.writelines(f"{name}\n" for name in labels["classes"])
         for problem in problems:
             print(f"left out: {problem}")

@@ -258,10 +258,10 @@ def _load_raw(cfg: ClassificationDataConfig, num_classes: int) -> tuple[Dataset,
 
 def shard_samples(
     cfg: ClassificationDataConfig, num_classes: int, problems: list[str]
-) -> tuple[list[str], dict[str, Iterator[tuple[str, dict[str, bytes]]]]]:
-    """For `shardvision shard`: the class names, and each split's samples as WebDataset files: the
-    image file's own bytes where there is one (ImageFolder), else the image as PNG, and the label
-    as `cls`. A sample that cannot be read is left out and its problem appended to `problems`."""
+) -> tuple[dict, dict[str, Iterator[tuple[str, dict[str, bytes]]]]]:
+    """For `shardvision shard`: {"classes": the class names}, and each split's samples as WebDataset
+    files: the image file's own bytes where there is one (ImageFolder), else the image as PNG, and
+    the label as `cls`. A sample that cannot be read is left out and its problem appended to `problems`."""
     sets = dict(zip((cfg.train_split, cfg.eval_split), _load_raw(cfg, num_classes), strict=True))
 
     def files(raw: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -283,7 +283,7 @@ def shard_samples(
             yield f"{i:09d}", {extension: data, "cls": str(label).encode()}
 
     classes = [str(c) for c in getattr(next(iter(sets.values())), "classes", [])]
-    return classes, {split: files(raw) for split, raw in sets.items()}
+    return {"classes": classes}, {split: files(raw) for split, raw in sets.items()}
 
 
 class ToSample:

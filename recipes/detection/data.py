@@ -1,15 +1,18 @@
 """Detection data in the COCO layout (an images folder and an `instances_*.json`), read with
 pycocotools, or a `datasets` DatasetDict saved to disk in the layout of transformers'
 object-detection examples (an image column and an `objects` column of boxes and categories),
-turned into the same COCO index so both are checked and scored alike. The built-in synthetic
+turned into the same COCO index so both are checked and scored alike; so are tar shards (a json
+of COCO annotations per image) and Parquet shards (transformers' layout), core/shards.py. The built-in synthetic
 shapes set is written in the COCO layout, so the demo and the tests go through the real loader.
 Box-aware augmentations come from torchvision's transforms v2 on `tv_tensors.BoundingBoxes`."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +26,7 @@ from torchvision.transforms import v2
 from core.config import DataConfig, option
 from core.data import SeededTransforms, decode_failure, folder_written_once, generated_data_root, read_image
 from core.errors import ConfigError, DataError
+from core.shards import IMAGE_EXTENSIONS, SHARD_SUFFIX, ShardIndex, ShardSamples, sample_file
 
 logger = logging.getLogger(__name__)
 SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}]
@@ -30,24 +34,27 @@ SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {
 
 @dataclass
 class DetectionDataConfig(DataConfig):
-    source: Literal["coco", "shapes", "hf_disk"] = option(
+    source: Literal["coco", "shapes", "hf_disk", "webdataset", "parquet"] = option(
         "shapes",
         "coco: images folder + instances json; shapes: built-in synthetic set in COCO layout; hf_disk: a "
-        "`datasets` DatasetDict saved with save_to_disk, boxes and categories in an objects column.",
+        "`datasets` DatasetDict saved with save_to_disk, boxes and categories in an objects column; webdataset: "
+        'tar shards root/<split>-*.tar, each sample an image and a json {"width", "height", "annotations": '
+        "[COCO annotations]}, categories in _index.json or _info.json; parquet: Parquet shards "
+        "root/<split>-*.parquet in hf_disk's columns.",
     )
     root: str | None = option(
         None,
         "coco: dataset folder; hf_disk: the save_to_disk folder; shapes: where it is written "
-        "(default ~/.cache/shardvision).",
+        "(default ~/.cache/shardvision); webdataset and parquet: the shards' folder, brace pattern or glob.",
     )
-    train_split: str = option("train", "hf_disk: the training split.")
-    eval_split: str = option("validation", "hf_disk: the evaluation split.")
-    image_column: str = option("image", "hf_disk: the image column.")
+    train_split: str = option("train", "hf_disk and shards: the training split.")
+    eval_split: str = option("validation", "hf_disk and shards: the evaluation split.")
+    image_column: str = option("image", "hf_disk and parquet: the image column.")
     objects_column: str = option(
-        "objects", "hf_disk: per image, lists `bbox` and `category` (optional: `id`, `area`, `iscrowd`)."
+        "objects", "hf_disk and parquet: per image, lists `bbox` and `category` (optional: `id`, `area`, `iscrowd`)."
     )
     box_format: Literal["xywh", "xyxy"] = option(
-        "xywh", "hf_disk: how `bbox` is written: xywh (COCO's x, y, width, height) or xyxy (corners)."
+        "xywh", "hf_disk and parquet: how `bbox` is written: xywh (COCO's x, y, width, height) or xyxy (corners)."
     )
     train_images: str = option("train2017", "Training images folder, relative to root.")
     train_annotations: str = option("annotations/instances_train2017.json", "Training annotations, relative to root.")
@@ -263,6 +270,95 @@ class HFDetection(CocoDetection):
             raise DataError(f"{where}: {decode_failure(e)}") from e
 
 
+class ShardDetection(CocoDetection):
+    """Detection shards indexed as COCO, checked and scored as a COCO json is. Image i is sample i
+    (image id i + 1), so the engine's shard order (core/shards.py) reads what it plans to. A tar
+    sample is an image and a json {"width", "height", "annotations": [COCO annotations, boxes
+    x, y, width, height]}, the categories COCO's table in _index.json or _info.json; a Parquet
+    row has hf_disk's columns. Every rank reads the split's json members (not the images) once,
+    at start, to build the index evaluation needs."""
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        cfg: DetectionDataConfig,
+        bad_samples: str,
+        training: bool,
+        masks: bool = False,
+        categories: CocoDetection | None = None,
+    ):
+        from pycocotools.coco import COCO
+
+        self.masks, self.shards, self.samples, self.image_column = masks, index, ShardSamples(index), cfg.image_column
+        where = os.path.dirname(index.paths[0]) + f" [{os.path.basename(index.paths[0]).split('-')[0]}]"
+        coco = COCO()
+        coco.dataset = _parquet_coco_index(index, cfg, where) if index.parquet else self._tar_coco_index(where)
+        with _quiet():
+            coco.createIndex()
+        self._index(coco, where, categories)
+        self._check(bad_samples, training)
+        self.problems = index.problems + self.problems
+
+    def _tar_coco_index(self, where: str) -> dict:
+        images, annotations = [], []
+        for n in range(len(self.samples)):
+            sample = self.samples.read(n, only=("json",))
+            name = f"{sample['__shard__']}: sample {sample['__key__']}"
+            try:
+                record = json.loads(sample_file(sample, ("json",))[1])
+                size = (int(record["width"]), int(record["height"]))
+                listed = list(record.get("annotations", []))
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{name}.json: not a json with width, height and annotations ({e!r})") from None
+            images.append({"id": n + 1, "file_name": name, "width": size[0], "height": size[1]})
+            for ann in listed:
+                x, y, w, h = (float(v) for v in ann["bbox"])
+                annotations.append(
+                    {
+                        **ann,
+                        "id": len(annotations) + 1,
+                        "image_id": n + 1,
+                        "area": float(ann.get("area", w * h)),
+                        "iscrowd": int(ann.get("iscrowd", 0)),
+                    }
+                )
+        categories = self.shards.categories or [
+            {"id": c, "name": str(c)} for c in sorted({a["category_id"] for a in annotations})
+        ]
+        return {"images": images, "annotations": annotations, "categories": categories}
+
+    def _read(self, image_id: int) -> tuple[Image.Image, str]:
+        sample = self.samples[image_id - 1]
+        where = f"{sample['__shard__']}: sample {sample['__key__']}"
+        if self.shards.parquet:
+            found, data = sample_file(sample, (self.image_column,), "set data.image_column")
+        else:
+            found, data = sample_file(sample, IMAGE_EXTENSIONS)
+        return read_image(data, f"{where}.{found}"), where
+
+
+def _parquet_coco_index(index: ShardIndex, cfg: DetectionDataConfig, where: str) -> dict:
+    """coco_index over the shards' rows, read without their images where width and height are
+    columns; image ids are row numbers + 1, so image i is sample i."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(index.paths[0])
+    columns = [c for c in schema.names if c not in ("image_id", cfg.image_column)]
+    if not {"width", "height"} <= set(columns):
+        columns.append(cfg.image_column)  # sizes from the image files' headers
+    try:
+        table = pa.concat_tables(pq.read_table(path, columns=columns) for path in index.paths)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{where}: the shards' columns {columns} cannot be read ({e})") from None
+    features = datasets.Features.from_arrow_schema(schema)
+    rows = datasets.Dataset(table.replace_schema_metadata(None)).cast(
+        datasets.Features({c: features[c] for c in columns})
+    )
+    return coco_index(rows, cfg, where)
+
+
 def _listed(names: dict[int, str]) -> str:
     shown = ", ".join(f"{cid}: {name!r}" for cid, name in list(names.items())[:10])
     return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
@@ -471,6 +567,16 @@ def _outline(category: int, cx: int, cy: int, r: int) -> list[tuple[float, float
 
 def build_datasets(cfg: DetectionDataConfig, seed: int, masks: bool = False) -> tuple[Dataset, Dataset]:
     """(train, eval) sets; `masks`: each sample also carries its instances' masks (N, H, W)."""
+    if cfg.source in SHARD_SUFFIX:
+        assert cfg.root is not None  # validated
+        if masks and cfg.source == "parquet":
+            raise ConfigError("data.source='parquet' carries boxes only (hf_disk's layout); masks need tar shards")
+        indexes = [ShardIndex(cfg.root, split, SHARD_SUFFIX[cfg.source]) for split in (cfg.train_split, cfg.eval_split)]
+        train = ShardDetection(indexes[0], cfg, cfg.bad_samples, True, masks)
+        val = ShardDetection(indexes[1], cfg, cfg.bad_samples, False, masks, categories=train)
+        return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(
+            val, DetectionTransform(cfg, False), seed
+        )
     if cfg.source == "hf_disk":
         import datasets
 
@@ -508,3 +614,43 @@ def build_datasets(cfg: DetectionDataConfig, seed: int, masks: bool = False) -> 
     return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(
         val, DetectionTransform(cfg, False), seed
     )
+
+
+def shard_samples(
+    cfg: DetectionDataConfig, seed: int, problems: list[str]
+) -> tuple[dict, dict[str, Iterator[tuple[str, dict[str, bytes]]]]]:
+    """For `shardvision shard`: the training split's COCO category table, and each split's images
+    as WebDataset samples: the image file's own bytes (a PNG where the source holds no file) and a
+    json of its size and COCO annotations as the source has them (crowds and masks included).
+    An image that cannot be read is left out and its problem appended to `problems`."""
+    train, val = (split.base for split in build_datasets(cfg, seed))
+    categories = [train.coco.cats[c] for c in train.category_ids]
+
+    def files(raw: CocoDetection) -> Iterator[tuple[str, dict[str, bytes]]]:
+        problems.extend(raw.problems)
+        for image_id in raw.ids:
+            info = raw.coco.imgs[image_id]
+            try:
+                image, _ = raw._read(image_id)
+            except DataError as e:
+                problems.append(str(e))
+                continue
+            folder = getattr(raw, "images_dir", None)  # a COCO folder's own files; other sources as PNG
+            path = os.path.join(folder or "", info["file_name"])
+            extension = os.path.splitext(path)[1].lower().lstrip(".")
+            if folder is not None and extension in IMAGE_EXTENSIONS:
+                with open(path, "rb") as f:
+                    data = f.read()
+            else:
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                data, extension = buffer.getvalue(), "png"
+            annotations = [
+                {k: v for k, v in ann.items() if k not in ("id", "image_id")}
+                for ann in raw.coco.imgToAnns.get(image_id, [])
+            ]
+            record = {"width": info["width"], "height": info["height"], "annotations": annotations}
+            yield f"{image_id:012d}", {extension: data, "json": json.dumps(record).encode()}
+
+    names = [c["name"] for c in categories]
+    return {"classes": names, "categories": categories}, {cfg.train_split: files(train), cfg.eval_split: files(val)}

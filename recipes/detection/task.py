@@ -8,8 +8,9 @@ import torch
 
 from core.config import TrainConfig, section
 from core.errors import ConfigError
+from core.shards import SHARD_SUFFIX
 from core.task import Task
-from recipes.detection.data import DetectionDataConfig, build_datasets, collate
+from recipes.detection.data import DetectionDataConfig, build_datasets, collate, shard_samples
 from recipes.detection.metrics import CocoMetrics, mask_rles
 from recipes.detection.models import (
     DetectionModelConfig,
@@ -66,7 +67,12 @@ class DetectionTask(Task):
                 f"{self.cfg.model.num_classes}"
             )
         self.eval_set = val.base
+        if self.cfg.data.source in SHARD_SUFFIX:
+            self.train_shards = train.base.shards
         return train, val
+
+    def shard_samples(self, problems: list[str]):
+        return shard_samples(self.cfg.data, self.cfg.seed, problems)
 
     def collate(self, samples: list[dict]) -> dict:
         return collate(samples)

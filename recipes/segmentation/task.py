@@ -64,7 +64,7 @@ class SegmentationTask(Task):
         return train, val
 
     def shard_samples(self, problems: list[str]):
-        return self.class_names, shard_samples(self.cfg.data, self.cfg.model.num_classes, problems)
+        return {"classes": self.class_names}, shard_samples(self.cfg.data, self.cfg.model.num_classes, problems)
 
     def collate(self, samples: list[dict]) -> dict:
         return collate(samples)

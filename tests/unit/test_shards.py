@@ -372,3 +372,97 @@ def test_bad_segmentation_shard_samples_are_named_by_shard_and_key(tmp_path):
         pairs[3]
     with pytest.raises(DataError, match=rf"{shard}: sample e has no seg.png or mask.png; it has png"):
         pairs[4]
+
+
+# --- detection shards -------------------------------------------------------------------------
+
+DETECTION_SHAPES = ["--config", "recipes/detection/configs/shapes.yaml", "--data.shapes_count", "[40, 10]"]
+
+
+def detection_task(*args: str):
+    from core.config_parsing import parse_args
+    from recipes.detection.task import DetectionConfig, DetectionTask
+
+    return DetectionTask(parse_args(DetectionConfig, [*DETECTION_SHAPES, *args]))
+
+
+def test_detection_shards_hold_the_coco_sets_images_boxes_and_masks(tmp_path, capsys):
+    """`shardvision shard detection` on the COCO-layout shapes: read back as tar shards, every
+    image, box, label and instance mask is the COCO folder's, the evaluation index holds the same
+    annotations and categories (so it scores alike), and image i is shard sample i."""
+    from core.commands.shard import shard_main
+
+    shard_main(["detection", str(tmp_path), "--samples-per-shard", "15", *DETECTION_SHAPES])
+    assert "train: 40 samples in 3 shards" in capsys.readouterr().out
+    masks = ["--model.name", "maskrcnn_resnet50_fpn"]
+    folder, sharded = (
+        detection_task(*masks),
+        detection_task(*masks, "--data.source", "webdataset", "--data.root", str(tmp_path)),
+    )
+    (train, val), (shard_train, shard_val) = folder.build_datasets(), sharded.build_datasets()
+    assert sharded.train_shards.counts == [15, 15, 10] and shard_train.base.category_names == train.base.category_names
+    for i in range(0, 40, 3):
+        (image, target), (got_image, got) = train.base[i], shard_train.base[i]
+        assert np.array_equal(np.asarray(got_image), np.asarray(image)), i
+        assert (got["boxes"], got["labels"], got["image_id"]) == (target["boxes"], target["labels"], i + 1), i
+        assert np.array_equal(got["masks"], target["masks"]), i
+    fields = ("bbox", "category_id", "area", "iscrowd", "segmentation")
+    expected, got = (
+        [[{k: a[k] for k in fields} for a in d.coco.imgToAnns.get(image_id, [])] for image_id in d.ids]
+        for d in (val.base, shard_val.base)
+    )
+    assert got == expected and shard_val.base.coco.dataset["categories"] == val.base.coco.dataset["categories"]
+
+
+def test_detection_parquet_shards_in_the_transformers_layout(tmp_path):
+    """Parquet shards in hf_disk's columns (image, objects {bbox, category}, width, height), as
+    `datasets` writes them: the boxes and labels are those of the COCO set they were made from."""
+    import datasets
+
+    folder = detection_task()
+    train, val = (split.base for split in folder.build_datasets())
+    names = train.category_names
+    objects = datasets.Sequence(
+        {"bbox": datasets.Sequence(datasets.Value("float32"), length=4), "category": datasets.ClassLabel(names=names)}
+    )
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "objects": objects,
+        }
+    )
+    for split, raw in (("train", train), ("validation", val)):
+        rows = {"image": [], "width": [], "height": [], "objects": []}
+        for image_id in raw.ids:
+            info, anns = raw.coco.imgs[image_id], raw.coco.imgToAnns.get(image_id, [])
+            rows["image"].append(raw._read(image_id)[0])
+            rows["width"].append(info["width"])
+            rows["height"].append(info["height"])
+            rows["objects"].append(
+                {"bbox": [a["bbox"] for a in anns], "category": [a["category_id"] - 1 for a in anns]}
+            )
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(
+            str(tmp_path / f"{split}-0.parquet"), batch_size=8
+        )
+    sharded = detection_task("--data.source", "parquet", "--data.root", str(tmp_path))
+    shard_train = sharded.build_datasets()[0].base
+    assert sharded.train_shards.counts == [40] and shard_train.category_names == names
+    for i in range(0, 40, 3):
+        (image, target), (got_image, got) = train[i], shard_train[i]
+        assert np.array_equal(np.asarray(got_image), np.asarray(image)), i
+        assert np.allclose(got["boxes"], target["boxes"]) and got["labels"] == target["labels"], i
+
+
+def test_a_detection_shard_sample_without_its_annotations_is_named(tmp_path):
+    (tmp_path / "_info.json").write_text(json.dumps({"categories": [{"id": 1, "name": "a"}]}))
+    good = json.dumps({"width": 8, "height": 8, "annotations": [{"bbox": [1, 1, 4, 4], "category_id": 1}]}).encode()
+    write_tar_shards(tmp_path, "train", [("a", {"png": image_bytes(0, (8, 8)), "json": good})], per_shard=1)
+    write_tar_shards(
+        tmp_path, "validation", [("b", {"png": image_bytes(1, (8, 8)), "json": b'{"width": 8}'})], per_shard=1
+    )
+    with pytest.raises(
+        DataError, match=r"validation-000000.tar: sample b.json: not a json with width, height and annotations"
+    ):
+        detection_task("--data.source", "webdataset", "--data.root", str(tmp_path)).build_datasets()
