@@ -146,8 +146,11 @@ def _validate(obj: Any) -> None:
         obj.validate()
 
 
-def load_config(cls: type, yaml_path: str | None = None, overrides: list[tuple[str, Any, str]] | None = None):
-    """Build `cls` from defaults, then a YAML file, then (key, value, source) overrides; validate."""
+def load_config(
+    cls: type, yaml_path: str | None = None, overrides: list[tuple[str, Any, str]] | None = None, validate: bool = True
+):
+    """Build `cls` from defaults, then a YAML file, then (key, value, source) overrides; validate
+    (unless `validate` is False: a run's config read where its data and files are not)."""
     cfg = cls()
     if yaml_path is not None:
         if not os.path.isfile(yaml_path):
@@ -165,7 +168,8 @@ def load_config(cls: type, yaml_path: str | None = None, overrides: list[tuple[s
             siblings = [k for k in keys if k.rpartition(".")[0] == section] or keys
             raise ConfigError(unknown_choice(source, key, siblings, "key"))
         _apply(cfg, _nest(key, value), "", source)
-    _validate(cfg)
+    if validate:
+        _validate(cfg)
     return cfg
 
 

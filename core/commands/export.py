@@ -1,4 +1,4 @@
-"""Consolidated safetensors from any checkpoint, without the cluster that wrote it.
+"""A model folder from any checkpoint, without the cluster that wrote it.
 
     shardvision export runs/x/checkpoints/1200 exported/               # DDP / single process
     shardvision export runs/x/checkpoints/1200 exported/ --allow-pickle  # DeepSpeed ZeRO-1/2/3, FSDP
@@ -10,14 +10,23 @@ the explicit opt-in. The run's config.yaml (which names the model and its argume
 next to the weights, so `--weights OUT/model.safetensors` with `--config OUT/config.yaml` loads
 them into the same model. The EMA of the weights, when the run kept one, is written beside them as
 `model_ema.safetensors` (reassembled from its per-rank files under ZeRO-3).
+
+OUT is then the model folder a run's final/ is: the files the model's own library loads it from
+(timm's config.json, transformers' config and image processor; the recipe's Task.write_model_folder),
+with the data's class names. The recipe is the one whose config reads the run's config.yaml; the
+class names are read from the run's data, so export where the data is (else OUT holds the weights
+and config.yaml only, and says why).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from core.checkpoint.export import export_checkpoint
-from core.entry import known_failures_exit
+from core.config_parsing import load_config
+from core.entry import TASKS, known_failures_exit, recipe
+from core.errors import ConfigError, KnownFailure
 
 
 def export_main(argv: list[str]) -> None:
@@ -33,3 +42,35 @@ def export_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     with known_failures_exit():
         print(export_checkpoint(args.checkpoint, args.out, args.allow_pickle))
+        print(write_model_folder(args.out))
+
+
+def write_model_folder(out: str) -> str:
+    """Beside OUT/model.safetensors, what the model's library loads it with (the recipe's
+    Task.write_model_folder, as the run's final/ has it); returns a line saying what was written."""
+    import torch
+
+    config = os.path.join(out, "config.yaml")
+    if not os.path.isfile(config):
+        return f"{out}: no config.yaml (the checkpoint is not in a run folder): weights only, no model folder"
+    found = []
+    for name in TASKS:
+        try:
+            found.append((name, load_config(recipe(name).CONFIG, config, validate=False)))
+        except ConfigError:  # another recipe's keys
+            continue
+    if len(found) != 1:
+        return f"{config}: read by {len(found)} recipes' configs, not one: weights only, no model folder"
+    name, cfg = found[0]
+    task = recipe(name).TASK(cfg)
+    try:
+        task.build_datasets()  # the class names are the data's
+    except KnownFailure as e:
+        return f"{out}: weights only, no model folder: the run's data, which names its classes, is not readable ({e})"
+    with torch.device("meta"):  # its structure and config only; no parameter is read
+        model = task.build_model()
+    task.write_model_folder(model, out)
+    written = sorted(
+        set(os.listdir(out)) - {"model.safetensors", "model_ema.safetensors", "config.yaml", "export.json"}
+    )
+    return f"{out}: a {name} model folder ({', '.join(written) or 'the weights: this model has no library of its own'})"

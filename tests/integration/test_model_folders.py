@@ -1,7 +1,8 @@
-"""A run's final/ is a model folder of the model's own library: timm and transformers load it alone
-(a separate Python process that imports neither shardvision's core nor its recipes), name the
-data's classes, and, through the preprocessing the folder describes, give the logits shardvision's
-own evaluation gives on the same images."""
+"""A run's final/, and what `shardvision export` makes of any of its checkpoints, is a model folder
+of the model's own library: timm and transformers load it alone (a separate Python process that
+imports neither shardvision's core nor its recipes), name the data's classes, and, through the
+preprocessing the folder describes, give the logits shardvision's own evaluation gives on the
+same images."""
 
 from __future__ import annotations
 
@@ -45,12 +46,13 @@ print(json.dumps({"logits": logits.tolist(), "names": names}))
 """
 
 
-def shardvision_logits(run_dir: Path, count: int) -> torch.Tensor:
-    """The logits shardvision's evaluation computes for the first `count` validation samples."""
-    cfg = parse_args(ClassificationConfig, ["--config", str(run_dir / "final" / "config.yaml")])
+def shardvision_logits(folder: Path, count: int) -> torch.Tensor:
+    """The logits shardvision's evaluation computes for the first `count` validation samples with
+    the weights and config.yaml in `folder`."""
+    cfg = parse_args(ClassificationConfig, ["--config", str(folder / "config.yaml")])
     task = ClassificationTask(cfg)
     model = task.build_model().eval()
-    model.load_state_dict(load_file(run_dir / "final" / "model.safetensors"))
+    model.load_state_dict(load_file(folder / "model.safetensors"))
     _, evaluation = task.build_datasets()
     batch = torch.stack([evaluation[i]["image"] for i in range(count)])
     with torch.no_grad():
@@ -67,22 +69,34 @@ def validation_files(folder: Path, count: int) -> list[Path]:
     return files
 
 
-def assert_library_loads_it(library: str, run_dir: Path, tmp_path: Path) -> None:
+def assert_library_loads_it(library: str, folder: Path, tmp_path: Path) -> None:
     files = validation_files(tmp_path, 8)
-    loaded = without_shardvision(LIBRARY_ALONE, library, str(run_dir / "final"), *map(str, files), cwd=tmp_path)
+    loaded = without_shardvision(LIBRARY_ALONE, library, str(folder), *map(str, files), cwd=tmp_path)
     assert loaded["names"] == [str(i) for i in range(10)]  # the digits' class names
-    expected = shardvision_logits(run_dir, 8)
+    expected = shardvision_logits(folder, 8)
     np.testing.assert_allclose(np.array(loaded["logits"]), expected.numpy(), rtol=1e-4, atol=1e-5)
     assert expected.abs().max() > 0.1  # trained weights, not zeros
 
 
 def test_timm_loads_final_from_its_local_folder(ddp_reference, tmp_path):
     """The tiny timm ViT of the shared 2-rank DDP run (32 px, its own mean/std and crop)."""
-    assert_library_loads_it("timm", ddp_reference, tmp_path)
+    assert_library_loads_it("timm", ddp_reference / "final", tmp_path)
+
+
+def test_shardvision_export_of_a_checkpoint_is_the_model_folder_final_is(ddp_reference, tmp_path, capsys):
+    """The same run's last checkpoint, exported in a folder of its own, without the run's ranks."""
+    from core.commands.export import export_main
+
+    (checkpoint,) = (ddp_reference / "checkpoints").iterdir()
+    export_main([str(checkpoint), str(tmp_path / "exported")])
+    assert "a classification model folder (config.json)" in capsys.readouterr().out
+    assert_library_loads_it("timm", tmp_path / "exported", tmp_path)
+    final, exported = ddp_reference / "final", tmp_path / "exported"
+    assert (exported / "config.json").read_text() == (final / "config.json").read_text()
 
 
 def test_transformers_loads_final_with_its_image_processor(tmp_path):
     run_dir = tmp_path / "run"
     args = ["--config", "recipes/classification/configs/digits_hf_vit.yaml", *QUICK, "--loop.max_steps", "3"]
     launch([*args, "--logging.count_flops", "false", "--output-dir", str(run_dir)], launcher="python")
-    assert_library_loads_it("transformers", run_dir, tmp_path)
+    assert_library_loads_it("transformers", run_dir / "final", tmp_path)
