@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -437,3 +438,14 @@ def without_shardvision(script: str, *args: str, cwd: Path) -> dict:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+def docs_snippet(doc: str, name: str) -> str:
+    """The python block after `<!-- loading snippet: NAME -->` in docs/DOC, with its first line
+    `folder, image_file = "...", "..."` made to read both from the command line: the docs' code,
+    run as printed."""
+    text = (REPO / "docs" / doc).read_text()
+    block = text.split(f"<!-- loading snippet: {name} -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code, count = re.subn(r'^folder, image_file = ".*", ".*"$', "folder, image_file = sys.argv[1:3]", block, flags=re.M)
+    assert count == 1, f"docs/{doc}: the {name} snippet sets folder, image_file once"
+    return "import sys\n" + code

@@ -8,11 +8,13 @@ import torch
 
 from core.config import TrainConfig, section
 from core.errors import ConfigError
+from core.model_folder import write_torchvision_spec
 from core.shards import SHARD_SUFFIX
 from core.task import Task
 from recipes.detection.data import DetectionDataConfig, build_datasets, collate, shard_samples
 from recipes.detection.metrics import CocoMetrics, mask_rles
 from recipes.detection.models import (
+    MOBILE_MASKRCNN,
     DetectionModelConfig,
     HFDetectorIO,
     build_model,
@@ -104,8 +106,15 @@ class DetectionTask(Task):
         ]
 
     def write_model_folder(self, model: torch.nn.Module, folder: str) -> None:
-        if self.hf is not None:  # the evaluation split's category table is the training split's
-            write_detector_folder(model, self.hf, self.eval_set.category_names, self.cfg.model.num_classes, folder)
+        # the evaluation split's category table is the training split's
+        names, m, d = self.eval_set.category_names, self.cfg.model, self.cfg.data
+        if self.hf is not None:
+            write_detector_folder(model, self.hf, names, m.num_classes, folder)
+        elif m.name != MOBILE_MASKRCNN:  # a torchvision registry model (the mobile Mask R-CNN is built here)
+            labels = ["__background__", *names, *(f"class_{k}" for k in range(len(names), m.num_classes))]
+            kwargs = dict(num_classes=m.num_classes + 1, min_size=d.min_size, max_size=d.max_size, **m.kwargs)
+            preprocessing = {"input": "RGB float in [0, 1], any size: the model resizes and normalises itself"}
+            write_torchvision_spec(folder, m.name, kwargs, labels, preprocessing)
 
     def build_metrics(self) -> CocoMetrics:
         data = self.eval_set  # its category table names the model's labels: the per-class table's rows

@@ -4,15 +4,17 @@ loaded by the engine (model.weights). Nothing comes from the hub."""
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from core.config import ModelConfig, option
 from core.errors import ConfigError
+from core.model_folder import write_torchvision_spec
 
 TORCHVISION_MODELS = (
     "deeplabv3_resnet50",
@@ -52,15 +54,17 @@ class SegmentationModelConfig(ModelConfig):
             )
 
 
+def torchvision_kwargs(cfg: SegmentationModelConfig) -> dict[str, Any]:
+    aux = cfg.aux_loss and not cfg.name.startswith("lraspp")  # LR-ASPP has no auxiliary head
+    return dict(num_classes=cfg.num_classes, aux_loss=aux, **cfg.kwargs)
+
+
 def build_model(cfg: SegmentationModelConfig) -> torch.nn.Module:
     if cfg.source == "torchvision":
         from torchvision.models import get_model
 
-        aux = cfg.aux_loss and not cfg.name.startswith("lraspp")  # LR-ASPP has no auxiliary head
         # weights/weights_backbone None: never download; start from model.weights if given.
-        return get_model(
-            cfg.name, weights=None, weights_backbone=None, num_classes=cfg.num_classes, aux_loss=aux, **cfg.kwargs
-        )
+        return get_model(cfg.name, weights=None, weights_backbone=None, **torchvision_kwargs(cfg))
 
     from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
@@ -74,3 +78,30 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tenso
     if hasattr(out, "logits"):  # transformers: 1/4 of the input size
         return F.interpolate(out.logits, size=images.shape[-2:], mode="bilinear", align_corners=False), None
     return out["out"], out.get("aux")  # torchvision: already at the input size
+
+
+def write_model_folder(
+    model: torch.nn.Module, cfg: SegmentationModelConfig, data: Any, class_names: list[str], folder: str
+) -> None:
+    """Beside the weights in `folder`, what the model's own library needs to load the folder alone,
+    with the class names and the run's evaluation preprocessing (the shorter side resized to
+    data.image_size, then mean/std). transformers: config.json (id2label, label2id) and a
+    SegformerImageProcessor's preprocessor_config.json (it resizes to image_size x image_size,
+    which is the run's resize for square images only); torchvision: core/model_folder.py's spec.
+    Reads no parameter."""
+    preprocessing = {"resize_shorter_side": data.image_size, "mean": list(data.mean), "std": list(data.std)}
+    if cfg.source == "torchvision":
+        write_torchvision_spec(folder, cfg.name, torchvision_kwargs(cfg), class_names, preprocessing)
+        return
+    from transformers import SegformerImageProcessor
+
+    config = copy.deepcopy(model.config)
+    config.id2label = dict(enumerate(class_names))
+    config.label2id = {name: i for i, name in enumerate(class_names)}
+    config.save_pretrained(folder)
+    SegformerImageProcessor(
+        size={"height": data.image_size, "width": data.image_size},
+        image_mean=list(data.mean),
+        image_std=list(data.std),
+        do_reduce_labels=False,
+    ).save_pretrained(folder)

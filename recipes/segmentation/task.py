@@ -12,7 +12,7 @@ from core.shards import SHARD_SUFFIX
 from core.task import Task
 from recipes.segmentation.data import SHAPES_CLASSES, SegmentationDataConfig, build_datasets, collate, shard_samples
 from recipes.segmentation.metrics import SegmentationMetrics, confusion_matrix
-from recipes.segmentation.models import SegmentationModelConfig, build_model, logits_of
+from recipes.segmentation.models import SegmentationModelConfig, build_model, logits_of, write_model_folder
 
 
 @dataclass
@@ -61,7 +61,12 @@ class SegmentationTask(Task):
         train, val = build_datasets(self.cfg.data, self.cfg.model.num_classes, self.cfg.seed)
         if self.cfg.data.source in SHARD_SUFFIX:
             self.train_shards = train.base.index
+            if not self.cfg.class_names and self.train_shards.classes:  # the shards' classes.txt or index
+                self.class_names = self.train_shards.classes[: self.cfg.model.num_classes]
         return train, val
+
+    def write_model_folder(self, model: torch.nn.Module, folder: str) -> None:
+        write_model_folder(model, self.cfg.model, self.cfg.data, self.class_names, folder)
 
     def shard_samples(self, problems: list[str]):
         return {"classes": self.class_names}, shard_samples(self.cfg.data, self.cfg.model.num_classes, problems)

@@ -20,6 +20,7 @@ from tests.builders import pycocotools_direct
 from tests.helpers import (
     REPO,
     assert_export_is_whole,
+    docs_snippet,
     last_launch,
     launch,
     read_metrics,
@@ -241,6 +242,29 @@ with torch.no_grad():
 processor = AutoImageProcessor.from_pretrained(folder)
 print(json.dumps({"logits": logits.tolist(), "names": model.config.id2label, "size": dict(processor.size)}))
 """
+
+
+def test_torchvision_loads_final_with_the_code_the_docs_print(shapes_run, tmp_path):
+    """docs/detection.md's loading code, run without shardvision on the demo run's final/: the
+    same detections as shardvision's model with those weights, labelled with the data's names."""
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+
+    dump = "\nfound = {k: detections[k].tolist() for k in ('boxes', 'scores', 'labels')}"
+    dump += "\nprint(json.dumps(spec | {'predicted': found.pop('labels')} | found))"
+    image = VAL_JSON.parent.parent / "val" / json.loads(VAL_JSON.read_text())["images"][0]["file_name"]
+    snippet = docs_snippet("detection.md", "torchvision detector") + dump
+    loaded = without_shardvision(snippet, str(shapes_run / "final"), str(image), cwd=tmp_path)
+    assert loaded["name"] == "fasterrcnn_mobilenet_v3_large_320_fpn"
+    assert loaded["labels"] == ["__background__", "square", "circle", "triangle"]
+    task = DetectionTask(parse_args(DetectionConfig, ["--config", str(shapes_run / "final" / "config.yaml")]))
+    model = task.build_model().eval()
+    model.load_state_dict(load_file(shapes_run / "final" / "model.safetensors"))
+    with torch.no_grad():
+        expected = model([to_tensor(Image.open(image).convert("RGB"))])[0]
+    for key in ("boxes", "scores"):
+        np.testing.assert_allclose(np.array(loaded[key]), expected[key].numpy(), rtol=1e-4, atol=1e-4)
+    assert loaded["predicted"] == expected["labels"].tolist()
 
 
 def assert_transformers_loads_final_alone(run_dir: Path, tmp_path: Path) -> None:

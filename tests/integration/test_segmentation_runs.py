@@ -8,16 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from core.config_parsing import parse_args
 from recipes.segmentation.task import SegmentationConfig, SegmentationTask
 from tests.helpers import (
     REPO,
     assert_export_is_whole,
+    docs_snippet,
     last_launch,
     launch,
     read_metrics,
     run_killed_after_checkpoint,
     start,
     train_losses,
+    without_shardvision,
 )
 
 SEGMENT = "recipes/segmentation/train.py"
@@ -85,6 +88,42 @@ def test_two_rank_evaluation_equals_one_process(shapes_run, tmp_path):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
+TRANSFORMERS_ALONE = """
+import json, sys
+import numpy as np, torch
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+folder, pixels = sys.argv[1:]
+model = AutoModelForSemanticSegmentation.from_pretrained(folder).eval()
+with torch.no_grad():
+    logits = model(pixel_values=torch.from_numpy(np.load(pixels))).logits
+size = AutoImageProcessor.from_pretrained(folder).size
+print(json.dumps({"logits": logits.tolist(), "names": model.config.id2label, "size": [size.height, size.width]}))
+"""
+
+
+def test_transformers_loads_final_alone_with_the_class_names(shapes_run, tmp_path):
+    """The demo's SegFormer final/ is transformers' own folder: loaded without shardvision, it
+    names the classes, its processor has the run's size, and it gives shardvision's logits."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    final = shapes_run / "final"
+    task = SegmentationTask(parse_args(SegmentationConfig, ["--config", str(final / "config.yaml")]))
+    model = task.build_model().eval()
+    model.load_state_dict(load_file(final / "model.safetensors"))
+    evaluation = task.build_datasets()[1]
+    pixels = torch.stack([evaluation[i]["image"] for i in range(2)])
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    with torch.no_grad():
+        expected = model(pixel_values=pixels).logits
+    loaded = without_shardvision(TRANSFORMERS_ALONE, str(final), str(tmp_path / "pixels.npy"), cwd=tmp_path)
+    assert loaded["names"] == {"0": "background", "1": "square", "2": "circle", "3": "triangle"}
+    assert loaded["size"] == [task.cfg.data.image_size] * 2
+    np.testing.assert_allclose(np.array(loaded["logits"]), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_zero3_trains_checkpoints_resumes_and_exports(tmp_path):
     """ZeRO-3 in bf16 (ZeRO-2 ran here until it was replaced: ZeRO-3 takes the same path and
     partitions the weights as well)."""
@@ -129,3 +168,30 @@ def test_zero3_trains_checkpoints_resumes_and_exports(tmp_path):
     assert_export_is_whole(
         tmp_path / "final" / "model.safetensors", SegmentationConfig, SegmentationTask, SHAPES + model
     )
+    assert_torchvision_loads_final_with_the_code_the_docs_print(tmp_path / "final", tmp_path)
+
+
+def assert_torchvision_loads_final_with_the_code_the_docs_print(final: Path, tmp_path: Path) -> None:
+    """docs/segmentation.md's loading code, run without shardvision on `final`: the class names,
+    and the logits of shardvision's model and evaluation transform on the same image file."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from recipes.segmentation.data import EvalTransform
+
+    task = SegmentationTask(parse_args(SegmentationConfig, ["--config", str(final / "config.yaml")]))
+    raw_val = task.build_datasets()[1].base
+    image_file = tmp_path / "image.png"
+    raw_val[0][0].save(image_file)
+    dump = "\nprint(json.dumps({'logits': logits.tolist(), 'labels': spec['labels']}))"
+    snippet = docs_snippet("segmentation.md", "torchvision segmenter") + dump
+    loaded = without_shardvision(snippet, str(final), str(image_file), cwd=tmp_path)
+    assert loaded["labels"] == ["background", "square", "circle", "triangle"]
+    model = task.build_model().eval()
+    model.load_state_dict(load_file(final / "model.safetensors"))
+    pixels = EvalTransform(task.cfg.data)((Image.open(image_file).convert("RGB"), np.zeros((1, 1))))["image"]
+    with torch.no_grad():
+        expected = model(pixels[None])["out"]
+    np.testing.assert_allclose(np.array(loaded["logits"]), expected.numpy(), rtol=1e-4, atol=1e-4)
