@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from core.errors import DataError
 
@@ -100,16 +100,27 @@ class SeededTransforms(Dataset):
     def __getitem__(self, index: int) -> Any:
         sample = self.base[index]
         sample_seed = hash((self.seed, self.epoch, int(index))) % 2**63
+        if get_worker_info() is not None:  # a loader worker's generators serve its samples only
+            _seed_cpu_generators(sample_seed)
+            return self.transform(sample)
+        # In the training process the generators also serve the model (dropout) and mixup: put
+        # them back. (Saving and restoring numpy's state costs more than the seeding itself.)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            random.seed(sample_seed)
-            np.random.seed(sample_seed % 2**32)
-            torch.manual_seed(sample_seed)
+            _seed_cpu_generators(sample_seed)
             try:
                 return self.transform(sample)
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+
+
+def _seed_cpu_generators(seed: int) -> None:
+    """Python's, numpy's and torch's CPU generators (torch.manual_seed would also seed every
+    accelerator's, which no transform draws from, at 40 times the cost)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
 
 
 def build_loader(
