@@ -66,6 +66,23 @@ def read_image(path: str | bytes, name: str = "") -> Image.Image:
         raise DataError(f"{name or path}: cannot read image ({decode_failure(e)})") from None
 
 
+def read_image_tensor(path: str | bytes, name: str = "") -> torch.Tensor:
+    """read_image as a uint8 RGB tensor (C, H, W), decoded by torchvision.io (libjpeg-turbo,
+    libpng, libwebp): a DataError naming the file or sample when it cannot be read."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        if isinstance(path, str):
+            with open(path, "rb") as f:
+                data = f.read()
+        else:
+            data, path = path, name
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (OSError, RuntimeError, ValueError) as e:
+        message = re.sub(r"^\w+, \S+:\d+, ", "", str(e))  # without the decoder's C++ source line
+        raise DataError(f"{name or path}: cannot read image ({message})") from None
+
+
 class MapDataset(Protocol):
     """What the trainer needs of a data set: a length and samples by index (torch's Dataset
     does not promise the length)."""

@@ -533,6 +533,7 @@ class Trainer:
         return contextlib.nullcontext()
 
     def cast_inputs(self, batch: Any) -> Any:
+        batch = self.task.on_device(batch)
         return cast_inputs(batch, self.task.input_keys, self.input_dtype, self.cfg.model.channels_last)
 
     def _count_flops(self) -> float | None:

@@ -12,7 +12,7 @@ from timm.loss import SoftTargetCrossEntropy
 from core.config import TrainConfig, section
 from core.shards import SHARD_SUFFIX
 from core.task import Task
-from recipes.classification.data import ClassificationDataConfig, build_datasets, shard_samples
+from recipes.classification.data import ClassificationDataConfig, build_datasets, normalized, shard_samples
 from recipes.classification.metrics import ClassificationMetrics
 from recipes.classification.models import ClassificationModelConfig, build_model, logits_of, write_model_folder
 
@@ -44,6 +44,11 @@ class ClassificationTask(Task):
 
     def build_model(self) -> torch.nn.Module:
         return build_model(self.cfg.model)
+
+    def on_device(self, batch: dict) -> dict:
+        if self.cfg.data.fast_decode:  # uint8 images from the loader
+            return {**batch, "image": normalized(batch["image"], self.cfg.data.mean, self.cfg.data.std)}
+        return batch
 
     def build_datasets(self):
         train, val = build_datasets(self.cfg.data, self.cfg.model.num_classes, self.cfg.seed)

@@ -56,15 +56,25 @@ def test_two_rank_evaluation_equals_one_process(ddp_reference, tmp_path):
     assert trained["top1"] == m1["top1"]
 
 
+def test_fast_decode_evaluates_the_same_weights_alike(ddp_reference, tmp_path):
+    """data.fast_decode: uint8 images resized as tensors, normalised on the device by the task;
+    the same weights score within a point of the PIL path (images within 2/255, see test_data)."""
+    weights = str(ddp_reference / "final" / "model.safetensors")
+    args = [*TINY_VIT, "--eval-only", "--weights", weights, "--data.fast_decode", "true", "--output-dir", str(tmp_path)]
+    launch(args, launcher="python")
+    fast, pil = eval_row(tmp_path), json.load(open(ddp_reference / "final" / "metrics.json"))
+    assert fast["samples"] == 360 and abs(fast["top1"] - pil["top1"]) <= 1.0, (fast, pil)
+    assert fast["loss"] == pytest.approx(pil["loss"], rel=0.02)
+
+
 def test_deepspeed_launcher_and_python_module_in_bf16(tmp_path):
     """The suite's bf16 run under ZeRO-2 and its single-process one (CPU autocast): the tiny ViT,
     since bf16 matmuls on CPU are slow and what is proven is the launch and the precision, not
-    learning. No FLOP count: one more bf16 forward at start-up."""
+    learning. No FLOP count: one more bf16 forward at start-up. The ZeRO-2 run decodes with
+    data.fast_decode: its uint8 images are normalised before they are cast to the bf16 weights."""
     common = [*TINY_VIT, "--loop.max_steps", "2", "--loop.precision", "bf16", "--logging.count_flops", "false"]
-    launch(
-        [*common, "--output-dir", str(tmp_path / "ds"), "--distributed.deepspeed_config", "ds_configs/zero2.json"],
-        launcher="deepspeed",
-    )
+    zero2 = ["--distributed.deepspeed_config", "ds_configs/zero2.json", "--data.fast_decode", "true"]
+    launch([*common, "--output-dir", str(tmp_path / "ds"), *zero2], launcher="deepspeed")
     ds = last_launch(tmp_path / "ds")
     assert (ds["world_size"], ds["strategy"], ds["zero_stage"], ds["precision"]) == (2, "deepspeed", 2, "bf16")
     launch([*common, "--output-dir", str(tmp_path / "py")], launcher="module")  # CPU autocast

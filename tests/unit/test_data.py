@@ -127,3 +127,51 @@ def test_datasets_saved_to_disk_and_local_files(tmp_path):
             2,
             0,
         )
+
+
+def photos(root, count: int = 12) -> None:
+    """JPEG photos of uneven sizes (textured, so that resampling differences show) in an ImageFolder."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(count // 2):
+                h, w = int(rng.integers(90, 140)), int(rng.integers(90, 140))
+                smooth = np.kron(rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3)), np.ones((8, 8, 1)))[:h, :w]
+                pixels = np.clip(smooth + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.jpg", quality=90)
+
+
+@pytest.mark.parametrize("interpolation, largest", [("bilinear", 2), ("bicubic", 16)])
+def test_fast_decode_crops_and_flips_as_the_pil_path_within_a_few_levels(tmp_path, interpolation, largest):
+    """data.fast_decode (torchvision.io decode, uint8 tensor resize, normalised on the device) draws
+    the same crops and flips as timm's PIL transforms: the images differ by resampling only."""
+    from recipes.classification.data import normalized
+
+    photos(tmp_path)
+    common = dict(source="imagefolder", root=str(tmp_path), image_size=64, interpolation=interpolation)
+    pil = build_datasets(ClassificationDataConfig(**common), num_classes=2, seed=3)
+    fast = build_datasets(ClassificationDataConfig(**common, fast_decode=True), num_classes=2, seed=3)
+    for split in (0, 1):  # training (random crops, flips) and evaluation (resize, centre crop)
+        expected = torch.stack([pil[split][i]["image"] for i in range(12)])
+        samples = [fast[split][i] for i in range(12)]
+        assert all(s["image"].dtype == torch.uint8 for s in samples)
+        got = normalized(torch.stack([s["image"] for s in samples]), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        levels = ((got - expected) * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255).abs()
+        assert levels.mean() < 0.5 and levels.max() <= largest + 1e-3, (split, levels.mean(), levels.max())
+        assert [s["label"] for s in samples] == [pil[split][i]["label"] for i in range(12)]
+
+
+def test_fast_decode_names_an_unreadable_image_and_refuses_augmentations_it_lacks(tmp_path):
+    from core.errors import DataError
+
+    photos(tmp_path, count=4)
+    broken = tmp_path / "train" / "a" / "0.jpg"
+    broken.write_bytes(broken.read_bytes()[:300])
+    train, _ = build_datasets(
+        ClassificationDataConfig(source="imagefolder", root=str(tmp_path), fast_decode=True), num_classes=2, seed=0
+    )
+    with pytest.raises(DataError, match=rf"{broken}: cannot read image \(Image is incomplete or truncated\)"):
+        train[0]
+    with pytest.raises(ConfigError, match=r"data.fast_decode crops, resizes and flips only; data.auto_augment"):
+        ClassificationDataConfig(fast_decode=True, auto_augment="rand-m9-mstd0.5").validate()
