@@ -63,7 +63,7 @@ def read_image(path: str | bytes, name: str = "") -> Image.Image:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             return img.convert("RGB")
     except DECODE_ERRORS as e:
-        raise DataError(f"{name or path}: cannot read image ({decode_failure(e)})") from None
+        raise DataError(f"{_named(path, name)}: cannot read image ({decode_failure(e)})") from None
 
 
 def read_image_tensor(path: str | bytes, name: str = "") -> torch.Tensor:
@@ -76,11 +76,15 @@ def read_image_tensor(path: str | bytes, name: str = "") -> torch.Tensor:
             with open(path, "rb") as f:
                 data = f.read()
         else:
-            data, path = path, name
+            data = path
         return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except (OSError, RuntimeError, ValueError) as e:
         message = re.sub(r"^\w+, \S+:\d+, ", "", str(e))  # without the decoder's C++ source line
-        raise DataError(f"{name or path}: cannot read image ({message})") from None
+        raise DataError(f"{_named(path, name)}: cannot read image ({message})") from None
+
+
+def _named(path: str | bytes, name: str) -> str:
+    return name or (path if isinstance(path, str) else "an image's bytes")
 
 
 class MapDataset(Protocol):
