@@ -280,23 +280,24 @@ class ShardDetection(CocoDetection):
 
     def __init__(
         self,
-        index: ShardIndex,
         cfg: DetectionDataConfig,
-        bad_samples: str,
+        split: str,
         training: bool,
         masks: bool = False,
         categories: CocoDetection | None = None,
     ):
         from pycocotools.coco import COCO
 
+        assert cfg.root is not None  # validated
+        index = ShardIndex(cfg.root, split, SHARD_SUFFIX[cfg.source])
         self.masks, self.shards, self.samples, self.image_column = masks, index, ShardSamples(index), cfg.image_column
-        where = os.path.dirname(index.paths[0]) + f" [{os.path.basename(index.paths[0]).split('-')[0]}]"
+        where = f"{cfg.root} [{split}]"
         coco = COCO()
         coco.dataset = _parquet_coco_index(index, cfg, where) if index.parquet else self._tar_coco_index(where)
         with _quiet():
             coco.createIndex()
         self._index(coco, where, categories)
-        self._check(bad_samples, training)
+        self._check(cfg.bad_samples, training)
         self.problems = index.problems + self.problems
 
     def _tar_coco_index(self, where: str) -> dict:
@@ -568,12 +569,10 @@ def _outline(category: int, cx: int, cy: int, r: int) -> list[tuple[float, float
 def build_datasets(cfg: DetectionDataConfig, seed: int, masks: bool = False) -> tuple[Dataset, Dataset]:
     """(train, eval) sets; `masks`: each sample also carries its instances' masks (N, H, W)."""
     if cfg.source in SHARD_SUFFIX:
-        assert cfg.root is not None  # validated
         if masks and cfg.source == "parquet":
             raise ConfigError("data.source='parquet' carries boxes only (hf_disk's layout); masks need tar shards")
-        indexes = [ShardIndex(cfg.root, split, SHARD_SUFFIX[cfg.source]) for split in (cfg.train_split, cfg.eval_split)]
-        train = ShardDetection(indexes[0], cfg, cfg.bad_samples, True, masks)
-        val = ShardDetection(indexes[1], cfg, cfg.bad_samples, False, masks, categories=train)
+        train = ShardDetection(cfg, cfg.train_split, True, masks)
+        val = ShardDetection(cfg, cfg.eval_split, False, masks, categories=train)
         return SeededTransforms(train, DetectionTransform(cfg, True), seed), SeededTransforms(
             val, DetectionTransform(cfg, False), seed
         )
