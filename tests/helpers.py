@@ -25,6 +25,12 @@ QUICK = ["--logging.progress_bar", "false", "--logging.trackers", "[]", "--data.
 TINY_VIT = ["--config", DIGITS, *QUICK, "--model.name", "test_vit", "--model.kwargs", "{img_size: 32}"]
 
 
+# The transformers ViT of the digits, three steps under ZeRO-3 (the model built whole, then
+# partitioned; its export gathered): a fine-tune's starting weights and a transformers final/.
+HF_VIT = ["--config", "recipes/classification/configs/digits_hf_vit.yaml", *QUICK]
+HF_VIT_3_STEPS = [*HF_VIT, "--loop.max_steps", "3"]
+ZERO3_LAUNCH = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"))
+
 # Six steps of 32-sample micro-batches, each step logged, one checkpoint at step 3: a run to stop
 # there and resume. Step 3 is odd, so a 2-rank run's micro-batch count does not fall on a window
 # of 2 micro-batches (1 rank, accumulation 2).

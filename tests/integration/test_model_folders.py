@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from core.config_parsing import parse_args
 from recipes.classification.data import Digits
 from recipes.classification.task import ClassificationConfig, ClassificationTask
-from tests.helpers import QUICK, launch, without_shardvision
+from tests.helpers import HF_VIT_3_STEPS, ZERO3_LAUNCH, without_shardvision
 
 # What a user of the library alone writes: load the folder, preprocess image files as the folder
 # says, and classify them. Prints the logits and the class names as JSON.
@@ -95,8 +95,7 @@ def test_shardvision_export_of_a_checkpoint_is_the_model_folder_final_is(ddp_ref
     assert (exported / "config.json").read_text() == (final / "config.json").read_text()
 
 
-def test_transformers_loads_final_with_its_image_processor(tmp_path):
-    run_dir = tmp_path / "run"
-    args = ["--config", "recipes/classification/configs/digits_hf_vit.yaml", *QUICK, "--loop.max_steps", "3"]
-    launch([*args, "--logging.count_flops", "false", "--output-dir", str(run_dir)], launcher="python")
+def test_transformers_loads_final_with_its_image_processor(uninterrupted, tmp_path):
+    """The transformers ViT's 3 steps under ZeRO-3 (shared with test_sharded_start): its gathered export."""
+    run_dir = uninterrupted(HF_VIT_3_STEPS, **ZERO3_LAUNCH)
     assert_library_loads_it("transformers", run_dir / "final", tmp_path)

@@ -14,33 +14,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.config_parsing import parse_args
-from tests.helpers import QUICK, REPO, TINY_VIT, last_launch, launch, read_metrics
+from tests.helpers import HF_VIT, HF_VIT_3_STEPS, QUICK, REPO, TINY_VIT, ZERO3_LAUNCH, last_launch, launch, read_metrics
 
-ZERO3 = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml"))
 FSDP = dict(launcher="accelerate", accelerate_config=str(REPO / "accelerate_configs" / "fsdp.yaml"))
-SHARDED = {"zero3": ZERO3, "fsdp": FSDP}
+SHARDED = {"zero3": ZERO3_LAUNCH, "fsdp": FSDP}
 STARTED_SHARDED = {
     "zero3": "ZeRO-3: model built partitioned (DeepSpeed zero.Init), {} streamed into it",
     "fsdp": "FSDP2: model built on the meta device, sharded, {} streamed in",
 }
 # A small ViT from each model source, and the prefix of its classification head.
-HF_VIT = ["--config", "recipes/classification/configs/digits_hf_vit.yaml", *QUICK]
 MODELS = {"timm": (TINY_VIT, "head."), "transformers": (HF_VIT, "classifier.")}
-
-
-def pretrained(source: str, folder: Path, **launch_kwargs) -> Path:
-    """Trained weights of `source`'s small ViT: what a fine-tune starts from. A few steps from
-    scratch, by default under ZeRO-3, where the model is built whole, then partitioned
-    (transformers would partition it at construction on its own, see core/distributed.py
-    model_construction)."""
-    launch([*MODELS[source][0], "--loop.max_steps", "3", "--output-dir", str(folder)], **(launch_kwargs or ZERO3))
-    return folder / "final" / "model.safetensors"
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
     """The timm ViT after 3 steps on 2 DDP ranks: its run's last evaluation is DDP evaluating them."""
-    return pretrained("timm", tmp_path_factory.mktemp("pretrained"), launcher="torchrun")
+    folder = tmp_path_factory.mktemp("pretrained")
+    launch([*TINY_VIT, "--loop.max_steps", "3", "--output-dir", str(folder)], launcher="torchrun")
+    return folder / "final" / "model.safetensors"
 
 
 @pytest.mark.parametrize("strategy", SHARDED)
@@ -61,12 +52,12 @@ def test_sharded_start_evaluates_streamed_weights_as_ddp_does(strategy, weights,
 
 # Both model sources under ZeRO-3; FSDP2 takes the same loading path for either, once.
 @pytest.mark.parametrize(("strategy", "source"), [("zero3", "timm"), ("zero3", "transformers"), ("fsdp", "timm")])
-def test_sharded_fine_tune_loads_everything_but_the_excluded_head(strategy, source, weights, tmp_path):
+def test_sharded_fine_tune_loads_everything_but_the_excluded_head(strategy, source, weights, uninterrupted, tmp_path):
     # An lr far below float resolution: the steps run (and checkpoint, export) but move no weight,
     # so the export shows exactly what was loaded.
     model_args, head = MODELS[source]
-    if source != "timm":
-        weights = pretrained(source, tmp_path / "pretrained")
+    if source != "timm":  # 3 steps from scratch under ZeRO-3, where the model is built whole, then partitioned
+        weights = uninterrupted(HF_VIT_3_STEPS, **ZERO3_LAUNCH) / "final" / "model.safetensors"
     run = tmp_path / "run"
     args = [*model_args, "--weights", str(weights), "--model.weights_exclude", f"['{head}*']", "--optim.lr", "1e-30"]
     args += ["--loop.max_steps", "2", "--output-dir", str(run)]
@@ -145,7 +136,7 @@ def test_zero3_builds_the_recipes_detectors_and_segmenters_partitioned(model, tm
     args += ["--weights", str(tmp_path / "weights.safetensors"), "--optim.lr", "1e-30", "--loop.max_steps", "1"]
     # one step on a data set of its own, evaluated on 2 images: the build and the load are what is proven
     args += ["--data.shapes_count", "[16, 2]", "--logging.count_flops", "false"]
-    proc = launch([*args, "--output-dir", str(run)], script=f"recipes/{task_name}/train.py", **ZERO3)
+    proc = launch([*args, "--output-dir", str(run)], script=f"recipes/{task_name}/train.py", **ZERO3_LAUNCH)
     assert "ZeRO-3: model built partitioned (DeepSpeed zero.Init)" in proc.stderr
     exported = load_file(run / "final" / "model.safetensors")
     assert exported.keys() == weights.keys()
