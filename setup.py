@@ -7,6 +7,8 @@ from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TRACKERS = ["mlflow-skinny", "sqlalchemy", "alembic", "wandb"]
+# shardvision export --onnx: torch's ONNX exporter (onnx, onnxscript) and the runtime that checks it
+ONNX = ["onnx", "onnxscript", "onnxruntime"]
 # Launch files the commands name from the repository root. A wheel has no root, so each folder
 # becomes a data-only package inside core (core/ds_configs/...), found by core/shipped.py.
 SHIPPED = {"accelerate_configs": ["*.yaml"], "ds_configs": ["*.json"], "launchers": ["*.sbatch"]}
@@ -64,9 +66,11 @@ setup(
     extras_require={
         # logging.trackers: mlflow (its client and the local sqlite store, without the server) and wandb
         "trackers": pinned(TRACKERS),
+        "onnx": pinned(ONNX),
         "dev": pinned(
             [
                 *TRACKERS,
+                *ONNX,
                 "pytest",
                 "pytest-timeout",
                 "pytest-xdist",

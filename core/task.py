@@ -77,6 +77,10 @@ class Task:
     def collate(self, samples: list) -> Any:
         return default_collate(samples)
 
+    def onnx_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` as `shardvision export --onnx` exports it: one batch of pixels in, one tensor out."""
+        raise ConfigError(f"shardvision export --onnx: {type(self).__name__}'s models do not export to ONNX")
+
     def on_device(self, batch: Any) -> Any:
         """The batch once on the model's device, before the steps see it: work that costs less
         there than in a loader worker (classification's data.fast_decode normalises uint8 images

@@ -16,12 +16,20 @@ OUT is then the model folder a run's final/ is: the files the model's own librar
 with the data's class names. The recipe is the one whose config reads the run's config.yaml; the
 class names are read from the run's data, so export where the data is (else OUT holds the weights
 and config.yaml only, and says why).
+
+    shardvision export runs/x/checkpoints/1200 exported/ --onnx
+
+also writes OUT/model.onnx (torch's exporter, batch size free), then runs it with onnxruntime on
+the first validation images and compares its outputs with the model's: classification (logits)
+and segmentation (logits at the input's size); detection models do not export (their outputs are
+lists of boxes of data-dependent length).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from core.checkpoint.export import export_checkpoint
 from core.config_parsing import load_config
@@ -39,20 +47,29 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument(
         "--allow-pickle", action="store_true", help="allow reading DeepSpeed/FSDP shards, which are Python pickles"
     )
+    parser.add_argument(
+        "--onnx", action="store_true", help="also OUT/model.onnx, checked with onnxruntime on validation images"
+    )
     args = parser.parse_args(argv)
     with known_failures_exit():
         print(export_checkpoint(args.checkpoint, args.out, args.allow_pickle))
-        print(write_model_folder(args.out))
+        task, evaluation, said = write_model_folder(args.out)
+        print(said)
+        if args.onnx:
+            if task is None:
+                raise ConfigError(f"--onnx needs the run's config and validation data: {said}")
+            print(write_onnx(task, evaluation, args.out))
 
 
-def write_model_folder(out: str) -> str:
+def write_model_folder(out: str) -> tuple[Any, Any, str]:
     """Beside OUT/model.safetensors, what the model's library loads it with (the recipe's
-    Task.write_model_folder, as the run's final/ has it); returns a line saying what was written."""
+    Task.write_model_folder, as the run's final/ has it). Returns the run's task and validation
+    set (None, None where they cannot be had) and a line saying what was written."""
     import torch
 
     config = os.path.join(out, "config.yaml")
     if not os.path.isfile(config):
-        return f"{out}: no config.yaml (the checkpoint is not in a run folder): weights only, no model folder"
+        return None, None, f"{out}: no config.yaml (the checkpoint is not in a run folder): weights only"
     found = []
     for name in TASKS:
         try:
@@ -60,17 +77,55 @@ def write_model_folder(out: str) -> str:
         except ConfigError:  # another recipe's keys
             continue
     if len(found) != 1:
-        return f"{config}: read by {len(found)} recipes' configs, not one: weights only, no model folder"
+        return None, None, f"{config}: read by {len(found)} recipes' configs, not one: weights only"
     name, cfg = found[0]
     task = recipe(name).TASK(cfg)
     try:
-        task.build_datasets()  # the class names are the data's
+        _, evaluation = task.build_datasets()  # the class names are the data's
     except KnownFailure as e:
-        return f"{out}: weights only, no model folder: the run's data, which names its classes, is not readable ({e})"
+        return None, None, f"{out}: weights only: the run's data, which names its classes, is not readable ({e})"
     with torch.device("meta"):  # its structure and config only; no parameter is read
         model = task.build_model()
     task.write_model_folder(model, out)
     written = sorted(
         set(os.listdir(out)) - {"model.safetensors", "model_ema.safetensors", "config.yaml", "export.json"}
     )
-    return f"{out}: a {name} model folder ({', '.join(written) or 'the weights: this model has no library of its own'})"
+    library = ", ".join(written) or "the weights: this model has no library of its own"
+    return task, evaluation, f"{out}: a {name} model folder ({library})"
+
+
+def write_onnx(task: Any, evaluation: Any, out: str, images: int = 8) -> str:
+    """OUT/model.onnx of the exported weights (the task's onnx_module: pixels in, one tensor out),
+    written beside its place and renamed when whole, then checked: onnxruntime's outputs on the
+    first `images` validation images against the model's own."""
+    import numpy as np
+    import onnxruntime
+    import torch
+    from safetensors.torch import load_file
+
+    model = task.build_model().eval()
+    model.load_state_dict(load_file(os.path.join(out, "model.safetensors")))
+    module = task.onnx_module(model).eval()
+    batch = task.on_device(task.collate([evaluation[i] for i in range(min(images, len(evaluation)))]))
+    pixels = batch[task.input_keys[0]]
+    path = os.path.join(out, "model.onnx")
+    batch_size = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            (pixels,),
+            path + ".partial",
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamic_shapes={"pixel_values": {0: batch_size}},
+            dynamo=True,
+            verbose=False,
+        )
+        os.replace(path + ".partial", path)
+        expected = module(pixels).numpy()
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {"pixel_values": pixels.numpy()})[0]
+    difference = float(np.abs(got - expected).max())
+    if not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
+        raise ConfigError(f"{path}: onnxruntime's outputs differ from the model's by up to {difference:.3g}")
+    return f"{path}: onnxruntime on {len(pixels)} validation images, largest difference from torch {difference:.2g}"

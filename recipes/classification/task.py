@@ -17,6 +17,17 @@ from recipes.classification.metrics import ClassificationMetrics
 from recipes.classification.models import ClassificationModelConfig, build_model, logits_of, write_model_folder
 
 
+class Logits(torch.nn.Module):
+    """The model's logits alone, whichever library built it: what ONNX exports."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(pixel_values))
+
+
 @dataclass
 class ClassificationConfig(TrainConfig):
     model: ClassificationModelConfig = section(ClassificationModelConfig, "Model.")
@@ -44,6 +55,9 @@ class ClassificationTask(Task):
 
     def build_model(self) -> torch.nn.Module:
         return build_model(self.cfg.model)
+
+    def onnx_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return Logits(model)
 
     def on_device(self, batch: dict) -> dict:
         if self.cfg.data.fast_decode:  # uint8 images from the loader

@@ -44,6 +44,17 @@ def slide_logits(
     return (logits / counts)[..., :h, :w]
 
 
+class MainLogits(torch.nn.Module):
+    """The main head's logits at the input's size, whichever library built the model: what ONNX exports."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model, pixel_values)[0]
+
+
 class SegmentationTask(Task):
     primary_metric = "mIoU"
     higher_is_better = True
@@ -64,6 +75,9 @@ class SegmentationTask(Task):
             if not self.cfg.class_names and self.train_shards.classes:  # the shards' classes.txt or index
                 self.class_names = self.train_shards.classes[: self.cfg.model.num_classes]
         return train, val
+
+    def onnx_module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return MainLogits(model)
 
     def write_model_folder(self, model: torch.nn.Module, folder: str) -> None:
         write_model_folder(model, self.cfg.model, self.cfg.data, self.class_names, folder)

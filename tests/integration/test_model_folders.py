@@ -2,11 +2,12 @@
 of the model's own library: timm and transformers load it alone (a separate Python process that
 imports neither shardvision's core nor its recipes), name the data's classes, and, through the
 preprocessing the folder describes, give the logits shardvision's own evaluation gives on the
-same images."""
+same images; `--onnx`'s model.onnx gives them under onnxruntime."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +47,9 @@ print(json.dumps({"logits": logits.tolist(), "names": names}))
 """
 
 
-def shardvision_logits(folder: Path, count: int) -> torch.Tensor:
+def shardvision_logits(folder: Path, count: int, with_pixels: bool = False) -> Any:
     """The logits shardvision's evaluation computes for the first `count` validation samples with
-    the weights and config.yaml in `folder`."""
+    the weights and config.yaml in `folder` (and the pixels it computed them from)."""
     cfg = parse_args(ClassificationConfig, ["--config", str(folder / "config.yaml")])
     task = ClassificationTask(cfg)
     model = task.build_model().eval()
@@ -57,7 +58,8 @@ def shardvision_logits(folder: Path, count: int) -> torch.Tensor:
     batch = torch.stack([evaluation[i]["image"] for i in range(count)])
     with torch.no_grad():
         output = model(batch)
-    return output if isinstance(output, torch.Tensor) else output.logits
+    logits = output if isinstance(output, torch.Tensor) else output.logits
+    return (logits, batch) if with_pixels else logits
 
 
 def validation_files(folder: Path, count: int) -> list[Path]:
@@ -83,16 +85,25 @@ def test_timm_loads_final_from_its_local_folder(ddp_reference, tmp_path):
     assert_library_loads_it("timm", ddp_reference / "final", tmp_path)
 
 
-def test_shardvision_export_of_a_checkpoint_is_the_model_folder_final_is(ddp_reference, tmp_path, capsys):
-    """The same run's last checkpoint, exported in a folder of its own, without the run's ranks."""
+def test_shardvision_export_of_a_checkpoint_is_the_model_folder_final_is_and_onnx(ddp_reference, tmp_path, capsys):
+    """The same run's last checkpoint, exported in a folder of its own, without the run's ranks; with
+    --onnx also model.onnx, whose outputs under onnxruntime are shardvision's evaluation logits."""
+    import onnxruntime
+
     from core.commands.export import export_main
 
     (checkpoint,) = (ddp_reference / "checkpoints").iterdir()
-    export_main([str(checkpoint), str(tmp_path / "exported")])
-    assert "a classification model folder (config.json)" in capsys.readouterr().out
-    assert_library_loads_it("timm", tmp_path / "exported", tmp_path)
-    final, exported = ddp_reference / "final", tmp_path / "exported"
-    assert (exported / "config.json").read_text() == (final / "config.json").read_text()
+    exported = tmp_path / "exported"
+    export_main([str(checkpoint), str(exported), "--onnx"])
+    said = capsys.readouterr().out
+    assert "a classification model folder (config.json)" in said
+    assert f"{exported / 'model.onnx'}: onnxruntime on 8 validation images" in said
+    assert_library_loads_it("timm", exported, tmp_path)
+    assert (exported / "config.json").read_text() == (ddp_reference / "final" / "config.json").read_text()
+    session = onnxruntime.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    expected, pixels = shardvision_logits(exported, 16, with_pixels=True)
+    (got,) = session.run(None, {"pixel_values": pixels.numpy()})
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_transformers_loads_final_with_its_image_processor(uninterrupted, tmp_path):
