@@ -68,8 +68,10 @@ def read_image(path: str | bytes, name: str = "") -> Image.Image:
 
 def read_image_tensor(path: str | bytes, name: str = "") -> torch.Tensor:
     """read_image as a uint8 RGB tensor (C, H, W), decoded by torchvision.io (libjpeg-turbo,
-    libpng, libwebp): a DataError naming the file or sample when it cannot be read."""
+    libpng, libwebp; other formats, BMP or TIFF, by PIL): a DataError naming the file or sample
+    when it cannot be read."""
     from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype
 
     try:
         if isinstance(path, str):
@@ -77,8 +79,13 @@ def read_image_tensor(path: str | bytes, name: str = "") -> torch.Tensor:
                 data = f.read()
         else:
             data = path
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if data[:3] != b"\xff\xd8\xff" and data[:8] != b"\x89PNG\r\n\x1a\n" and data[8:12] != b"WEBP":
+            return pil_to_tensor(read_image(data, _named(path, name)))  # a format torchvision does not decode
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)  # 16-bit PNG
     except (OSError, RuntimeError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
         message = re.sub(r"^\w+, \S+:\d+, ", "", str(e))  # without the decoder's C++ source line
         raise DataError(f"{_named(path, name)}: cannot read image ({message})") from None
 

@@ -217,7 +217,7 @@ class ShardSamples(Dataset):
     def __init__(self, index: ShardIndex):
         self.index = index
         self._members: dict[int, list[ShardSample]] = {}
-        self._row_groups: dict[int, tuple[Any, np.ndarray]] = {}  # shard -> (ParquetFile, group starts)
+        self._row_groups: dict[int, np.ndarray] = {}  # shard -> its row groups' first row numbers
         self._groups_read: OrderedDict[tuple[int, int], Any] = OrderedDict()  # (shard, group) -> Table
         self._pid = os.getpid()
 
@@ -258,32 +258,31 @@ class ShardSamples(Dataset):
     def _row(self, shard: int, position: int) -> dict:
         import pyarrow.parquet as pq
 
-        if self._pid != os.getpid():  # a forked loader worker opens its own files
+        if self._pid != os.getpid():  # a forked loader worker keeps its own row groups
             self._row_groups, self._groups_read, self._pid = {}, OrderedDict(), os.getpid()
         path = self.index.paths[shard]
-        if shard not in self._row_groups:
-            try:
-                file = pq.ParquetFile(path)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-            rows = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
-            self._row_groups[shard] = (file, np.concatenate([[0], np.cumsum(rows)]).astype(np.int64))
-        file, starts = self._row_groups[shard]
-        if position >= starts[-1]:
-            raise DataError(f"{path}: row {position} of the {self.index.counts[shard]} the index counts is missing")
-        group = int(np.searchsorted(starts, position, side="right")) - 1
-        table = self._groups_read.get((shard, group))
-        if table is None:
-            try:
-                table = file.read_row_group(group)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: row group {group} cannot be read ({e})") from None
-            self._groups_read[(shard, group)] = table
-            while (
-                len(self._groups_read) > 1 and sum(t.nbytes for t in self._groups_read.values()) > PARQUET_CACHE_BYTES
-            ):
-                self._groups_read.popitem(last=False)
+        table = None
+        try:
+            if shard not in self._row_groups:
+                with pq.ParquetFile(path) as file:
+                    rows = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+                self._row_groups[shard] = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+            starts = self._row_groups[shard]
+            if position >= starts[-1]:
+                raise DataError(f"{path}: row {position} of the {self.index.counts[shard]} the index counts is missing")
+            group = int(np.searchsorted(starts, position, side="right")) - 1
+            table = self._groups_read.get((shard, group))
+            if table is None:  # a file is open only while a group is read: a worker may read thousands
+                with pq.ParquetFile(path) as file:
+                    table = file.read_row_group(group)
+        except (OSError, ValueError) as e:
+            if isinstance(e, DataError):
+                raise
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        self._groups_read[(shard, group)] = table
         self._groups_read.move_to_end((shard, group))
+        while len(self._groups_read) > 1 and sum(t.nbytes for t in self._groups_read.values()) > PARQUET_CACHE_BYTES:
+            self._groups_read.popitem(last=False)
         row = table.slice(position - int(starts[group]), 1).to_pylist()[0]
         return {**row, "__key__": str(row.get("__key__", f"row {position}")), "__shard__": path}
 

@@ -111,16 +111,21 @@ def write_onnx(task: Any, evaluation: Any, out: str, images: int = 8) -> str:
     path = os.path.join(out, "model.onnx")
     batch_size = torch.export.Dim("batch", min=1)
     with torch.no_grad():
-        torch.onnx.export(
-            module,
-            (pixels,),
-            path + ".partial",
-            input_names=["pixel_values"],
-            output_names=["logits"],
-            dynamic_shapes={"pixel_values": {0: batch_size}},
-            dynamo=True,
-            verbose=False,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                (pixels,),
+                path + ".partial",
+                input_names=["pixel_values"],
+                output_names=["logits"],
+                dynamic_shapes={"pixel_values": {0: batch_size}},
+                dynamo=True,
+                verbose=False,
+            )
+        except Exception:  # a model the exporter cannot trace leaves no half-written file
+            if os.path.exists(path + ".partial"):
+                os.remove(path + ".partial")
+            raise
         os.replace(path + ".partial", path)
         expected = module(pixels).numpy()
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])

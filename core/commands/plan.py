@@ -291,7 +291,7 @@ def measure_activations(
         model.to(dtype)
     measured = {}
     for micro_batch in MEASURED_AT:
-        batch = task.collate(samples[:micro_batch])
+        batch = task.on_device(task.collate(samples[:micro_batch]))  # as the trainer's cast_inputs
         batch = cast_inputs(batch, task.input_keys, dtype if mode == "half" else None, channels_last)
         # CPU autocast: the op lists differ a little from CUDA's (said in what is not counted).
         autocast = mode == "autocast" or task.autocast_half_weights  # as the trainer runs the task

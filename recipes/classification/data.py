@@ -3,6 +3,7 @@ local files, all turned into (PIL image, label) pairs and then into tensors by t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -69,9 +70,9 @@ class ClassificationDataConfig(DataConfig):
     fast_decode: bool = option(
         False,
         "Decode with torchvision.io and crop, resize and flip the uint8 image as a tensor, normalising whole "
-        "batches: the same crops and flips, pixels within 2/255 of the PIL path (bilinear), about 1.5x the "
-        "images/s per loader core (benchmarks/data_pipeline.py). Not with auto_augment, color_jitter, "
-        "random_erasing. See docs/data.md.",
+        "batches: the same crops and flips, pixels within 2/255 of the PIL path (bilinear), 1.6x the images/s "
+        "per loader core of timm's loader without its prefetcher (benchmarks/data_pipeline.py). Bilinear or "
+        "bicubic only; not with auto_augment, color_jitter, random_erasing. See docs/data.md.",
     )
 
     def validate(self) -> None:
@@ -84,6 +85,11 @@ class ClassificationDataConfig(DataConfig):
             if self.micro_batch_size % 2:
                 raise ConfigError(f"data.micro_batch_size must be even with mixup/cutmix, got {self.micro_batch_size}")
         if self.fast_decode:
+            if self.interpolation not in ("bilinear", "bicubic"):
+                raise ConfigError(
+                    f"data.fast_decode resizes tensors, bilinear or bicubic; data.interpolation {self.interpolation!r} "
+                    "needs the PIL path: set data.fast_decode false"
+                )
             for key in ("auto_augment", "color_jitter", "random_erasing"):
                 if getattr(self, key):
                     raise ConfigError(
@@ -282,7 +288,8 @@ def shard_samples(
     """For `shardvision shard`: {"classes": the class names}, and each split's samples as WebDataset
     files: the image file's own bytes where there is one (ImageFolder), else the image as PNG, and
     the label as `cls`. A sample that cannot be read is left out and its problem appended to `problems`."""
-    sets = dict(zip((cfg.train_split, cfg.eval_split), _load_raw(cfg, num_classes), strict=True))
+    raw = _load_raw(dataclasses.replace(cfg, fast_decode=False), num_classes)  # PIL images, to write PNG
+    sets = dict(zip((cfg.train_split, cfg.eval_split), raw, strict=True))
 
     def files(raw: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
         paths = getattr(raw, "samples", None)  # ImageFolder's (path, label) pairs

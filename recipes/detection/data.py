@@ -305,23 +305,24 @@ class ShardDetection(CocoDetection):
         for n in range(len(self.samples)):
             sample = self.samples.read(n, only=("json",))
             name = f"{sample['__shard__']}: sample {sample['__key__']}"
+            text = sample_file(sample, ("json",))[1]
             try:
-                record = json.loads(sample_file(sample, ("json",))[1])
+                record = json.loads(text)
                 size = (int(record["width"]), int(record["height"]))
-                listed = list(record.get("annotations", []))
+                listed = []
+                for ann in record.get("annotations", []):
+                    x, y, w, h = (float(v) for v in ann["bbox"])
+                    listed.append(
+                        {**ann, "area": float(ann.get("area", w * h)), "category_id": int(ann["category_id"])}
+                    )
             except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{name}.json: not a json with width, height and annotations ({e!r})") from None
+                raise DataError(
+                    f"{name}.json: not a json of width, height and annotations (each a bbox and a category_id): {e!r}"
+                ) from None
             images.append({"id": n + 1, "file_name": name, "width": size[0], "height": size[1]})
             for ann in listed:
-                x, y, w, h = (float(v) for v in ann["bbox"])
                 annotations.append(
-                    {
-                        **ann,
-                        "id": len(annotations) + 1,
-                        "image_id": n + 1,
-                        "area": float(ann.get("area", w * h)),
-                        "iscrowd": int(ann.get("iscrowd", 0)),
-                    }
+                    {**ann, "id": len(annotations) + 1, "image_id": n + 1, "iscrowd": int(ann.get("iscrowd", 0))}
                 )
         categories = self.shards.categories or [
             {"id": c, "name": str(c)} for c in sorted({a["category_id"] for a in annotations})

@@ -88,14 +88,14 @@ class SegmentationDataConfig(DataConfig):
 
 def _read_mask(path: str | bytes, name: str = "") -> np.ndarray:
     """An index mask from a PNG file or its bytes (named `name`)."""
-    path, source = name or path, io.BytesIO(path) if isinstance(path, bytes) else path
+    where = name or (path if isinstance(path, str) else "a mask's bytes")
     try:
-        with Image.open(source) as img:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             mode, mask = img.mode, np.array(img, dtype=np.int64)
     except DECODE_ERRORS as e:
-        raise DataError(f"{path}: cannot read mask ({decode_failure(e)})") from None
+        raise DataError(f"{where}: cannot read mask ({decode_failure(e)})") from None
     if mode not in ("P", "L", "I", "I;16"):
-        raise DataError(f"{path}: a mask must be a single-channel index PNG (mode P or L), got mode {mode}")
+        raise DataError(f"{where}: a mask must be a single-channel index PNG (mode P or L), got mode {mode}")
     return mask
 
 
@@ -181,16 +181,19 @@ class ShardPairs(PairFolder):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, np.ndarray]:
-        sample = self.samples[i]
+        (image_name, image_bytes), (mask_name, mask_bytes) = self.files(self.samples[i])
+        image, mask = read_image(image_bytes, image_name), _read_mask(mask_bytes, mask_name)
+        return self.check(image, mask, image_name, mask_name)
+
+    def files(self, sample: dict) -> tuple[tuple[str, bytes], tuple[str, bytes]]:
+        """((name, bytes) of the image, (name, bytes) of the mask), each named shard: sample.file."""
         where = f"{sample['__shard__']}: sample {sample['__key__']}"
         if self.index.parquet:
             image_file = sample_file(sample, self.columns[:1], "set data.image_column")
             mask_file = sample_file(sample, self.columns[1:], "set data.mask_column")
         else:
             image_file, mask_file = sample_file(sample, IMAGE_EXTENSIONS), sample_file(sample, self.MASKS)
-        image_name, mask_name = (f"{where}.{found}" for found, _ in (image_file, mask_file))
-        image, mask = read_image(image_file[1], image_name), _read_mask(mask_file[1], mask_name)
-        return self.check(image, mask, image_name, mask_name)
+        return (f"{where}.{image_file[0]}", image_file[1]), (f"{where}.{mask_file[0]}", mask_file[1])
 
 
 def shard_samples(
@@ -213,6 +216,16 @@ def shard_samples(
                 extension = os.path.splitext(image_path)[1].lower().lstrip(".")
                 with open(image_path, "rb") as f, open(mask_path, "rb") as g:
                     yield f"{i:09d}", {extension: f.read(), "seg.png": g.read()}
+                continue
+            if isinstance(pairs, ShardPairs):  # shards again (other sizes or format): their files' bytes
+                (_, image_bytes), (_, mask_bytes) = pairs.files(pairs.samples[i])
+                with Image.open(io.BytesIO(image_bytes)) as img, Image.open(io.BytesIO(mask_bytes)) as m:
+                    extension, mask_is_png = str(img.format).lower().replace("jpeg", "jpg"), m.format == "PNG"
+                if not mask_is_png:
+                    buffer = io.BytesIO()
+                    Image.fromarray(_read_mask(mask_bytes).astype(np.uint8)).save(buffer, format="PNG")  # as stored
+                    mask_bytes = buffer.getvalue()
+                yield f"{i:09d}", {extension: image_bytes, "seg.png": mask_bytes}
                 continue
             assert isinstance(pairs, HFPairs)
             row = pairs.ds[i]  # the mask as stored, not as checked (reduce_zero_label applies when read)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from core.config import TrainConfig, option, section
+from core.errors import ConfigError
 from core.shards import SHARD_SUFFIX
 from core.task import Task
 from recipes.segmentation.data import SHAPES_CLASSES, SegmentationDataConfig, build_datasets, collate, shard_samples
@@ -72,8 +73,11 @@ class SegmentationTask(Task):
         train, val = build_datasets(self.cfg.data, self.cfg.model.num_classes, self.cfg.seed)
         if self.cfg.data.source in SHARD_SUFFIX:
             self.train_shards = train.base.index
-            if not self.cfg.class_names and self.train_shards.classes:  # the shards' classes.txt or index
-                self.class_names = self.train_shards.classes[: self.cfg.model.num_classes]
+            named, n = self.train_shards.classes, self.cfg.model.num_classes
+            if len(named) > n:
+                raise ConfigError(f"the shards name {len(named)} classes but model.num_classes is {n}")
+            if not self.cfg.class_names and named:  # the shards' classes.txt or index
+                self.class_names = [*named, *(f"class_{i}" for i in range(len(named), n))]
         return train, val
 
     def onnx_module(self, model: torch.nn.Module) -> torch.nn.Module:

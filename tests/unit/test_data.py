@@ -175,3 +175,20 @@ def test_fast_decode_names_an_unreadable_image_and_refuses_augmentations_it_lack
         train[0]
     with pytest.raises(ConfigError, match=r"data.fast_decode crops, resizes and flips only; data.auto_augment"):
         ClassificationDataConfig(fast_decode=True, auto_augment="rand-m9-mstd0.5").validate()
+    with pytest.raises(ConfigError, match=r"data.fast_decode resizes tensors, bilinear or bicubic; data.interpolation"):
+        ClassificationDataConfig(fast_decode=True, interpolation="nearest").validate()
+
+
+def test_fast_decode_reads_what_torchvision_does_not_decode_through_pil(tmp_path):
+    """BMP and TIFF (PIL reads them, torchvision.io does not) and 16-bit PNG, as uint8 RGB."""
+    from core.data import read_image_tensor
+
+    pixels = np.random.default_rng(0).integers(0, 255, (9, 7, 3), dtype=np.uint8)
+    for extension in ("bmp", "tiff", "png"):
+        Image.fromarray(pixels).save(tmp_path / f"x.{extension}")
+        image = read_image_tensor(str(tmp_path / f"x.{extension}"))
+        assert image.dtype == torch.uint8 and np.array_equal(image.permute(1, 2, 0).numpy(), pixels), extension
+    Image.fromarray(pixels[..., 0].astype(np.uint16) * 257).save(tmp_path / "deep.png")  # 16-bit grey
+    deep = read_image_tensor(str(tmp_path / "deep.png"))
+    assert deep.dtype == torch.uint8 and deep.shape == (3, 9, 7)
+    assert np.array_equal(deep[0].numpy(), pixels[..., 0])

@@ -337,6 +337,15 @@ def test_segmentation_shards_hold_the_sources_image_and_mask_pixel_for_pixel(tmp
         # Parquet holds the decoded JPEG as PNG: the same pixels
         assert np.array_equal(np.asarray(from_parquet.base[i][0]), np.asarray(image)), i
 
+    # Tar shards written again from the Parquet shards (the PNG bytes they hold): the same pairs
+    again, source = tmp_path / "again", ["--data.source", "parquet", "--data.root", str(tmp_path / "train-0.parquet")]
+    shard_main(["segmentation", str(again), "--config", SHAPES, *source, "--data.eval_split", "train"])
+    resharded = task("--data.source", "webdataset", "--data.root", str(again), "--data.eval_split", "train")
+    train_again = resharded.build_datasets()[0].base
+    for i in (0, 31, 59):
+        (image, mask), (expected_image, expected_mask) = train_again[i], folder.base[i]
+        assert np.array_equal(np.asarray(image), np.asarray(expected_image)) and np.array_equal(mask, expected_mask)
+
 
 def test_bad_segmentation_shard_samples_are_named_by_shard_and_key(tmp_path):
     from recipes.segmentation.data import ShardPairs
@@ -459,10 +468,9 @@ def test_a_detection_shard_sample_without_its_annotations_is_named(tmp_path):
     (tmp_path / "_info.json").write_text(json.dumps({"categories": [{"id": 1, "name": "a"}]}))
     good = json.dumps({"width": 8, "height": 8, "annotations": [{"bbox": [1, 1, 4, 4], "category_id": 1}]}).encode()
     write_tar_shards(tmp_path, "train", [("a", {"png": image_bytes(0, (8, 8)), "json": good})], per_shard=1)
-    write_tar_shards(
-        tmp_path, "validation", [("b", {"png": image_bytes(1, (8, 8)), "json": b'{"width": 8}'})], per_shard=1
-    )
-    with pytest.raises(
-        DataError, match=r"validation-000000.tar: sample b.json: not a json with width, height and annotations"
-    ):
-        detection_task("--data.source", "webdataset", "--data.root", str(tmp_path)).build_datasets()
+    no_bbox = json.dumps({"width": 8, "height": 8, "annotations": [{"category_id": 1}]}).encode()
+    for record, problem in ((b'{"width": 8}', "KeyError\\('height'\\)"), (no_bbox, "KeyError\\('bbox'\\)")):
+        samples = [("b", {"png": image_bytes(1, (8, 8)), "json": record})]
+        write_tar_shards(tmp_path, "validation", samples, per_shard=1)
+        with pytest.raises(DataError, match=rf"validation-000000.tar: sample b.json: not a json of width, .*{problem}"):
+            detection_task("--data.source", "webdataset", "--data.root", str(tmp_path)).build_datasets()
