@@ -35,11 +35,12 @@ import logging
 import os
 import tarfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from core.config import TrainConfig
@@ -352,6 +353,37 @@ def epoch_order(shards: ShardIndex, cfg: TrainConfig, ranks: int) -> PartitionOr
             ranks * accumulation,
         )
     return order
+
+
+def readable(read: Callable[[Any], Any], keys: Iterable[Any], problems: list[str]) -> Iterator[tuple[Any, Any]]:
+    """(key, read(key)) for each key whose sample can be read; for `shardvision shard`, which leaves
+    out what cannot be read and lists it: each DataError is appended to `problems`."""
+    for key in keys:
+        try:
+            sample = read(key)
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        yield key, sample
+
+
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    """An image (or an index mask, as uint8) as a PNG file's bytes, for a source that holds no file."""
+    buffer = io.BytesIO()
+    (Image.fromarray(np.asarray(image, dtype=np.uint8)) if isinstance(image, np.ndarray) else image).save(
+        buffer, format="PNG"
+    )
+    return buffer.getvalue()
+
+
+def image_member(image: Image.Image, path: str | None) -> tuple[str, bytes]:
+    """(extension, bytes) of a shard's image: the file's own bytes where the source has an image
+    file shards hold (jpg, jpeg, png, webp), else the image as PNG."""
+    extension = os.path.splitext(path)[1].lower().lstrip(".") if path else ""
+    if extension not in IMAGE_EXTENSIONS:
+        return "png", png_bytes(image)
+    with open(str(path), "rb") as f:
+        return extension, f.read()
 
 
 def write_shards(folder: str, split: str, samples: Iterator[tuple[str, dict[str, bytes]]], per_shard: int) -> dict:

@@ -4,7 +4,6 @@ local files, all turned into (PIL image, label) pairs and then into tensors by t
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -28,7 +27,16 @@ from core.data import (
     read_image_tensor,
 )
 from core.errors import ConfigError, DataError
-from core.shards import IMAGE_EXTENSIONS, SHARD_SUFFIX, ShardIndex, ShardSamples, parquet_class_names, sample_file
+from core.shards import (
+    IMAGE_EXTENSIONS,
+    SHARD_SUFFIX,
+    ShardIndex,
+    ShardSamples,
+    image_member,
+    parquet_class_names,
+    readable,
+    sample_file,
+)
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -293,20 +301,8 @@ def shard_samples(
 
     def files(raw: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
         paths = getattr(raw, "samples", None)  # ImageFolder's (path, label) pairs
-        for i in range(len(raw)):
-            try:
-                image, label = raw[i]
-            except DataError as e:
-                problems.append(str(e))
-                continue
-            extension = os.path.splitext(paths[i][0])[1].lower().lstrip(".") if paths else ""
-            if extension in IMAGE_EXTENSIONS:
-                with open(paths[i][0], "rb") as f:
-                    data = f.read()
-            else:
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                data, extension = buffer.getvalue(), "png"
+        for i, (image, label) in readable(raw.__getitem__, range(len(raw)), problems):
+            extension, data = image_member(image, paths[i][0] if paths else None)
             yield f"{i:09d}", {extension: data, "cls": str(label).encode()}
 
     classes = [str(c) for c in getattr(next(iter(sets.values())), "classes", [])]

@@ -3,7 +3,6 @@ a local config. Always random init here; local weights are loaded by the engine 
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 import os
@@ -14,6 +13,7 @@ import torch
 
 from core.config import ModelConfig, option
 from core.errors import ConfigError
+from core.model_folder import save_labelled_config
 
 
 @dataclass
@@ -71,10 +71,7 @@ def write_model_folder(
         return
     from transformers import BitImageProcessor
 
-    config = copy.deepcopy(model.config)
-    config.id2label = dict(enumerate(class_names))
-    config.label2id = {name: i for i, name in enumerate(class_names)}
-    config.save_pretrained(folder)
+    save_labelled_config(model, class_names, folder)
     # timm's evaluation transform: the shorter side to image_size / crop_pct, a centred square crop
     # of image_size, then mean/std; BitImageProcessor does the same steps.
     BitImageProcessor(

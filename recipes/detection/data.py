@@ -26,7 +26,15 @@ from torchvision.transforms import v2
 from core.config import DataConfig, option
 from core.data import SeededTransforms, decode_failure, folder_written_once, generated_data_root, read_image
 from core.errors import ConfigError, DataError
-from core.shards import IMAGE_EXTENSIONS, SHARD_SUFFIX, ShardIndex, ShardSamples, sample_file
+from core.shards import (
+    IMAGE_EXTENSIONS,
+    SHARD_SUFFIX,
+    ShardIndex,
+    ShardSamples,
+    image_member,
+    readable,
+    sample_file,
+)
 
 logger = logging.getLogger(__name__)
 SHAPES_CATEGORIES = [{"id": 1, "name": "square"}, {"id": 2, "name": "circle"}, {"id": 3, "name": "triangle"}]
@@ -423,7 +431,6 @@ def coco_index(ds: Any, cfg: DetectionDataConfig, where: str) -> dict:
 
 def _image_size(raw: dict) -> tuple[int, int]:
     """(width, height) from the image file's header, without decoding its pixels."""
-    import io
 
     source = io.BytesIO(raw["bytes"]) if raw.get("bytes") else raw["path"]
     with Image.open(source) as image:
@@ -435,7 +442,6 @@ class _quiet:
 
     def __enter__(self):
         import contextlib
-        import io
 
         self._redirect = contextlib.redirect_stdout(io.StringIO())
         self._redirect.__enter__()
@@ -628,23 +634,10 @@ def shard_samples(
 
     def files(raw: CocoDetection) -> Iterator[tuple[str, dict[str, bytes]]]:
         problems.extend(raw.problems)
-        for image_id in raw.ids:
+        folder = getattr(raw, "images_dir", None)  # a COCO folder's own files; other sources as PNG
+        for image_id, (image, _) in readable(raw._read, raw.ids, problems):
             info = raw.coco.imgs[image_id]
-            try:
-                image, _ = raw._read(image_id)
-            except DataError as e:
-                problems.append(str(e))
-                continue
-            folder = getattr(raw, "images_dir", None)  # a COCO folder's own files; other sources as PNG
-            path = os.path.join(folder or "", info["file_name"])
-            extension = os.path.splitext(path)[1].lower().lstrip(".")
-            if folder is not None and extension in IMAGE_EXTENSIONS:
-                with open(path, "rb") as f:
-                    data = f.read()
-            else:
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                data, extension = buffer.getvalue(), "png"
+            extension, data = image_member(image, os.path.join(folder, info["file_name"]) if folder else None)
             annotations = [
                 {k: v for k, v in ann.items() if k not in ("id", "image_id")}
                 for ann in raw.coco.imgToAnns.get(image_id, [])

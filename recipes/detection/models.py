@@ -17,6 +17,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from core.config import ModelConfig, option
 from core.errors import ConfigError
+from core.model_folder import save_labelled_config
 
 DETECTORS = (
     "fasterrcnn_resnet50_fpn_v2",
@@ -226,9 +227,7 @@ def write_detector_folder(
     most max_size), for `AutoModelForObjectDetection.from_pretrained(FOLDER)` and
     `AutoImageProcessor`. Reads no parameter."""
     names = [*class_names, *(f"class_{k}" for k in range(len(class_names), num_classes))]
-    config = copy.deepcopy(model.config)
-    config.id2label, config.label2id = dict(enumerate(names)), {name: k for k, name in enumerate(names)}
-    config.save_pretrained(folder)
+    save_labelled_config(model, names, folder)
     processor = copy.deepcopy(hf_io.processor)
     processor.size = {"shortest_edge": hf_io.min_size, "longest_edge": hf_io.max_size}
     processor.save_pretrained(folder)

@@ -29,7 +29,15 @@ from core.data import (
     read_image,
 )
 from core.errors import ConfigError, DataError
-from core.shards import IMAGE_EXTENSIONS, SHARD_SUFFIX, ShardIndex, ShardSamples, sample_file
+from core.shards import (
+    IMAGE_EXTENSIONS,
+    SHARD_SUFFIX,
+    ShardIndex,
+    ShardSamples,
+    png_bytes,
+    readable,
+    sample_file,
+)
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 SHAPES_CLASSES = ["background", "square", "circle", "triangle"]
@@ -200,39 +208,27 @@ def shard_samples(
     cfg: SegmentationDataConfig, num_classes: int, problems: list[str]
 ) -> dict[str, Iterator[tuple[str, dict[str, bytes]]]]:
     """For `shardvision shard`: each split's samples as WebDataset files, the image and mask files'
-    own bytes (jpg, seg.png) where the source has files, else PNGs (the mask as stored). A sample that cannot be read
-    is left out and its problem appended to `problems`."""
+    own bytes (jpg, seg.png) where the source has files, else PNGs (the mask as stored). A sample
+    that cannot be read is left out and its problem appended to `problems`."""
     raw = dict(zip((cfg.train_split, cfg.eval_split), _raw_pairs(cfg, num_classes), strict=True))
 
     def files(pairs: PairFolder) -> Iterator[tuple[str, dict[str, bytes]]]:
-        for i in range(len(pairs)):
-            try:
-                image, mask = pairs[i]
-            except DataError as e:
-                problems.append(str(e))
-                continue
+        for i, (image, _) in readable(pairs.__getitem__, range(len(pairs)), problems):
             if pairs.pairs:  # files: their own bytes
                 image_path, mask_path = pairs.pairs[i]
                 extension = os.path.splitext(image_path)[1].lower().lstrip(".")
                 with open(image_path, "rb") as f, open(mask_path, "rb") as g:
                     yield f"{i:09d}", {extension: f.read(), "seg.png": g.read()}
-                continue
-            if isinstance(pairs, ShardPairs):  # shards again (other sizes or format): their files' bytes
+            elif isinstance(pairs, ShardPairs):  # shards again (other sizes or format): their files' bytes
                 (_, image_bytes), (_, mask_bytes) = pairs.files(pairs.samples[i])
                 with Image.open(io.BytesIO(image_bytes)) as img, Image.open(io.BytesIO(mask_bytes)) as m:
                     extension, mask_is_png = str(img.format).lower().replace("jpeg", "jpg"), m.format == "PNG"
-                if not mask_is_png:
-                    buffer = io.BytesIO()
-                    Image.fromarray(_read_mask(mask_bytes).astype(np.uint8)).save(buffer, format="PNG")  # as stored
-                    mask_bytes = buffer.getvalue()
-                yield f"{i:09d}", {extension: image_bytes, "seg.png": mask_bytes}
-                continue
-            assert isinstance(pairs, HFPairs)
-            row = pairs.ds[i]  # the mask as stored, not as checked (reduce_zero_label applies when read)
-            image_png, mask_png = io.BytesIO(), io.BytesIO()
-            image.save(image_png, format="PNG")
-            Image.fromarray(np.asarray(row[pairs.mask_column], dtype=np.uint8)).save(mask_png, format="PNG")
-            yield f"{i:09d}", {"png": image_png.getvalue(), "seg.png": mask_png.getvalue()}
+                mask_png = mask_bytes if mask_is_png else png_bytes(_read_mask(mask_bytes))  # as stored
+                yield f"{i:09d}", {extension: image_bytes, "seg.png": mask_png}
+            else:
+                assert isinstance(pairs, HFPairs)
+                mask = pairs.ds[i][pairs.mask_column]  # as stored, not as checked (reduce_zero_label applies when read)
+                yield f"{i:09d}", {"png": png_bytes(image), "seg.png": png_bytes(np.asarray(mask))}
 
     return {split: files(pairs) for split, pairs in raw.items()}
 

@@ -4,7 +4,6 @@ loaded by the engine (model.weights). Nothing comes from the hub."""
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 
 from core.config import ModelConfig, option
 from core.errors import ConfigError
-from core.model_folder import write_torchvision_spec
+from core.model_folder import save_labelled_config, write_torchvision_spec
 
 TORCHVISION_MODELS = (
     "deeplabv3_resnet50",
@@ -95,10 +94,7 @@ def write_model_folder(
         return
     from transformers import SegformerImageProcessor
 
-    config = copy.deepcopy(model.config)
-    config.id2label = dict(enumerate(class_names))
-    config.label2id = {name: i for i, name in enumerate(class_names)}
-    config.save_pretrained(folder)
+    save_labelled_config(model, class_names, folder)
     SegformerImageProcessor(
         size={"height": data.image_size, "width": data.image_size},
         image_mean=list(data.mean),
