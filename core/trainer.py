@@ -84,6 +84,9 @@ class Trainer:
         except BaseException:
             self.watchdog.stop()
             raise
+        # Until fit(), the time is the caller's: a trainer built and never fitted (a notebook, a
+        # test) would otherwise be killed startup_timeout_minutes later.
+        self.watchdog.pause()
 
     def _build(self, cfg: TrainConfig, task: Task) -> None:
         """The run's parts in the order each needs the last: processes, checkpoints (a resume is
@@ -251,6 +254,7 @@ class Trainer:
         However it ends, the trackers are closed and the process group is torn down here, not
         left to interpreter exit."""
         self.agreement.listen_for_stop_signals()
+        self.watchdog.resume()
         try:
             metrics = self._run()
             self.watchdog.beat("shutdown", self.state.global_step)

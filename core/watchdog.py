@@ -36,6 +36,7 @@ class HangWatchdog:
         self.phase, self.step = "startup", 0
         self.limit = startup_minutes * 60  # until started() is called
         self.last_beat = time.monotonic()
+        self.paused = False
         self._done = threading.Event()
         self._thread = None
         if self.limit > 0 or self.hang_seconds > 0:
@@ -51,13 +52,22 @@ class HangWatchdog:
         self.limit = self.hang_seconds
         self.last_beat = time.monotonic()
 
+    def pause(self) -> None:
+        """The caller has the time, not the run (a trainer built and not yet fitting): no limit
+        applies until resume()."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.last_beat = time.monotonic()
+        self.paused = False
+
     def stop(self) -> None:
         self._done.set()
 
     def _watch(self) -> None:
         while not self._done.wait(self._poll_seconds()):
             idle = time.monotonic() - self.last_beat
-            if self.limit > 0 and idle > self.limit:
+            if self.limit > 0 and idle > self.limit and not self.paused:
                 self._report_and_exit(idle)
 
     def _poll_seconds(self) -> float:

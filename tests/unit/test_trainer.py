@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from core.distributed import reset_accelerator_state
 from core.errors import NonFiniteLossError
 from core.trainer import Trainer
 from tests.builders import TinyTask, tiny_config
+from tests.helpers import REPO, run_env
 
 
 def test_nonfinite_loss_stops_with_the_step(fresh_accelerate_state, tmp_path):
@@ -180,3 +183,33 @@ def test_a_model_flopcounter_cannot_trace_trains_without_mfu(fresh_accelerate_st
     log = capfd.readouterr().err
     assert "model FLOPs not counted" in log and "--logging.count_flops false skips the count" in log
     assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+BUILT_NOT_FITTED = """
+import sys, time
+from core.trainer import Trainer
+from tests.builders import TinyTask, tiny_config
+
+cfg = tiny_config(sys.argv[1])
+cfg.distributed.startup_timeout_minutes = 0.005  # 0.3 s, watched every 0.2 s
+trainer = Trainer(cfg, TinyTask(cfg))
+time.sleep(3)  # the caller's time: ten times the limit
+print("alive after 3 s", flush=True)
+trainer.watchdog.resume()  # what fit() does: the limit applies again
+time.sleep(60)
+"""
+
+
+def test_a_trainer_built_and_not_fitted_is_not_killed_by_its_startup_limit(tmp_path):
+    """Between Trainer() and fit() the time is the caller's (a notebook, a test): the watchdog
+    once killed a pytest worker 30 min after a test built a trainer it never fitted."""
+    proc = subprocess.run(
+        [sys.executable, "-c", BUILT_NOT_FITTED, str(tmp_path)],
+        cwd=REPO,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "alive after 3 s" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 124 and "in phase 'startup'" in proc.stderr, proc.stderr[-3000:]  # re-armed by fit
