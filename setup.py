@@ -61,6 +61,7 @@ setup(
             "submitit",
             "matplotlib",
             "braceexpand",
+            "peft",
         ]
     ),
     extras_require={

@@ -16,6 +16,7 @@ import difflib
 import importlib.util
 import inspect
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,9 +68,34 @@ class ModelConfig:
         "Recompute block activations in the backward pass (timm/transformers models): less memory, about "
         "1/3 more compute.",
     )
+    lora_rank: int = option(
+        0,
+        "LoRA through peft: the rank of the low-rank adapters added to model.lora_targets' layers; every "
+        "other weight is frozen but the head's (0: off, the whole model trains).",
+    )
+    lora_alpha: int | None = option(None, "LoRA scale numerator (adapter output x alpha / rank); default the rank.")
+    lora_dropout: float = option(0.0, "Dropout on the adapters' inputs.")
+    lora_targets: list[str] = option(
+        [],
+        "Regular expressions of the module names LoRA adapts, matched whole. Default per family: timm ViT "
+        "attention qkv/proj and MLP fc1/fc2, transformers ViT q/k/v/o_proj and MLP fc1/fc2, timm "
+        "ConvNeXt's pointwise MLP.",
+    )
+    lora_modules_to_save: list[str] | None = option(
+        None, "Modules trained fully beside the adapters; default the classifier (timm's pretrained_cfg, HF's)."
+    )
 
     def validate(self) -> None:
         _check(self.num_classes >= 1, "model.num_classes", self.num_classes, "must be >= 1")
+        _check(self.lora_rank >= 0, "model.lora_rank", self.lora_rank, "must be >= 0 (0: off)")
+        if self.lora_rank and self.weights is None:
+            raise ConfigError("model.lora_rank: LoRA adapts pretrained weights; give them with model.weights")
+        _check(0 <= self.lora_dropout < 1, "model.lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        for pattern in self.lora_targets:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"model.lora_targets: {pattern!r} is not a regular expression: {e}") from None
         if self.weights is not None and not os.path.isfile(self.weights):
             raise ConfigError(f"model.weights: file not found: {self.weights!r}")
 
@@ -365,6 +391,11 @@ class TrainConfig:
     def validate(self) -> None:
         if self.eval_only and self.model.weights is None and self.checkpoint.resume is None:
             raise ConfigError("--eval-only needs --weights FILE or --resume auto|PATH: nothing to evaluate.")
+        if self.model.lora_rank and self.loop.ema_decay is not None:
+            raise ConfigError(
+                "loop.ema_decay with model.lora_rank: a LoRA run cannot keep a weight average yet (it would average "
+                "the adapters alone); leave one of them unset"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import torch
 from accelerate import Accelerator
 
 from core.distributed import parameter_counts, zero_stage
+from core.lora import lora_targets
 from core.optim import describe_param_groups, optimizer_kind, warmup_steps_of
+from core.params import full_numel
 from core.run_log import RunLogger, peak_resident_mb_per_rank, training_flops_per_sample
 from core.task import Task
 
@@ -27,6 +29,7 @@ def log_run_summary(trainer: Any) -> None:
     optimizer, kernel = optimizer_kind(trainer.optimizer)
     micro, accum = cfg.data.micro_batch_size, cfg.loop.grad_accum_steps
     parameters, on_this_rank = parameter_counts(trainer.bare_model())
+    trainable = sum(full_numel(p) for p in trainer.bare_model().parameters() if p.requires_grad)
     facts = {
         "world_size": acc.num_processes,
         "strategy": trainer.strategy,
@@ -38,6 +41,7 @@ def log_run_summary(trainer: Any) -> None:
         "total_steps": trainer.total_steps,
         "parameters": parameters,
         "parameters_on_this_rank": on_this_rank,
+        "trainable_parameters": trainable,
         "optimizer": optimizer,
         "update_kernel": kernel,
         "param_groups": trainer.param_groups,
@@ -53,7 +57,8 @@ def log_run_summary(trainer: Any) -> None:
         f"optimizer steps: {trainer.steps_per_epoch} per epoch, {trainer.total_steps} in total | "
         f"warmup {warmup_steps_of(cfg.schedule, trainer.steps_per_epoch)} steps | schedule {cfg.schedule.name}",
         f"model {cfg.model.name}: {parameters:,} parameters"
-        + (f", {on_this_rank:,} stored on this rank (its ZeRO-3/FSDP shard)" if sharded else ""),
+        + (f", {on_this_rank:,} stored on this rank (its ZeRO-3/FSDP shard)" if sharded else "")
+        + (f", {trainable:,} trainable ({100 * trainable / parameters:.2g}%)" if trainable < parameters else ""),
         *describe_param_groups(trainer.optimizer, trainer.param_groups),
     ]
     if trainer.flops_per_sample:
@@ -64,6 +69,11 @@ def log_run_summary(trainer: Any) -> None:
         )
         lines.append(
             f"model FLOPs per training sample: {trainer.flops_per_sample / 1e9:.3g} GFLOP (3x forward) | {peak}"
+        )
+    if cfg.model.lora_rank:
+        lines.append(
+            f"LoRA rank {cfg.model.lora_rank}: adapters in {lora_targets(trainer.bare_model())} layers, the rest "
+            "frozen but the head (no gradient, no optimizer state)"
         )
     speed = [k for k in ("compile", "channels_last", "grad_checkpointing") if getattr(cfg.model, k)]
     if speed:

@@ -44,6 +44,7 @@ from core.distributed import (
 from core.ema import WeightAverage
 from core.errors import ConfigError, Preempted
 from core.host_memory import freed_memory_returned
+from core.lora import apply_lora, base_reference, export_lora, lora_enabled
 from core.model_options import HALF_DTYPES, apply_model_options, cast_inputs
 from core.optim import (
     build_optimizer,
@@ -110,6 +111,7 @@ class Trainer:
             grad_accum_steps=cfg.loop.grad_accum_steps,
             layout=self.layout,
             optimizer=optimizer_kind(self.optimizer)[0],
+            lora_base=base_reference(cfg.model),
         )
         if self.resume_source is not None:
             resumer.load(self.resume_source, self.state, self.model, self.optimizer, self.ema, order)
@@ -154,7 +156,9 @@ class Trainer:
         model. (Not from scratch: timm initialises layers after building them, which a partitioned
         build skips.) FSDP2's weights are streamed in after accelerate's prepare has sharded it."""
         seed_everything(cfg.seed)
-        self.partitioned = self.layout in ("zero3", "fsdp") and bool(cfg.model.weights)
+        # FSDP2's meta-device start would need LoRA's names in the sharded load: its LoRA runs start whole.
+        fsdp_partitioned = self.layout == "fsdp" and not lora_enabled(cfg.model)
+        self.partitioned = (self.layout == "zero3" or fsdp_partitioned) and bool(cfg.model.weights)
         with model_construction(self.accelerator, self.partitioned):
             model = task.build_model()
         if self.partitioned and self.layout == "fsdp" and cfg.model.weights:
@@ -163,6 +167,8 @@ class Trainer:
             load_weights(model, cfg.model.weights, cfg.model.weights_exclude)
         if self.layout == "zero3" and self.partitioned:
             logger.info("ZeRO-3: model built partitioned (DeepSpeed zero.Init), %s streamed into it", cfg.model.weights)
+        if lora_enabled(cfg.model):
+            apply_lora(model, cfg.model, cfg.seed)
         apply_model_options(model, cfg)
         seed_rank(cfg.seed, self.accelerator.process_index)
         return model
@@ -237,6 +243,8 @@ class Trainer:
         # Built on the raw optimizer, not prepared: stepped once per optimizer step by us (see core/optim.py).
         self.scheduler = build_scheduler(optimizer, cfg.schedule, self.steps_per_epoch, self.total_steps)
         self.ema = None if cfg.loop.ema_decay is None else WeightAverage(acc, self.model, cfg.loop.ema_decay)
+        if lora_enabled(cfg.model):
+            self.checkpoints.keep_only_trainable()
         self.input_dtype = self._input_dtype()
         if self.input_dtype is not None:
             # DeepSpeed casts parameters but not buffers to bf16/fp16; norm statistics must follow
@@ -454,7 +462,10 @@ class Trainer:
             whole = acc.get_state_dict(self.bare_model(), unwrap=False)
         if acc.is_main_process:
             os.makedirs(final_dir, exist_ok=True)
-            save_whole_weights(whole, os.path.join(final_dir, "model.safetensors"))
+            if lora_enabled(self.cfg.model):  # the merged model, and the adapter beside it
+                export_lora(whole, self.task.build_model, self.cfg.model, final_dir, save_whole_weights)
+            else:
+                save_whole_weights(whole, os.path.join(final_dir, "model.safetensors"))
         if self.ema is not None:
             self.ema.export(final_dir)
         if acc.is_main_process:

@@ -99,10 +99,10 @@ def allocate_for_sharded_load(model: torch.nn.Module, path: str, exclude: Sequen
             reset()
 
 
-def _fitting(model: torch.nn.Module, path: str, exclude: Sequence[str]) -> tuple[dict[str, _Stored], list[str], set]:
+def _fitting(model: torch.nn.Module, path: str, exclude: Sequence[str]) -> tuple[dict[str, Stored], list[str], set]:
     """The tensors of `path` that `model` takes, the names that start fresh, and the entries the
     modules' own loading drops; a WeightsError saying everything that does not fit."""
-    state = _stored_tensors(path)
+    state = stored_tensors(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     skipped = {k for k in state if any(fnmatch.fnmatch(k, pat) for pat in exclude)}
     state = {k: v for k, v in state.items() if k not in skipped}
@@ -157,20 +157,20 @@ def _dropped_on_load(model: torch.nn.Module, names: list[str]) -> set[str]:
 
 
 @dataclass
-class _Stored:
+class Stored:
     """One tensor of a weights file: its shape at once, its values when read."""
 
     shape: torch.Size
     read: Callable[[], torch.Tensor]
 
 
-def _stored_tensors(path: str) -> dict[str, _Stored]:
+def stored_tensors(path: str) -> dict[str, Stored]:
     """Every tensor of `path`; from a safetensors file each is read only when asked for, so a
     partitioned load holds one at a time (a .pt file is a pickle container and is read whole)."""
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path!r}")
     if not path.endswith(".safetensors"):
-        return {k: _Stored(v.shape, _constant(v)) for k, v in _read_torch_file(path).items()}
+        return {k: Stored(v.shape, _constant(v)) for k, v in _read_torch_file(path).items()}
     try:
         with safe_open(path, "pt") as f:
             shapes = {name: torch.Size(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -184,7 +184,7 @@ def _stored_tensors(path: str) -> dict[str, _Stored]:
 
         return read
 
-    return {name: _Stored(shape, reader(name)) for name, shape in shapes.items()}
+    return {name: Stored(shape, reader(name)) for name, shape in shapes.items()}
 
 
 def _constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -206,7 +206,7 @@ def _tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
     return {name: names for names in names_of.values() for name in names}
 
 
-def _load_partitioned(model: torch.nn.Module, state: dict[str, _Stored]) -> None:
+def _load_partitioned(model: torch.nn.Module, state: dict[str, Stored]) -> None:
     import deepspeed
 
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -230,7 +230,7 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def _load_sharded(model: torch.nn.Module, state: dict[str, _Stored]) -> None:
+def _load_sharded(model: torch.nn.Module, state: dict[str, Stored]) -> None:
     """Each rank reads each tensor whole, one at a time, and copies its own shard of it (DTensor's
     placement on the model's mesh, HSDP's replicas included) into the parameter."""
     tensors = {

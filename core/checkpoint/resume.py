@@ -169,8 +169,15 @@ class CheckpointResumer:
     ) -> None:
         acc = self.accelerator
         if source.how == "native":
-            acc.load_state(source.path)
+            # A LoRA checkpoint holds what trains; the frozen base is model.weights' (checked above).
+            partial = {"load_module_strict": False} if source.saved_layout.startswith("zero") else {"strict": False}
+            acc.load_state(source.path, **(partial if source.saved.get("lora_base") else {}))
             return
+        if source.saved.get("lora_base"):
+            raise CheckpointError(
+                f"{source.path} is a LoRA checkpoint of {source.saved_layout} at another world size or strategy: "
+                f"resume it as it was saved, {_or_restart_from_weights(source.path)}"
+            )
         if source.how == "universal":  # ZeRO at another world size
             with universal_load_repaired(optimizer):
                 acc.load_state(source.state_folder)
@@ -210,6 +217,11 @@ def _restore_position(source: ResumeSource, state: TrainerState) -> None:
             f"{path} was saved with the {saved['optimizer']} optimizer and this run uses {state.optimizer}: "
             f"its state cannot continue in another optimizer. Use --optim.name as saved, "
             f"{_or_restart_from_weights(path)}"
+        )
+    if (saved.get("lora_base") or {}).get("sha256") != (state.lora_base or {}).get("sha256"):
+        raise CheckpointError(
+            f"{path} holds the trained weights of a LoRA run on the base weights {saved.get('lora_base')}; "
+            f"this run's are {state.lora_base}: give model.weights and model.lora_rank as that run did"
         )
     geometry = dict(
         world_size=state.world_size,

@@ -83,6 +83,25 @@ class CheckpointSaver:
         self._host_buffers = HostBuffers()
         self._write_failure: BaseException | None = None
         self._background_group: Any = None
+        self._save_kwargs: dict[str, Any] = {}
+
+    def keep_only_trainable(self) -> None:
+        """From now on a checkpoint holds the weights that train and not the frozen ones (a LoRA
+        run's base, which the resumed run reads from model.weights again, its checksum checked:
+        TrainerState.lora_base). DeepSpeed leaves them out itself; accelerate's own save is
+        filtered. FSDP2's DCP shards keep every weight."""
+        acc = self.accelerator
+        if strategy_of(acc) == "deepspeed":
+            self._save_kwargs = {"exclude_frozen_parameters": True}
+            return
+
+        def drop_frozen(models: list, weights: list[dict], output_dir: str) -> None:
+            for model, state_dict in zip(models, weights, strict=True):
+                for name, param in model.named_parameters():
+                    if not param.requires_grad:
+                        state_dict.pop(name, None)
+
+        acc.register_save_state_pre_hook(drop_frozen)
 
     def _dcp_group(self) -> Any:
         """FSDP2 writes its shards through DCP, whose collectives the background write makes on a
@@ -144,7 +163,7 @@ class CheckpointSaver:
             if self.async_save
             else contextlib.nullcontext() as held,
         ):
-            acc.save_state(tmp, safe_serialization=True)
+            acc.save_state(tmp, safe_serialization=True, **self._save_kwargs)
             if ema is not None:
                 ema.save(tmp)
         trainer_state = json.dumps(dataclasses.asdict(state), indent=2)

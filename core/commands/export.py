@@ -31,10 +31,12 @@ import argparse
 import os
 from typing import Any
 
-from core.checkpoint.export import export_checkpoint
+from core.checkpoint.export import export_checkpoint, save_whole_weights
+from core.checkpoint.state import read_trainer_state
 from core.config_parsing import load_config
 from core.entry import TASKS, known_failures_exit, recipe
 from core.errors import ConfigError, KnownFailure
+from core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, checked_base, export_lora, lora_enabled
 
 
 def export_main(argv: list[str]) -> None:
@@ -53,7 +55,7 @@ def export_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     with known_failures_exit():
         print(export_checkpoint(args.checkpoint, args.out, args.allow_pickle))
-        task, evaluation, said = write_model_folder(args.out)
+        task, evaluation, said = write_model_folder(args.checkpoint, args.out)
         print(said)
         if args.onnx:
             if task is None:
@@ -61,11 +63,12 @@ def export_main(argv: list[str]) -> None:
             print(write_onnx(task, evaluation, args.out))
 
 
-def write_model_folder(out: str) -> tuple[Any, Any, str]:
+def write_model_folder(checkpoint: str, out: str) -> tuple[Any, Any, str]:
     """Beside OUT/model.safetensors, what the model's library loads it with (the recipe's
     Task.write_model_folder, as the run's final/ has it). Returns the run's task and validation
     set (None, None where they cannot be had) and a line saying what was written."""
     import torch
+    from safetensors.torch import load_file
 
     config = os.path.join(out, "config.yaml")
     if not os.path.isfile(config):
@@ -80,6 +83,10 @@ def write_model_folder(out: str) -> tuple[Any, Any, str]:
         return None, None, f"{config}: read by {len(found)} recipes' configs, not one: weights only"
     name, cfg = found[0]
     task = recipe(name).TASK(cfg)
+    if lora_enabled(cfg.model):  # the checkpoint holds the adapters apart: the merged model, the adapter beside
+        weights = os.path.join(out, "model.safetensors")
+        base = checked_base(read_trainer_state(checkpoint).get("lora_base"), checkpoint)
+        export_lora(load_file(weights), task.build_model, cfg.model, out, save_whole_weights, base)
     try:
         _, evaluation = task.build_datasets()  # the class names are the data's
     except KnownFailure as e:
@@ -88,7 +95,8 @@ def write_model_folder(out: str) -> tuple[Any, Any, str]:
         model = task.build_model()
     task.write_model_folder(model, out)
     written = sorted(
-        set(os.listdir(out)) - {"model.safetensors", "model_ema.safetensors", "config.yaml", "export.json"}
+        set(os.listdir(out))
+        - {"model.safetensors", "model_ema.safetensors", "config.yaml", "export.json", ADAPTER_CONFIG, ADAPTER_WEIGHTS}
     )
     library = ", ".join(written) or "the weights: this model has no library of its own"
     return task, evaluation, f"{out}: a {name} model folder ({library})"

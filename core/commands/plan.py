@@ -50,6 +50,7 @@ from core.config_parsing import parse_args
 from core.distributed import fsdp_unit_classes
 from core.entry import TASKS, known_failures_exit, recipe
 from core.errors import ConfigError
+from core.lora import apply_lora, lora_enabled
 from core.model_options import HALF_DTYPES, apply_model_options, cast_inputs
 from core.shipped import shipped_path
 
@@ -308,6 +309,8 @@ def measure_activations(
 def make_plan(task_name: str, cfg: Any, task: Any, cluster: Cluster) -> Plan:
     torch.manual_seed(cfg.seed)
     model = task.build_model()
+    if lora_enabled(cfg.model):  # frozen weights: no gradient, no optimizer state
+        apply_lora(model, cfg.model, cfg.seed)
     apply_model_options(model, cfg)  # gradient checkpointing changes what is saved
     model.train()
     facts = model_facts(model, cfg, int(deepspeed_settings("ZeRO-3")["stage3_param_persistence_threshold"]))
