@@ -32,6 +32,11 @@ Part of it does not depend on the model (library code and buffers loaded while t
 up): the same start-up of timm's `test_vit` (0.4M parameters) under ZeRO-3 (and FSDP2) measures it, and the
 transient less that fixed part is printed as what grows with the model.
     python benchmarks/memory_per_rank.py --model vit_large_patch16_224 --strategies DDP ZeRO-3 ZeRO-3-offload
+
+With --lora-rank R, the same ZeRO-3 fine-tune with LoRA adapters of rank R (model.lora_rank: the
+family's default layers adapted, the head trained fully, the rest frozen) is measured too, as the
+row ZeRO-3-LoRA, and its training state per rank is printed as a fraction of the full fine-tune's:
+    python benchmarks/memory_per_rank.py --model vit_large_patch16_224 --strategies DDP ZeRO-3 --lora-rank 16
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ STRATEGIES = {
     "FSDP2": "fsdp.yaml",
 }
 CATEGORIES = ("weights", "master", "grads", "optimizer", "other")
+LORA_ROW = "ZeRO-3-LoRA"  # ZeRO-3 again, with model.lora_rank (--lora-rank)
 FIXED_COST_MODEL = "test_vit"  # 0.4M parameters: its start-up transient is what any model pays
 # Before the measured step: the first creates the optimizer's state, the second is where DDP
 # rebuilds its buckets in the order gradients arrived.
@@ -157,7 +163,7 @@ def worker(args: argparse.Namespace) -> None:
     from core.trainer import Trainer
 
     cfg = TrainConfig(output_dir=args.out)
-    cfg.model.name, cfg.model.weights = args.model, args.weights
+    cfg.model.name, cfg.model.weights, cfg.model.lora_rank = args.model, args.weights, args.lora_rank
     cfg.data.micro_batch_size, cfg.data.num_workers = args.micro_batch, 0
     cfg.loop.precision = args.precision
     cfg.checkpoint.at_epoch_end = False
@@ -200,6 +206,9 @@ def worker(args: argparse.Namespace) -> None:
             for key, value in snap[torch.device("cpu")].items():
                 report.setdefault(f"{state.value}/{key}", value)
     report["parameters"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    report["trainable"] = sum(
+        p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad
+    )
     report["peak_rss_bytes"] = memory_mb(trainer.accelerator.device) * 2**20
     write_report(args.out, trainer.accelerator.process_index, report)
 
@@ -214,6 +223,7 @@ def main() -> None:
     parser.add_argument(
         "--strategies", nargs="+", default=[n for n in STRATEGIES if n != "ZeRO-3-offload"], choices=list(STRATEGIES)
     )
+    parser.add_argument("--lora-rank", type=int, default=0, help="also measure a ZeRO-3 LoRA fine-tune of this rank")
     parser.add_argument("--weights", help=argparse.SUPPRESS)  # the workers' copy of the file main() wrote
     add_worker_arguments(parser)
     args = parser.parse_args()
@@ -223,17 +233,20 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as files:
 
-        def measure(model: str, strategy: str) -> list[dict]:
+        def measure(model: str, strategy: str, lora_rank: int = 0) -> list[dict]:
             weights = os.path.join(files, f"{model}.safetensors")
             if not os.path.exists(weights):
                 write_weights(model, args.image_size, weights)
             worker_args = ["--model", model, "--precision", args.precision, "--image-size", str(args.image_size)]
             worker_args += ["--micro-batch", str(args.micro_batch), "--weights", weights]
+            worker_args += ["--lora-rank", str(lora_rank)]
             with tempfile.TemporaryDirectory() as out:
                 return launch_ranks(STRATEGIES[strategy], args.nproc, __file__, worker_args, out)
 
         for name in dict.fromkeys(["DDP", "ZeRO-3", *args.strategies]):  # the ratio needs both
             results[name] = measure(args.model, name)
+        if args.lora_rank:
+            results[LORA_ROW] = measure(args.model, "ZeRO-3", args.lora_rank)
         fixed_cost = {name: measure(FIXED_COST_MODEL, name) for name in ("ZeRO-3", "FSDP2") if name in results}
 
     def total(report: dict) -> int:
@@ -253,7 +266,7 @@ def main() -> None:
     def transient(report: dict) -> int:
         return report["startup_rss_bytes"] - report["state_at_start"]
 
-    for name in (n for n in STRATEGIES if n in results):
+    for name in (n for n in [*STRATEGIES, LORA_ROW] if n in results):
         reports = results[name]
         worst = max(reports, key=total)
         rss = max(r["peak_rss_bytes"] for r in reports)
@@ -265,6 +278,13 @@ def main() -> None:
         )
     ratio = max(total(r) for r in results["ZeRO-3"]) / ddp
     print(f"ratio ZeRO-3 / DDP training state per rank: {ratio:.2f} (target <= 0.55)")
+    if LORA_ROW in results:
+        lora = max(total(r) for r in results[LORA_ROW]) / max(total(r) for r in results["ZeRO-3"])
+        trainable = max(r["trainable"] for r in results[LORA_ROW])
+        print(
+            f"ratio ZeRO-3 LoRA rank {args.lora_rank} / ZeRO-3 full fine-tune, training state per rank: {lora:.2f} "
+            f"({trainable / 1e6:.2f}M of {params / 1e6:.1f}M parameters trained)"
+        )
     print(
         "start-up: MB more resident after building the trainer than before; transient: that less the "
         "training state then held, as a fraction of the fp32 model"

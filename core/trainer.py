@@ -85,9 +85,7 @@ class Trainer:
         except BaseException:
             self.watchdog.stop()
             raise
-        # Until fit(), the time is the caller's: a trainer built and never fitted (a notebook, a
-        # test) would otherwise be killed startup_timeout_minutes later.
-        self.watchdog.pause()
+        self.watchdog.pause()  # until fit(): a trainer built and never fitted (a notebook, a test) lives on
 
     def _build(self, cfg: TrainConfig, task: Task) -> None:
         """The run's parts in the order each needs the last: processes, checkpoints (a resume is
@@ -138,6 +136,7 @@ class Trainer:
             cfg.checkpoint.at_epoch_end,
             self.watchdog,
             async_save=cfg.checkpoint.async_save,
+            only_trainable=lora_enabled(cfg.model),
         )
         check_shared(acc, self.checkpoints.root)  # before any work that a checkpoint could not keep
         # Before the engine exists: a ZeRO checkpoint of another world size or strategy is loaded in
@@ -156,9 +155,9 @@ class Trainer:
         model. (Not from scratch: timm initialises layers after building them, which a partitioned
         build skips.) FSDP2's weights are streamed in after accelerate's prepare has sharded it."""
         seed_everything(cfg.seed)
-        # FSDP2's meta-device start would need LoRA's names in the sharded load: its LoRA runs start whole.
-        fsdp_partitioned = self.layout == "fsdp" and not lora_enabled(cfg.model)
-        self.partitioned = (self.layout == "zero3" or fsdp_partitioned) and bool(cfg.model.weights)
+        # FSDP2's meta-device start would need LoRA's names in its sharded load: a LoRA run starts whole.
+        sharded_start = ("zero3",) if lora_enabled(cfg.model) else ("zero3", "fsdp")
+        self.partitioned = self.layout in sharded_start and bool(cfg.model.weights)
         with model_construction(self.accelerator, self.partitioned):
             model = task.build_model()
         if self.partitioned and self.layout == "fsdp" and cfg.model.weights:
@@ -243,8 +242,6 @@ class Trainer:
         # Built on the raw optimizer, not prepared: stepped once per optimizer step by us (see core/optim.py).
         self.scheduler = build_scheduler(optimizer, cfg.schedule, self.steps_per_epoch, self.total_steps)
         self.ema = None if cfg.loop.ema_decay is None else WeightAverage(acc, self.model, cfg.loop.ema_decay)
-        if lora_enabled(cfg.model):
-            self.checkpoints.keep_only_trainable()
         self.input_dtype = self._input_dtype()
         if self.input_dtype is not None:
             # DeepSpeed casts parameters but not buffers to bf16/fp16; norm statistics must follow
@@ -514,12 +511,8 @@ class Trainer:
         self.bad_samples.flush()
         measured = self.meter.read()
         images_per_sec = measured["images_per_sec"]
-        values = {
-            "loss": measured["loss"],
-            "lr": float(self.scheduler.get_last_lr()[0]),
-            "images_per_sec": images_per_sec,
-        }
-        values["memory_mb"] = memory_mb(self.accelerator.device)
+        lr, memory = float(self.scheduler.get_last_lr()[0]), memory_mb(self.accelerator.device)
+        values = {"loss": measured["loss"], "lr": lr, "images_per_sec": images_per_sec, "memory_mb": memory}
         if self.bad_samples.skip:
             values["bad_samples"] = len(self.bad_samples.known)
         if self.flops_per_sample:
@@ -535,9 +528,7 @@ class Trainer:
 
     def _input_dtype(self) -> torch.dtype | None:
         """DeepSpeed casts the whole model to bf16/fp16, so inputs must follow; DDP autocasts."""
-        if self.strategy != "deepspeed":
-            return None
-        return HALF_DTYPES.get(self.cfg.loop.precision)
+        return HALF_DTYPES.get(self.cfg.loop.precision) if self.strategy == "deepspeed" else None
 
     def half_weights_autocast(self) -> contextlib.AbstractContextManager:
         """DeepSpeed holds bf16/fp16 weights and does not autocast: a task whose model needs it

@@ -71,6 +71,7 @@ class CheckpointSaver:
         at_epoch_end: bool = True,
         watchdog: HangWatchdog | None = None,
         async_save: bool = False,
+        only_trainable: bool = False,
     ):
         self.accelerator, self.root = accelerator, root
         self.keep_last, self.keep_best, self.higher_is_better = keep_last, keep_best, higher_is_better
@@ -84,10 +85,12 @@ class CheckpointSaver:
         self._write_failure: BaseException | None = None
         self._background_group: Any = None
         self._save_kwargs: dict[str, Any] = {}
+        if only_trainable:
+            self._keep_only_trainable()
 
-    def keep_only_trainable(self) -> None:
-        """From now on a checkpoint holds the weights that train and not the frozen ones (a LoRA
-        run's base, which the resumed run reads from model.weights again, its checksum checked:
+    def _keep_only_trainable(self) -> None:
+        """A checkpoint holds the weights that train and not the frozen ones (a LoRA run's base,
+        which the resumed run reads from model.weights again, its checksum checked:
         TrainerState.lora_base). DeepSpeed leaves them out itself; accelerate's own save is
         filtered. FSDP2's DCP shards keep every weight."""
         acc = self.accelerator
