@@ -97,6 +97,8 @@ class CheckpointSaver:
         if strategy_of(acc) == "deepspeed":
             self._save_kwargs = {"exclude_frozen_parameters": True}
             return
+        if strategy_of(acc) == "fsdp":  # saved through DCP, past accelerate's hook
+            return
 
         def drop_frozen(models: list, weights: list[dict], output_dir: str) -> None:
             for model, state_dict in zip(models, weights, strict=True):

@@ -1,9 +1,9 @@
 """LoRA fine-tunes through peft on 2 gloo ranks, from a local base file: the tiny timm ViT's
-attention and MLP linears adapted (rank 4), its new head trained fully, everything else frozen.
-Under DDP a killed run resumes bit for bit; under ZeRO-3 (weights partitioned) a killed and resumed
-run follows the uninterrupted DDP run. What a checkpoint and the export hold is read back: only
-what trains (and its optimizer state), the merged model loadable strictly by timm alone, the
-adapter by peft alone."""
+attention and MLP linears adapted (rank 4), its head trained fully, everything else frozen. Under
+DDP a killed run resumes bit for bit; under ZeRO-3 (weights partitioned) a killed and resumed run
+follows the uninterrupted DDP run, as ZeRO-2 and FSDP2 runs do. What a checkpoint and the export
+hold is read back: only what trains (and its optimizer state), the merged model loadable strictly
+by timm alone, the adapter by peft alone."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from tests.helpers import (
     DDP_WEIGHT_TOLERANCE,
     STOPPED_AT_3_OF_6,
     TINY_VIT,
+    accelerate_config,
     assert_resumed_exactly,
     last_launch,
     launch,
@@ -141,3 +142,22 @@ def test_zero3_lora_killed_and_resumed_follows_the_ddp_run(ddp_lora, base, zero_
     launch(command, launcher="module", script="core/commands/cli.py")
     for name, value in load_file(exported / "model.safetensors").items():
         torch.testing.assert_close(value, zero[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_zero2.yaml", "fsdp.yaml"])
+def test_zero2_and_fsdp2_lora_follow_the_ddp_run(ddp_lora, base, strategy, tmp_path):
+    launch(
+        [*lora_args(base), "--output-dir", str(tmp_path)],
+        launcher="accelerate",
+        accelerate_config=accelerate_config(strategy),
+    )
+    run = last_launch(tmp_path)
+    assert run["strategy"] == ("fsdp" if strategy == "fsdp.yaml" else "deepspeed"), run
+    expected, got = train_losses(ddp_lora), train_losses(tmp_path)
+    assert sorted(got) == sorted(expected)
+    for step, losses in got.items():
+        assert losses == pytest.approx([expected[step][0]], rel=DDP_LOSS_TOLERANCE), step
+    ddp, other = (load_file(r / "final" / "model.safetensors") for r in (ddp_lora, tmp_path))
+    assert ddp.keys() == other.keys()
+    for name, value in ddp.items():
+        torch.testing.assert_close(other[name], value, **DDP_WEIGHT_TOLERANCE, msg=name)
