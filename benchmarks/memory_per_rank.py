@@ -42,6 +42,7 @@ row ZeRO-3-LoRA, and its training state per rank is printed as a fraction of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import tempfile
@@ -190,17 +191,20 @@ def worker(args: argparse.Namespace) -> None:
         if sum(counted[c] for c in CATEGORIES) > sum(report.get(c, 0) for c in CATEGORIES):
             report.update(counted)
 
-    tracker = MemTracker()  # torch's own account of every allocation, by what the tensor is for
-    tracker.track_external(trainer.model, inner)
+    # torch's own account of every allocation, by what the tensor is for (the plan's comparison);
+    # it hooks every parameter's gradient, which a frozen one (LoRA) does not have.
+    tracker = MemTracker() if not args.lora_rank else None
+    if tracker is not None:
+        tracker.track_external(trainer.model, inner)
     with trainer._epoch_batches(0) as batches:
         batches = iter(batches)
         for _ in range(WARM_UP_STEPS):
             trainer.train_step(next(batches)[0], 0)
         hook = register_optimizer_step_post_hook(at_peak)
-        with tracker:
+        with tracker if tracker is not None else contextlib.nullcontext():
             trainer.train_step(next(batches)[0], 0)
         hook.remove()
-    snapshots = tracker.memory_tracking[model].snapshots
+    snapshots = tracker.memory_tracking[model].snapshots if tracker is not None else {}
     for state in (_ModState.POST_FW, _ModState.PEAK_FW, _ModState.PEAK_BW):
         for snap in snapshots.get(state, []):
             for key, value in snap[torch.device("cpu")].items():
