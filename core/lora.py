@@ -32,7 +32,7 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 
 # The layers each family adapts by default (regular expressions matched against whole module names).
 DEFAULT_TARGETS = {
-    # timm ViT, DeiT, EVA-style blocks: attention projections and MLP linears, not the patch embedding.
+    # timm ViT and DeiT blocks: attention projections and MLP linears, not the patch embedding.
     "VisionTransformer": r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
     # timm ConvNeXt: the pointwise convolutions (linears over channels unless conv_mlp).
     "ConvNeXt": r"stages\.\d+\.blocks\.\d+\.mlp\.(fc1|fc2)",
@@ -45,12 +45,24 @@ def lora_enabled(cfg: ModelConfig) -> bool:
     return cfg.lora_rank > 0
 
 
-def base_reference(cfg: ModelConfig) -> dict | None:
+def base_reference(cfg: ModelConfig, accelerator: Any) -> dict | None:
     """What a LoRA run's checkpoints need besides themselves (they hold only what trains): the
-    frozen base's file, and its SHA-256, which a resume checks (core/checkpoint/resume.py)."""
+    frozen base's file, its SHA-256 and the adapters' settings, which a resume checks
+    (core/checkpoint/resume.py). The file is read by the main process only."""
     if not lora_enabled(cfg) or cfg.weights is None:
         return None
-    return {"path": os.path.abspath(cfg.weights), "sha256": _sha256(cfg.weights)}
+    from accelerate.utils import broadcast_object_list
+
+    digest = [_sha256(cfg.weights) if accelerator.is_main_process else None]
+    broadcast_object_list(digest)
+    return {
+        "path": os.path.abspath(cfg.weights),
+        "sha256": digest[0],
+        "rank": cfg.lora_rank,
+        "alpha": cfg.lora_alpha,
+        "targets": list(cfg.lora_targets),
+        "modules_to_save": cfg.lora_modules_to_save,
+    }
 
 
 def checked_base(reference: dict | None, checkpoint: str) -> str | None:
@@ -97,6 +109,11 @@ def head_modules(model: torch.nn.Module, cfg: ModelConfig) -> list[str]:
         names = [timm_head] if isinstance(timm_head, str) else list(timm_head or [])
         if not names and isinstance(getattr(model, "classifier", None), torch.nn.Module):
             names = ["classifier"]
+        if not names:
+            raise ConfigError(
+                f"model.lora_modules_to_save: no classifier found in {cfg.name} ({type(model).__name__}); name the "
+                "modules to train fully beside the adapters ([] for none)"
+            )
     missing = [n for n in names if n not in dict(model.named_modules())]
     if missing:
         raise ConfigError(f"model.lora_modules_to_save: {cfg.name} has no module {missing[0]!r}")
@@ -157,7 +174,7 @@ def export_lora(
     config = peft_config(shell, cfg)
     frozen = [k for k in shell.state_dict() if k not in state_dict]
     if frozen:
-        stored = stored_tensors(base) if base else {}
+        stored = {k.removeprefix("module."): v for k, v in (stored_tensors(base) if base else {}).items()}
         absent = [k for k in frozen if k.replace(".base_layer.", ".") not in stored]
         if absent:
             raise WeightsError(f"{base or 'no base weights file'}: no {absent[0]}, a frozen weight of the LoRA run")
@@ -169,7 +186,8 @@ def export_lora(
             if isinstance(module, LoraLayer):
                 layer: Any = module  # peft's Linear or Conv2d
                 weight = layer.get_base_layer().weight
-                merged[f"{name}.weight"] = weight + layer.get_delta_weight(ADAPTER).to(weight.dtype)
+                delta = layer.get_delta_weight(ADAPTER).float()  # one rounding to half weights, not two
+                merged[f"{name}.weight"] = (weight.float() + delta).to(weight.dtype)
     plain, adapter = {}, {}
     heads = config.modules_to_save or []
     for key, value in state_dict.items():

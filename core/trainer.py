@@ -109,7 +109,7 @@ class Trainer:
             grad_accum_steps=cfg.loop.grad_accum_steps,
             layout=self.layout,
             optimizer=optimizer_kind(self.optimizer)[0],
-            lora_base=base_reference(cfg.model),
+            lora_base=base_reference(cfg.model, acc),
         )
         if self.resume_source is not None:
             resumer.load(self.resume_source, self.state, self.model, self.optimizer, self.ema, order)

@@ -66,8 +66,10 @@ class HangWatchdog:
 
     def _watch(self) -> None:
         while not self._done.wait(self._poll_seconds()):
+            if self.paused:  # read before the time: resume() sets the time, then unpauses
+                continue
             idle = time.monotonic() - self.last_beat
-            if self.limit > 0 and idle > self.limit and not self.paused:
+            if self.limit > 0 and idle > self.limit:
                 self._report_and_exit(idle)
 
     def _poll_seconds(self) -> float:

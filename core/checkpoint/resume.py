@@ -99,6 +99,12 @@ class CheckpointResumer:
         # DDP keeps whole tensors and FSDP's DCP files reshard on load: both resume at any world size.
         if saved_layout == layout and (layout in ("ddp", "fsdp") or saved_world == world):
             return ResumeSource(path, saved, saved_layout, state_folder=path, how="native")
+        if saved.get("lora_base"):  # holds no frozen weight, which the conversions below need
+            same = "strategy and world size" if saved_layout.startswith("zero") else "strategy"
+            raise CheckpointError(
+                f"{path} is a LoRA checkpoint of {saved_layout} on {saved_world} ranks: resume it under that "
+                f"{same}, {_or_restart_from_weights(path)}"
+            )
         if saved_layout in ("ddp", "fsdp"):
             logger.info(
                 "%s was saved under %s: loading its state into %s by parameter name", path, saved_layout, layout
@@ -173,11 +179,6 @@ class CheckpointResumer:
             partial = {"load_module_strict": False} if source.saved_layout.startswith("zero") else {"strict": False}
             acc.load_state(source.path, **(partial if source.saved.get("lora_base") else {}))
             return
-        if source.saved.get("lora_base"):
-            raise CheckpointError(
-                f"{source.path} is a LoRA checkpoint of {source.saved_layout} at another world size or strategy: "
-                f"resume it as it was saved, {_or_restart_from_weights(source.path)}"
-            )
         if source.how == "universal":  # ZeRO at another world size
             with universal_load_repaired(optimizer):
                 acc.load_state(source.state_folder)
@@ -218,21 +219,43 @@ def _restore_position(source: ResumeSource, state: TrainerState) -> None:
             f"its state cannot continue in another optimizer. Use --optim.name as saved, "
             f"{_or_restart_from_weights(path)}"
         )
-    if (saved.get("lora_base") or {}).get("sha256") != (state.lora_base or {}).get("sha256"):
-        raise CheckpointError(
-            f"{path} holds the trained weights of a LoRA run on the base weights {saved.get('lora_base')}; "
-            f"this run's are {state.lora_base}: give model.weights and model.lora_rank as that run did"
-        )
+    if saved.get("lora_base") or state.lora_base:
+        _check_same_lora(path, saved.get("lora_base"), state.lora_base)
     geometry = dict(
         world_size=state.world_size,
         micro_batch_size=state.micro_batch_size,
         grad_accum_steps=state.grad_accum_steps,
     )
-    layout, optimizer = state.layout, state.optimizer
+    layout, optimizer, lora_base = state.layout, state.optimizer, state.lora_base
     for key, value in saved.items():
         setattr(state, key, value)
-    state.layout, state.optimizer = layout, optimizer  # what this run's own saves are
+    state.layout, state.optimizer, state.lora_base = layout, optimizer, lora_base  # what this run's own saves are
     remap_position(state, **geometry)
+
+
+def _check_same_lora(path: str, saved: dict | None, own: dict | None) -> None:
+    """A LoRA checkpoint holds the adapters and head only: it resumes on the same base file (its
+    SHA-256; the file may have moved) with the same adapters, or not at all."""
+    if saved is None:
+        raise CheckpointError(
+            f"{path} is a full fine-tune's checkpoint, not a LoRA run's: export its weights (`shardvision export "
+            f"{path} OUT`) and start the LoRA run from them with --model.weights OUT/model.safetensors"
+        )
+    if own is None:
+        raise CheckpointError(
+            f"{path} is a LoRA run's checkpoint (adapters on {saved['path']}): resume it with that file as "
+            "model.weights and the model.lora_* settings it was saved with"
+        )
+    differ = [
+        f"{key} {saved[key]!r} (this run: {own.get(key)!r})"
+        for key in saved
+        if key != "path" and saved[key] != own.get(key)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{path} is a LoRA run's checkpoint on {saved['path']} whose {'; '.join(differ)} differ from this "
+            "run's: resume with its base file and model.lora_* settings"
+        )
 
 
 def remap_position(state: TrainerState, world_size: int, micro_batch_size: int, grad_accum_steps: int) -> None:

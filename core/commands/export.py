@@ -32,7 +32,7 @@ import os
 from typing import Any
 
 from core.checkpoint.export import export_checkpoint, save_whole_weights
-from core.checkpoint.state import read_trainer_state
+from core.checkpoint.state import pickled_format, read_trainer_state
 from core.config_parsing import load_config
 from core.entry import TASKS, known_failures_exit, recipe
 from core.errors import ConfigError, KnownFailure
@@ -70,22 +70,25 @@ def write_model_folder(checkpoint: str, out: str) -> tuple[Any, Any, str]:
     import torch
     from safetensors.torch import load_file
 
+    lora_base = read_trainer_state(checkpoint).get("lora_base")
     config = os.path.join(out, "config.yaml")
-    if not os.path.isfile(config):
-        return None, None, f"{out}: no config.yaml (the checkpoint is not in a run folder): weights only"
     found = []
-    for name in TASKS:
+    for name in TASKS if os.path.isfile(config) else []:
         try:
             found.append((name, load_config(recipe(name).CONFIG, config, validate=False)))
         except ConfigError:  # another recipe's keys
             continue
     if len(found) != 1:
-        return None, None, f"{config}: read by {len(found)} recipes' configs, not one: weights only"
+        why = "no config.yaml (the checkpoint is not in a run folder)" if not found else f"{len(found)} recipes read it"
+        if lora_base:  # OUT/model.safetensors would be adapters and head under peft's names: no model
+            raise ConfigError(f"{checkpoint} is a LoRA checkpoint, merged with its run's config.yaml: {out}: {why}")
+        return None, None, f"{out}: {why}: weights only"
     name, cfg = found[0]
     task = recipe(name).TASK(cfg)
     if lora_enabled(cfg.model):  # the checkpoint holds the adapters apart: the merged model, the adapter beside
         weights = os.path.join(out, "model.safetensors")
-        base = checked_base(read_trainer_state(checkpoint).get("lora_base"), checkpoint)
+        # FSDP2's checkpoints hold every weight; the others are completed from the base file.
+        base = None if pickled_format(checkpoint) == "FSDP" else checked_base(lora_base, checkpoint)
         export_lora(load_file(weights), task.build_model, cfg.model, out, save_whole_weights, base)
     try:
         _, evaluation = task.build_datasets()  # the class names are the data's

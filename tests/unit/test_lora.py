@@ -154,3 +154,32 @@ def test_lora_with_a_weight_average_is_refused(tmp_path):
     argv += ["--model.weights", str(tmp_path / "w.safetensors"), "--loop.ema_decay", "0.9"]
     with pytest.raises(ConfigError, match="loop.ema_decay with model.lora_rank"):
         parse_args(ClassificationConfig, argv)
+
+
+def test_a_model_without_a_known_classifier_names_the_key():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match="model.lora_modules_to_save: no classifier found"):
+        apply_lora(model, lora_config(lora_targets=["0"]).model, seed=0)
+    apply_lora(model, lora_config(lora_targets=["0"], lora_modules_to_save=["2"]).model, seed=0)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "0.lora_A.default.weight",
+        "0.lora_B.default.weight",
+        "2.weight",
+        "2.bias",
+    }
+
+
+def test_a_lora_checkpoint_resumes_only_on_its_base_file_and_adapter_settings():
+    from core.checkpoint.resume import _check_same_lora
+    from core.errors import CheckpointError
+
+    saved = {"path": "/old/base.safetensors", "sha256": "ab", "rank": 4, "alpha": None, "targets": []}
+    _check_same_lora("ckpt", saved, {**saved, "path": "/moved/base.safetensors"})  # the same file, moved
+    with pytest.raises(CheckpointError, match=r"whose sha256 'ab' \(this run: 'cd'\) differ"):
+        _check_same_lora("ckpt", saved, {**saved, "sha256": "cd"})
+    with pytest.raises(CheckpointError, match=r"whose alpha None \(this run: 8\) differ"):
+        _check_same_lora("ckpt", saved, {**saved, "alpha": 8})
+    with pytest.raises(CheckpointError, match="ckpt is a full fine-tune's checkpoint, not a LoRA run's"):
+        _check_same_lora("ckpt", None, saved)
+    with pytest.raises(CheckpointError, match="ckpt is a LoRA run's checkpoint"):
+        _check_same_lora("ckpt", saved, None)
