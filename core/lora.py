@@ -9,7 +9,7 @@ ZeRO-3's partitioned build and the trainer's export see the model they know, wit
 `base_model.model.` in front of every name. Frozen weights get no gradient and, through timm's
 grouping (which leaves them out), no optimizer state.
 
-What a run exports (`merged_weights`, `write_adapter`): the merged model under the plain model's
+What a run exports (`export_lora`): the merged model under the plain model's
 names, which its own library loads, and the adapter beside it in peft's layout
 (adapter_config.json, adapter_model.safetensors) for `PeftModel.from_pretrained(base, folder)`.
 """
@@ -174,7 +174,7 @@ def export_lora(
     config = peft_config(shell, cfg)
     frozen = [k for k in shell.state_dict() if k not in state_dict]
     if frozen:
-        stored = {k.removeprefix("module."): v for k, v in (stored_tensors(base) if base else {}).items()}
+        stored = stored_tensors(base) if base else {}
         absent = [k for k in frozen if k.replace(".base_layer.", ".") not in stored]
         if absent:
             raise WeightsError(f"{base or 'no base weights file'}: no {absent[0]}, a frozen weight of the LoRA run")
@@ -202,7 +202,7 @@ def export_lora(
     save(adapter, os.path.join(folder, ADAPTER_WEIGHTS))
 
 
-def lora_targets(model: torch.nn.Module) -> int:
+def adapted_layers(model: torch.nn.Module) -> int:
     """How many layers of `model` carry an adapter."""
     from peft.tuners.lora import LoraLayer
 

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 
 from core.distributed import parameter_counts, zero_stage
-from core.lora import lora_targets
+from core.lora import adapted_layers
 from core.optim import describe_param_groups, optimizer_kind, warmup_steps_of
 from core.params import full_numel
 from core.run_log import RunLogger, peak_resident_mb_per_rank, training_flops_per_sample
@@ -72,7 +72,7 @@ def log_run_summary(trainer: Any) -> None:
         )
     if cfg.model.lora_rank:
         lines.append(
-            f"LoRA rank {cfg.model.lora_rank}: adapters in {lora_targets(trainer.bare_model())} layers, the rest "
+            f"LoRA rank {cfg.model.lora_rank}: adapters in {adapted_layers(trainer.bare_model())} layers, the rest "
             "frozen but the head (no gradient, no optimizer state)"
         )
     speed = [k for k in ("compile", "channels_last", "grad_checkpointing") if getattr(cfg.model, k)]

@@ -103,7 +103,6 @@ def _fitting(model: torch.nn.Module, path: str, exclude: Sequence[str]) -> tuple
     """The tensors of `path` that `model` takes, the names that start fresh, and the entries the
     modules' own loading drops; a WeightsError saying everything that does not fit."""
     state = stored_tensors(path)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     skipped = {k for k in state if any(fnmatch.fnmatch(k, pat) for pat in exclude)}
     state = {k: v for k, v in state.items() if k not in skipped}
 
@@ -165,12 +164,13 @@ class Stored:
 
 
 def stored_tensors(path: str) -> dict[str, Stored]:
-    """Every tensor of `path`; from a safetensors file each is read only when asked for, so a
-    partitioned load holds one at a time (a .pt file is a pickle container and is read whole)."""
+    """Every tensor of `path`, under its name without DDP's `module.` wrapper prefix; from a
+    safetensors file each is read only when asked for, so a partitioned load holds one at a time
+    (a .pt file is a pickle container and is read whole)."""
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path!r}")
     if not path.endswith(".safetensors"):
-        return {k: Stored(v.shape, _constant(v)) for k, v in _read_torch_file(path).items()}
+        return {k.removeprefix("module."): Stored(v.shape, _constant(v)) for k, v in _read_torch_file(path).items()}
     try:
         with safe_open(path, "pt") as f:
             shapes = {name: torch.Size(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -184,7 +184,7 @@ def stored_tensors(path: str) -> dict[str, Stored]:
 
         return read
 
-    return {name: Stored(shape, reader(name)) for name, shape in shapes.items()}
+    return {name.removeprefix("module."): Stored(shape, reader(name)) for name, shape in shapes.items()}
 
 
 def _constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:

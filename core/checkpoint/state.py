@@ -36,7 +36,8 @@ class TrainerState:
     grad_accum_steps: int = 1
     layout: str = ""  # how model and optimizer state are stored: ddp, zero1/2/3 or fsdp ("": saved before it was kept)
     optimizer: str = ""  # the optimizer's class name
-    # A LoRA run's checkpoints hold what trains only; the frozen base is this file's: {"path", "sha256"}.
+    # A LoRA run's checkpoints hold what trains only: the frozen base's file, its sha256 and the
+    # adapters' settings (core/lora.py base_reference), which a resume must match.
     lora_base: dict | None = None
 
     def note_evaluation(self, primary: float | None, higher_is_better: bool) -> None:

@@ -79,7 +79,11 @@ def write_model_folder(checkpoint: str, out: str) -> tuple[Any, Any, str]:
         except ConfigError:  # another recipe's keys
             continue
     if len(found) != 1:
-        why = "no config.yaml (the checkpoint is not in a run folder)" if not found else f"{len(found)} recipes read it"
+        why = (
+            f"read by {len(found)} recipes' configs, not one"
+            if os.path.isfile(config)
+            else "no config.yaml (the checkpoint is not in a run folder)"
+        )
         if lora_base:  # OUT/model.safetensors would be adapters and head under peft's names: no model
             raise ConfigError(f"{checkpoint} is a LoRA checkpoint, merged with its run's config.yaml: {out}: {why}")
         return None, None, f"{out}: {why}: weights only"
